@@ -1,0 +1,110 @@
+"""Benchmark shapes and input builders (issue shapes; 2 threads on this machine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# ---- multi-scale deformable attention ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MSDACase:
+    name: str
+    n: int
+    shapes: tuple[tuple[int, int], ...]
+    lq: int | None  # None: Lq = S (encoder)
+    m: int = 8
+    d: int = 32
+    p: int = 4
+
+
+ENC800 = ((100, 167), (50, 84), (25, 42), (13, 21))
+MSDA_CASES = {
+    "enc800": MSDACase("enc800", 1, ENC800, None),
+    "enc512": MSDACase("enc512", 2, ((64, 64), (32, 32), (16, 16), (8, 8)), None),
+    "dec": MSDACase("dec", 1, ENC800, 1100),
+    "tiny": MSDACase("tiny", 1, ((8, 10), (4, 5)), 30, m=2, d=8, p=2),
+}
+
+
+def msda_inputs(case: MSDACase, law: str = "realistic", dtype=torch.float32, device="cpu", requires_grad=False):
+    """(value, spatial_shapes, level_start_index, sampling_locations, attention_weights).
+
+    law "uniform": locations uniform in [0, 1]; "realistic": each query's reference point plus N(0, 2 pixels)
+    offsets per level, as a trained deformable encoder samples.
+    """
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.tensor(case.shapes, dtype=torch.int64)
+    sizes = shapes.prod(1)
+    starts = torch.cumsum(sizes, 0) - sizes
+    s = int(sizes.sum())
+    lq = s if case.lq is None else case.lq
+    nl = len(case.shapes)
+    value = torch.randn(case.n, s, case.m, case.d, generator=g)
+    if law == "uniform":
+        loc = torch.rand(case.n, lq, case.m, nl, case.p, 2, generator=g)
+    elif law == "realistic":
+        ref = torch.rand(case.n, lq, 1, 1, 1, 2, generator=g)
+        wh = shapes.flip(1).to(torch.float32).view(1, 1, 1, nl, 1, 2)
+        loc = ref + torch.randn(case.n, lq, case.m, nl, case.p, 2, generator=g) * 2.0 / wh
+    else:
+        raise ValueError(law)
+    weights = torch.rand(case.n, lq, case.m, nl * case.p, generator=g).softmax(-1).view(case.n, lq, case.m, nl, case.p)
+    tensors = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (value, loc, weights)]
+    return tensors[0], shapes.to(device), starts.to(device), tensors[1], tensors[2]
+
+
+# ---- denoising queries --------------------------------------------------------------------------------------
+
+COCO_COUNTS = [3, 7, 12, 5, 30, 1, 9, 0]
+
+
+def dn_counts(batch: int) -> list[int]:
+    return [COCO_COUNTS[i % len(COCO_COUNTS)] for i in range(batch)]
+
+
+def dn_inputs(batch: int, num_classes: int = 91, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    counts = dn_counts(batch)
+    k = sum(counts)
+    labels = torch.randint(0, num_classes, (k,), generator=g)
+    wh = 0.05 + 0.4 * torch.rand(k, 2, generator=g)
+    cxcy = wh / 2 + (1 - wh) * torch.rand(k, 2, generator=g)
+    return labels.to(device), torch.cat([cxcy, wh], 1).to(device), counts
+
+
+# ---- DN self-attention ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DNAttnCase:
+    name: str
+    groups: int
+    group_size: int
+    num_queries: int
+    batch: int = 2
+    heads: int = 8
+    head_dim: int = 32
+
+    @property
+    def pad_size(self) -> int:
+        return self.groups * self.group_size
+
+    @property
+    def width(self) -> int:
+        return self.pad_size + self.num_queries
+
+
+DN_ATTN_CASES = {
+    "dn-detr": DNAttnCase("dn-detr", 5, 20, 300),
+    "dino": DNAttnCase("dino", 10, 20, 900),
+    "big-dn": DNAttnCase("big-dn", 10, 50, 300),
+}
+
+
+def dn_attn_inputs(case: DNAttnCase, dtype=torch.float32, device="cpu", requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    shape = (case.batch, case.heads, case.width, case.head_dim)
+    return [torch.randn(shape, generator=g).to(device, dtype).requires_grad_(requires_grad) for _ in range(3)]

@@ -1,0 +1,56 @@
+"""Timing and peak-memory measurement shared by the report and the pytest-benchmark suites."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 3, budget_s: float = 2.0) -> float:
+    """Median wall time of ``fn`` in ms: one warm-up call, then repetitions until ``budget_s`` (at least min_reps)."""
+    fn()
+    _sync(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start_all < budget_s and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes of tensor memory allocated during one call of ``fn``, above what was live before it.
+
+    CPU: replays the allocator events the profiler records (kernels' internal buffers included);
+    CUDA: torch.cuda.max_memory_allocated.
+    """
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak

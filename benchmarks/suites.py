@@ -1,0 +1,136 @@
+"""What gets benchmarked: per op, the cases and the implementations timed side by side.
+
+Each ``Bench`` holds implementations as zero-argument callables over fixed inputs; "reference" is the
+baseline every ratio is taken against. An implementation appears only if it can run here (no kernel, no row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import dnops
+from benchmarks import cases
+from dnops import _backend, reference
+
+
+@dataclass
+class Bench:
+    op: str
+    case: str
+    variant: str
+    impls: dict[str, Callable[[], object]] = field(default_factory=dict)
+
+
+def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], object]:
+    grad_inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def run():
+        out = fn(*inputs)
+        return torch.autograd.grad(out, grad_inputs, torch.ones_like(out))
+
+    return run
+
+
+def _with_backend(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+    """Run a public dnops function with DNOPS_BACKEND forced, restoring the environment afterwards."""
+    import os
+
+    def run(*args, **kw):
+        old = os.environ.get("DNOPS_BACKEND")
+        os.environ["DNOPS_BACKEND"] = name
+        try:
+            return fn(*args, **kw)
+        finally:
+            if old is None:
+                del os.environ["DNOPS_BACKEND"]
+            else:
+                os.environ["DNOPS_BACKEND"] = old
+
+    return run
+
+
+def ms_deform_attn_benches(quick: bool = False) -> Iterator[Bench]:
+    plan = [("enc800", "realistic"), ("enc512", "realistic"), ("dec", "realistic"), ("enc800", "uniform")]
+    if quick:
+        plan = [("tiny", "realistic"), ("enc512", "realistic")]
+    for case_name, law in plan:
+        for dtype in (torch.float32, torch.bfloat16):
+            if law == "uniform" and dtype != torch.float32:
+                continue
+            for passes in ("fwd", "fwd+bwd"):
+                inputs = cases.msda_inputs(cases.MSDA_CASES[case_name], law, dtype, requires_grad=passes == "fwd+bwd")
+                impls: dict[str, Callable[..., torch.Tensor]] = {"reference": reference.ms_deform_attn}
+                if _backend.has_kernel("ms_deform_attn", "cpu"):
+                    impls["dnops"] = _with_backend("cpp", dnops.ms_deform_attn)
+                bench = Bench("ms_deform_attn", case_name, f"{law} {str(dtype)[6:]} {passes}")
+                for name, fn in impls.items():
+                    bench.impls[name] = (
+                        _fwd_bwd(fn, inputs) if passes == "fwd+bwd" else (lambda fn=fn, i=inputs: fn(*i))
+                    )
+                yield bench
+
+
+def dn_queries_benches(quick: bool = False) -> Iterator[Bench]:
+    for batch in (2, 8) if quick else (2, 8, 32):
+        labels, boxes, counts = cases.dn_inputs(batch)
+        for mode, kw in (("dn", {"num_groups": 5}), ("cdn", {"dn_number": 100})):
+            bench = Bench("dn_queries", f"B={batch}", mode)
+            bench.impls["reference"] = lambda kw=kw, mode=mode, a=(labels, boxes, counts): _with_backend(
+                "reference", dnops.dn_queries
+            )(*a, num_classes=91, mode=mode, seed=0, **kw)
+            if _backend.has_kernel("dn_queries", "cpu"):
+                bench.impls["dnops"] = lambda kw=kw, mode=mode, a=(labels, boxes, counts): _with_backend(
+                    "cpp", dnops.dn_queries
+                )(*a, num_classes=91, mode=mode, seed=0, **kw)
+            yield bench
+
+
+def _sdpa_dense_mask(case: cases.DNAttnCase) -> Callable[..., torch.Tensor]:
+    visible = ~reference.dn_attn_mask(case.pad_size, case.group_size, case.num_queries)
+
+    def run(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+    return run
+
+
+def dn_self_attention_benches(quick: bool = False) -> Iterator[Bench]:
+    names = ["dn-detr"] if quick else list(cases.DN_ATTN_CASES)
+    for name in names:
+        case = cases.DN_ATTN_CASES[name]
+        for passes in ("fwd", "fwd+bwd"):
+            inputs = cases.dn_attn_inputs(case, requires_grad=passes == "fwd+bwd")
+            impls: dict[str, Callable[..., torch.Tensor]] = {
+                "reference": lambda q, k, v, c=case: reference.dn_self_attention(q, k, v, c.pad_size, c.group_size),
+                "sdpa+mask": _sdpa_dense_mask(case),
+            }
+            if _backend.has_kernel("dn_self_attention", "cpu"):
+                impls["dnops"] = lambda q, k, v, c=case: _with_backend("cpp", dnops.dn_self_attention)(
+                    q, k, v, c.pad_size, c.group_size
+                )
+            bench = Bench("dn_self_attention", name, f"float32 {passes}")
+            for impl, fn in impls.items():
+                bench.impls[impl] = _fwd_bwd(fn, inputs) if passes == "fwd+bwd" else (lambda fn=fn, i=inputs: fn(*i))
+            yield bench
+
+
+def dn_attn_mask_benches(quick: bool = False) -> Iterator[Bench]:
+    for name, case in cases.DN_ATTN_CASES.items():
+        bench = Bench("dn_attn_mask", name, "build")
+        args = (case.pad_size, case.group_size, case.num_queries)
+        bench.impls["reference"] = lambda a=args: reference.dn_attn_mask(*a)
+        if _backend.has_kernel("dn_attn_mask", "cpu"):
+            bench.impls["dnops"] = lambda a=args: torch.ops.dnops.dn_attn_mask(*a)
+        yield bench
+
+
+SUITES = {
+    "ms_deform_attn": ms_deform_attn_benches,
+    "dn_queries": dn_queries_benches,
+    "dn_self_attention": dn_self_attention_benches,
+    "dn_attn_mask": dn_attn_mask_benches,
+}

@@ -1,0 +1,109 @@
+"""Loading dnops._C and choosing an implementation per op and device.
+
+Default per device: CPU -> the C++ kernel; CUDA -> the CUDA kernel if one is compiled, else Triton; anything
+missing -> the pure-PyTorch reference. ``DNOPS_BACKEND=reference|cpp|triton`` overrides the default; an override
+that an op cannot honour falls back to the reference with one warning per (op, backend).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton")
+
+try:
+    from dnops import _C  # noqa: F401  (loading it registers the C++/CUDA kernels)
+
+    C_ERROR: str | None = None
+except (ImportError, OSError) as exc:
+    _C = None
+    C_ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"dnops._C could not be loaded ({C_ERROR}); every dnops op falls back to its pure-PyTorch reference. "
+        "Build the kernels with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+HAS_C = _C is not None
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether dnops._C registered a kernel of ``dnops::op`` for this device type ("cpu" or "cuda")."""
+    key = _DISPATCH_KEYS.get(device_type)
+    if not HAS_C or key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dnops::{op}", key)
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_runs_on(device_type: str) -> bool:
+    if not triton_available():
+        return False
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def requested_backend() -> str | None:
+    value = os.environ.get("DNOPS_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"DNOPS_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+@functools.cache
+def _warn_fallback(op: str, backend: str, device_type: str) -> None:
+    warnings.warn(
+        f"dnops.{op}: backend {backend!r} is not available on {device_type}; using the reference",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def available(op: str, device_type: str, triton_ops: frozenset[str] = frozenset()) -> dict[str, bool]:
+    """Which backends can run ``op`` on ``device_type``; ``triton_ops`` names the ops that have a Triton kernel."""
+    return {
+        "reference": True,
+        "cpp": has_kernel(op, device_type),
+        "triton": op in triton_ops and _triton_runs_on(device_type),
+    }
+
+
+@torch.compiler.assume_constant_result
+def choose(op: str, device: torch.device, triton_ops: frozenset[str] = frozenset()) -> str:
+    """The backend that runs ``op`` on ``device``: the DNOPS_BACKEND override if it can, else the default.
+
+    torch.compile evaluates this once while tracing (kernel registration and the environment are fixed).
+    """
+    can = available(op, device.type, triton_ops)
+    wanted = requested_backend()
+    if wanted is not None:
+        if can[wanted]:
+            return wanted
+        _warn_fallback(op, wanted, device.type)
+        return "reference"
+    if can["cpp"]:
+        return "cpp"
+    if device.type == "cuda" and can["triton"]:
+        return "triton"
+    return "reference"
+
+
+def draw_seed() -> int:
+    """A non-negative seed from torch's default CPU generator (so torch.manual_seed reproduces a run)."""
+    if HAS_C:
+        return int(_C.draw_seed())
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))

@@ -1,0 +1,61 @@
+"""``python -m dnops.info``: versions, what was compiled, and which implementation each op runs per device."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from dnops import _backend
+from dnops.ops.dn_queries import TRITON_OPS as _DNQ_TRITON
+from dnops.ops.dn_self_attention import TRITON_OPS as _DSA_TRITON
+from dnops.ops.ms_deform_attn import TRITON_OPS as _MSDA_TRITON
+
+OPS = {
+    "ms_deform_attn": _MSDA_TRITON,
+    "dn_queries": _DNQ_TRITON,
+    "dn_self_attention": _DSA_TRITON,
+    "dn_attn_mask": frozenset(),
+}
+
+
+def build_info() -> dict[str, str]:
+    try:
+        from dnops import _build_info
+
+        return dict(_build_info.BUILD)
+    except ImportError:
+        return {}
+
+
+def report() -> str:
+    lines = [f"dnops {__import__('dnops').__version__}  python {platform.python_version()}  {platform.machine()}"]
+    lines.append(f"torch {torch.__version__} (CUDA {torch.version.cuda}), cuda available: {torch.cuda.is_available()}")
+    triton_version = "not installed"
+    if _backend.triton_available():
+        import triton
+
+        triton_version = triton.__version__
+    lines.append(f"triton {triton_version}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
+    if _backend.HAS_C:
+        cuda = "yes" if _backend._C.built_with_cuda() else "no"
+        lines.append(f"dnops._C: loaded; C++ CPU kernels: yes; CUDA kernels: {cuda}")
+    else:
+        lines.append(f"dnops._C: NOT loaded ({_backend.C_ERROR}): every op runs its reference")
+    for key, value in build_info().items():
+        lines.append(f"  build {key}: {value}")
+    lines.append(f"DNOPS_BACKEND={os.environ.get('DNOPS_BACKEND', '')!r}")
+    lines.append("")
+    lines.append(f"{'op':<20} {'device':<6} {'reference':<10} {'cpp':<6} {'triton':<7} -> runs")
+    for op, triton_ops in OPS.items():
+        for device in ("cpu", "cuda"):
+            can = _backend.available(op, device, triton_ops)
+            runs = _backend.choose(op, torch.device(device), triton_ops)
+            flags = ["yes" if can[b] else "-" for b in _backend.BACKENDS]
+            lines.append(f"{op:<20} {device:<6} {flags[0]:<10} {flags[1]:<6} {flags[2]:<7} -> {runs}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dnops import _backend, reference
+from dnops.reference.dn_queries import DNQueries, dn_layout
+
+# Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
+TRITON_OPS: frozenset[str] = frozenset()
+
+MODES = ("dn", "cdn")
+DEFAULT_LABEL_NOISE = {"dn": 0.2, "cdn": 0.5}
+DEFAULT_BOX_NOISE = {"dn": 0.4, "cdn": 1.0}
+
+
+def dn_queries(
+    labels: torch.Tensor,
+    boxes: torch.Tensor,
+    counts: Sequence[int] | torch.Tensor,
+    *,
+    num_classes: int,
+    mode: str = "dn",
+    num_groups: int = 5,
+    dn_number: int = 100,
+    label_noise_ratio: float | None = None,
+    box_noise_scale: float | None = None,
+    max_dn_queries: int | None = None,
+    seed: int | None = None,
+) -> DNQueries:
+    """Noised ground-truth queries for DN-DETR ("dn") or DINO's contrastive denoising ("cdn").
+
+    Args:
+        labels: (K,) int64 in [0, num_classes), all images' GT concatenated.
+        boxes: (K, 4) normalized (cx, cy, w, h).
+        counts: (B,) GT per image, preferably a host list (a device tensor costs a sync to read).
+        num_classes: number of classes; also the label of padding slots.
+        mode: "dn" (num_groups groups of max(counts)) or "cdn" (positive + negative halves, groups from
+            dn_number as DINO computes them).
+        label_noise_ratio: DN flips a label with this probability, CDN with half of it
+            (defaults 0.2 / 0.5, DN-DETR's and DINO's).
+        box_noise_scale: lambda of the box noise (defaults 0.4 / 1.0).
+        max_dn_queries: optional cap on pad_size for crowded images (see ``dn_layout``).
+        seed: Philox key; None draws one from torch's default generator.
+
+    Returns:
+        DNQueries with (B, pad) labels / gt_index / negative and (B, pad, 4) boxes, batch-first.
+    """
+    if mode not in MODES:
+        raise ValueError(f"dnops.dn_queries: mode must be one of {MODES}, got {mode!r}")
+    if isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
+    counts = [int(c) for c in counts]
+    ratio = DEFAULT_LABEL_NOISE[mode] if label_noise_ratio is None else float(label_noise_ratio)
+    scale = DEFAULT_BOX_NOISE[mode] if box_noise_scale is None else float(box_noise_scale)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"dnops.dn_queries: label_noise_ratio must be in [0, 1], got {ratio}")
+    if scale < 0.0:
+        raise ValueError(f"dnops.dn_queries: box_noise_scale must be >= 0, got {scale}")
+    contrastive = mode == "cdn"
+    flip = ratio * 0.5 if contrastive else ratio
+    groups, max_gt = dn_layout(counts, contrastive, num_groups, dn_number, max_dn_queries)
+    seed = _backend.draw_seed() if seed is None else int(seed)
+    args = (labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, seed)
+    if _backend.choose("dn_queries", labels.device, TRITON_OPS) == "cpp":
+        out = torch.ops.dnops.dn_queries(*args)
+    else:
+        out = reference.dn_queries_kernel(*args)
+    group_size = max_gt * (2 if contrastive else 1)
+    return DNQueries(*out, num_groups=groups, group_size=group_size, pad_size=groups * group_size)

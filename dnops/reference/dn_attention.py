@@ -1,0 +1,71 @@
+"""The DN attention structure (SPEC section 3): the dense mask and two equal definitions of the attention."""
+
+from __future__ import annotations
+
+import torch
+
+from dnops.validation import check_dn_self_attention_args, check_dn_structure
+
+
+def dn_attn_mask(
+    pad_size: int, group_size: int, num_queries: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """(W, W) bool mask, W = pad_size + num_queries, True = blocked (nn.MultiheadAttention's convention).
+
+    A matching query sees matching keys only; a DN query of group g sees group g and every matching key.
+    """
+    check_dn_structure(pad_size, group_size, num_queries)
+    idx = torch.arange(pad_size + num_queries, device=device)
+    row, col = idx[:, None], idx[None, :]
+    group = idx // max(group_size, 1)
+    other_group = group[:, None] != group[None, :]
+    return torch.where(row < pad_size, (col < pad_size) & other_group, col < pad_size)
+
+
+def _opmath(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
+def dn_self_attention_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_size: int, group_size: int, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q k^T * scale, blocked -> -inf) v with the dense (W, W) mask: the literal definition.
+
+    q, k, v: (B, H, W, Dh) -> (B, H, W, Dh). Half types compute in float32.
+    """
+    check_dn_self_attention_args(q, k, v, pad_size, group_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qf, kf, vf = _opmath(q, k, v)
+    mask = dn_attn_mask(pad_size, group_size, q.shape[2] - pad_size, device=q.device)
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+    return (probs @ vf).to(q.dtype)
+
+
+def dn_self_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_size: int, group_size: int, scale: float | None = None
+) -> torch.Tensor:
+    """The same attention computed on the visible blocks only, never building a (W, W) mask or score matrix.
+
+    Matching queries attend the Nq matching keys; the queries of DN group g attend [group g's keys | matching
+    keys] with one softmax over both segments.
+
+    q, k, v: (B, H, W, Dh), W = pad_size + Nq -> (B, H, W, Dh). Half types compute in float32.
+    """
+    check_dn_self_attention_args(q, k, v, pad_size, group_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qf, kf, vf = _opmath(q, k, v)
+    b, h, _, dh = q.shape
+    q_dn, q_m = qf[:, :, :pad_size], qf[:, :, pad_size:]
+    k_dn, k_m = kf[:, :, :pad_size], kf[:, :, pad_size:]
+    v_dn, v_m = vf[:, :, :pad_size], vf[:, :, pad_size:]
+    out_m = ((q_m @ k_m.transpose(-1, -2)) * scale).softmax(-1) @ v_m
+    if pad_size == 0:
+        return out_m.to(q.dtype)
+    groups = pad_size // group_size
+    q_g, k_g, v_g = (t.reshape(b, h, groups, group_size, dh) for t in (q_dn, k_dn, v_dn))
+    own = (q_g @ k_g.transpose(-1, -2)) * scale  # (B, H, G, gs, gs)
+    cross = (q_g @ k_m.transpose(-1, -2).unsqueeze(2)) * scale  # (B, H, G, gs, Nq)
+    probs = torch.cat([own, cross], dim=-1).softmax(-1)
+    out_dn = probs[..., :group_size] @ v_g + probs[..., group_size:] @ v_m.unsqueeze(2)
+    return torch.cat([out_dn.reshape(b, h, pad_size, dh), out_m], dim=2).to(q.dtype)

@@ -1,0 +1,50 @@
+"""Multi-scale deformable attention, the definition (SPEC section 1), on top of F.grid_sample."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dnops.validation import check_ms_deform_attn_args
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Bilinear sampling of every level at every (x, y) location, weighted and summed over levels and points.
+
+    Args:
+        value: (N, S, M, D), S = sum over levels of H_l * W_l.
+        spatial_shapes: (L, 2) int64 rows (H_l, W_l).
+        level_start_index: (L,) int64, exclusive cumsum of H_l * W_l.
+        sampling_locations: (N, Lq, M, L, P, 2) normalized (x, y); outside [0, 1] reads zeros.
+        attention_weights: (N, Lq, M, L, P).
+
+    Returns:
+        (N, Lq, M * D). float16 / bfloat16 are computed in float32 and rounded once at the end.
+    """
+    check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    out_dtype = value.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):
+        value, sampling_locations, attention_weights = (
+            t.float() for t in (value, sampling_locations, attention_weights)
+        )
+    n, _, m, d = value.shape
+    _, lq, _, num_levels, p, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    value_levels = value.split([h * w for h, w in shapes], dim=1)
+    # grid_sample(align_corners=False) maps -1 / +1 to the outer pixel edges: exactly x * W - 0.5 in pixels.
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (h, w) in enumerate(shapes):
+        v = value_levels[level].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
+        grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
+        sampled.append(F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    stacked = torch.stack(sampled, dim=-2).flatten(-2)  # (N*M, D, Lq, L*P)
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels * p)
+    out = (stacked * weights).sum(-1).view(n, m * d, lq)
+    return out.transpose(1, 2).contiguous().to(out_dtype)

@@ -1,0 +1,70 @@
+"""The extension is built, registers what it declares, and the CUDA part was compiled where nvcc allows."""
+
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+import dnops
+from dnops import _backend
+
+CPU_OPS = ["dn_attn_mask"]
+CUDA_OPS = ["dn_attn_mask"]
+SCHEMAS = [
+    "dn_attn_mask",
+    "ms_deform_attn",
+    "_ms_deform_attn_backward",
+    "dn_queries",
+    "dn_self_attention",
+    "_dn_self_attention_backward",
+]
+
+
+def _matching_nvcc() -> bool:
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return False
+    try:
+        out = subprocess.run(
+            [os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True, text=True
+        ).stdout
+    except OSError:
+        return False
+    m = re.search(r"release (\d+)\.", out)
+    return bool(m) and m.group(1) == torch.version.cuda.split(".")[0]
+
+
+def test_extension_loads():
+    assert dnops.HAS_C, _backend.C_ERROR
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_schema_registered(name):
+    torch._C._dispatch_find_schema_or_throw(f"dnops::{name}", "")
+
+
+@pytest.mark.parametrize("name", CPU_OPS)
+def test_cpu_kernel_registered(name):
+    assert _backend.has_kernel(name, "cpu")
+
+
+def test_cuda_built_when_nvcc_matches():
+    if os.environ.get("DNOPS_CUDA") == "0" or not _matching_nvcc():
+        pytest.skip("no nvcc matching torch's CUDA (or DNOPS_CUDA=0): the CUDA kernels are not expected")
+    assert _backend._C.built_with_cuda()
+
+
+@pytest.mark.parametrize("name", CUDA_OPS)
+def test_cuda_kernel_registered(name):
+    if not _backend._C.built_with_cuda():
+        pytest.skip("extension built without CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dnops::{name}", "CUDA")
+
+
+def test_info_runs():
+    out = subprocess.run(
+        [os.sys.executable, "-m", "dnops.info"], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert "dn_attn_mask" in out and "cpu" in out

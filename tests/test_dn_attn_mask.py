@@ -1,0 +1,81 @@
+import pytest
+import torch
+from torch.library import opcheck
+
+import dnops
+from dnops import reference
+from tests.conftest import requires_cpp
+
+
+def dn_detr_mask(pad_size: int, single_pad: int, scalar: int, num_queries: int) -> torch.Tensor:
+    """DN-DETR's mask construction (its per-group slicing loop), re-written here as the compatibility oracle."""
+    tgt_size = pad_size + num_queries
+    mask = torch.zeros(tgt_size, tgt_size, dtype=torch.bool)
+    mask[pad_size:, :pad_size] = True
+    for i in range(scalar):
+        rows = slice(single_pad * i, single_pad * (i + 1))
+        if i == 0:
+            mask[rows, single_pad * (i + 1) : pad_size] = True
+        if i == scalar - 1:
+            mask[rows, : single_pad * i] = True
+        else:
+            mask[rows, single_pad * (i + 1) : pad_size] = True
+            mask[rows, : single_pad * i] = True
+    return mask
+
+
+LAYOUTS = [(0, 0, 5), (3, 3, 0), (6, 2, 3), (10, 2, 7), (100, 20, 300), (7, 1, 4), (12, 12, 1)]
+
+
+@pytest.mark.parametrize("pad_size,group_size,num_queries", LAYOUTS)
+def test_reference_matches_dn_detr(pad_size, group_size, num_queries):
+    expected = dn_detr_mask(pad_size, group_size, pad_size // max(group_size, 1), num_queries)
+    assert torch.equal(reference.dn_attn_mask(pad_size, group_size, num_queries), expected)
+
+
+@requires_cpp("dn_attn_mask")
+@pytest.mark.parametrize("pad_size,group_size,num_queries", LAYOUTS)
+def test_cpp_matches_reference(pad_size, group_size, num_queries):
+    out = torch.ops.dnops.dn_attn_mask(pad_size, group_size, num_queries)
+    assert out.dtype == torch.bool and out.device.type == "cpu"
+    assert torch.equal(out, reference.dn_attn_mask(pad_size, group_size, num_queries))
+
+
+def test_public_uses_cpp_and_honours_override(backend_env):
+    assert torch.equal(dnops.dn_attn_mask(6, 2, 3), reference.dn_attn_mask(6, 2, 3))
+    backend_env("reference")
+    assert torch.equal(dnops.dn_attn_mask(6, 2, 3), reference.dn_attn_mask(6, 2, 3))
+
+
+@requires_cpp("dn_attn_mask")
+@pytest.mark.parametrize("args", [(6, 2, 3), (0, 0, 4), (40, 8, 17)])
+def test_opcheck(args):
+    opcheck(torch.ops.dnops.dn_attn_mask.default, args)
+
+
+@requires_cpp("dn_attn_mask")
+def test_compile_fullgraph():
+    fn = torch.compile(lambda pad, nq: dnops.dn_attn_mask(pad, 4, nq), fullgraph=True, backend="aot_eager")
+    assert torch.equal(fn(12, 5), reference.dn_attn_mask(12, 4, 5))
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [((5, 2, 3), "multiple of group_size"), ((-1, 2, 3), "pad_size must be >= 0"), ((4, 0, 3), "group_size")],
+)
+def test_bad_structure_raises(args, match):
+    with pytest.raises(ValueError, match=match):
+        dnops.dn_attn_mask(*args)
+
+
+@requires_cpp("dn_attn_mask")
+def test_cpp_kernel_checks_too():
+    with pytest.raises(RuntimeError, match="multiple of group_size"):
+        torch.ops.dnops.dn_attn_mask(5, 2, 3)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_reference():
+    out = dnops.dn_attn_mask(40, 8, 17, device="cuda")
+    assert out.device.type == "cuda"
+    assert torch.equal(out.cpu(), reference.dn_attn_mask(40, 8, 17))
