@@ -33,7 +33,8 @@ def msda_inputs(case: MSDACase, law: str = "realistic", dtype=torch.float32, dev
     """(value, spatial_shapes, level_start_index, sampling_locations, attention_weights).
 
     law "uniform": locations uniform in [0, 1]; "realistic": each query's reference point plus N(0, 2 pixels)
-    offsets per level, as a trained deformable encoder samples.
+    offsets per level, as a trained deformable encoder samples. Encoder queries (Lq = S) have their own pixel
+    centre as reference point, in level order, as Deformable-DETR's encoder; decoder queries a uniform one.
     """
     g = torch.Generator().manual_seed(0)
     shapes = torch.tensor(case.shapes, dtype=torch.int64)
@@ -46,7 +47,18 @@ def msda_inputs(case: MSDACase, law: str = "realistic", dtype=torch.float32, dev
     if law == "uniform":
         loc = torch.rand(case.n, lq, case.m, nl, case.p, 2, generator=g)
     elif law == "realistic":
-        ref = torch.rand(case.n, lq, 1, 1, 1, 2, generator=g)
+        if case.lq is None:
+            centres = [
+                torch.stack(torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h, indexing="xy"), -1)
+                for h, w in case.shapes
+            ]
+            ref = (
+                torch.cat([c.reshape(-1, 2) for c in centres])
+                .view(1, lq, 1, 1, 1, 2)
+                .expand(case.n, -1, -1, -1, -1, -1)
+            )
+        else:
+            ref = torch.rand(case.n, lq, 1, 1, 1, 2, generator=g)
         wh = shapes.flip(1).to(torch.float32).view(1, 1, 1, nl, 1, 2)
         loc = ref + torch.randn(case.n, lq, case.m, nl, case.p, 2, generator=g) * 2.0 / wh
     else:

@@ -10,14 +10,15 @@ TORCH_LIBRARY(dnops, m) {
   m.def("dn_attn_mask(int pad_size, int group_size, int num_queries, *, Device? device=None) -> Tensor");
   m.def(
       "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations, "
-      "Tensor attention_weights) -> Tensor");
+      "Tensor attention_weights, bool attention_logits=False) -> Tensor");
   m.def(
       "_ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
+      "Tensor sampling_locations, Tensor attention_weights, bool attention_logits=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "dn_queries(Tensor labels, Tensor boxes, int[] counts, int num_groups, int max_gt, bool contrastive, "
       "int num_classes, float label_noise_ratio, float box_noise_scale, int seed) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("dn_self_attention(Tensor q, Tensor k, Tensor v, int pad_size, int group_size, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "dn_self_attention(Tensor q, Tensor k, Tensor v, int pad_size, int group_size, float scale) -> (Tensor, Tensor)");
   m.def(
       "_dn_self_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "int pad_size, int group_size, float scale) -> (Tensor, Tensor, Tensor)");

@@ -6,9 +6,19 @@ reference in ``dnops.reference`` and C++/CUDA/Triton kernels where built; ``pyth
 """
 
 from dnops import _backend
+from dnops.compat import MSDeformAttnFunction, multi_scale_deformable_attn_pytorch
 from dnops.ops import DNQueries, dn_attn_mask, dn_queries, dn_self_attention, ms_deform_attn
 
 __version__ = "0.1.0"
 HAS_C = _backend.HAS_C
 
-__all__ = ["DNQueries", "HAS_C", "dn_attn_mask", "dn_queries", "dn_self_attention", "ms_deform_attn"]
+__all__ = [
+    "DNQueries",
+    "HAS_C",
+    "MSDeformAttnFunction",
+    "multi_scale_deformable_attn_pytorch",
+    "dn_attn_mask",
+    "dn_queries",
+    "dn_self_attention",
+    "ms_deform_attn",
+]

@@ -11,8 +11,8 @@ from torch.utils import cpp_extension
 import dnops
 from dnops import _backend
 
-CPU_OPS = ["dn_attn_mask"]
-CUDA_OPS = ["dn_attn_mask"]
+CPU_OPS = ["dn_attn_mask", "ms_deform_attn", "_ms_deform_attn_backward"]
+CUDA_OPS = ["dn_attn_mask", "ms_deform_attn", "_ms_deform_attn_backward"]
 SCHEMAS = [
     "dn_attn_mask",
     "ms_deform_attn",

@@ -18,6 +18,8 @@ at::Tensor dn_attn_mask_backend_select(int64_t pad_size, int64_t group_size, int
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dnops, BackendSelect, m) { m.impl("dn_attn_mask", &dn_attn_mask_backend_select); }
+TORCH_LIBRARY_IMPL(dnops, BackendSelect, m) {
+  m.impl("dn_attn_mask", &dn_attn_mask_backend_select);
+}
 
 }  // namespace dnops

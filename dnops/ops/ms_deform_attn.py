@@ -6,7 +6,38 @@ from dnops import _backend, reference
 from dnops.validation import check_ms_deform_attn_args
 
 # Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
-TRITON_OPS: frozenset[str] = frozenset()
+TRITON_OPS: frozenset[str] = frozenset({"ms_deform_attn"})
+
+if _backend.HAS_C:
+
+    @torch.library.register_fake("dnops::ms_deform_attn")
+    def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits=False):
+        n, _, m, d = value.shape
+        return value.new_empty((n, sampling_locations.shape[1], m * d))
+
+    @torch.library.register_fake("dnops::_ms_deform_attn_backward")
+    def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, logits=False):
+        return (
+            value.new_empty(value.shape),
+            sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, logits = inputs
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        ctx.logits = logits
+
+    def _backward(ctx, grad_output):
+        grads = torch.ops.dnops._ms_deform_attn_backward(grad_output, *ctx.saved_tensors, ctx.logits)
+        return grads[0], None, None, grads[1], grads[2], None
+
+    torch.library.register_autograd("dnops::ms_deform_attn", _backward, setup_context=_setup_context)
+
+    # Under autocast the op runs in float32, as grid_sample does: sampling locations in bfloat16 would be off by
+    # a third of a pixel on a 167-pixel-wide map.
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast("dnops::ms_deform_attn", _device, torch.float32)
 
 
 def ms_deform_attn(
@@ -15,6 +46,7 @@ def ms_deform_attn(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    attention_logits: bool = False,
 ) -> torch.Tensor:
     """Multi-scale deformable attention (Deformable-DETR), differentiable in value, locations and weights.
 
@@ -24,14 +56,19 @@ def ms_deform_attn(
         level_start_index: (L,) int64, exclusive cumsum of H_l * W_l.
         sampling_locations: (N, Lq, M, L, P, 2) normalized (x, y); corners outside the map read 0.
         attention_weights: (N, Lq, M, L, P).
+        attention_logits: the weights are logits; the softmax over the L * P weights of each (query, head)
+            runs inside the kernel (as DCNv4 fuses it), gradient included.
 
     Returns:
         (N, Lq, M * D) in value's dtype (float16 / bfloat16 accumulate in float32).
     """
     check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     backend = _backend.choose("ms_deform_attn", value.device, TRITON_OPS)
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
     if backend == "cpp":
-        return torch.ops.dnops.ms_deform_attn(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
-    return reference.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return torch.ops.dnops.ms_deform_attn(*args)
+    if backend == "triton":
+        from dnops.triton.ms_deform_attn import ms_deform_attn_triton
+
+        return ms_deform_attn_triton(*args)
+    return reference.ms_deform_attn(*args)

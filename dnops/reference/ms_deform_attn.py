@@ -14,6 +14,7 @@ def ms_deform_attn(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    attention_logits: bool = False,
 ) -> torch.Tensor:
     """Bilinear sampling of every level at every (x, y) location, weighted and summed over levels and points.
 
@@ -22,7 +23,8 @@ def ms_deform_attn(
         spatial_shapes: (L, 2) int64 rows (H_l, W_l).
         level_start_index: (L,) int64, exclusive cumsum of H_l * W_l.
         sampling_locations: (N, Lq, M, L, P, 2) normalized (x, y); outside [0, 1] reads zeros.
-        attention_weights: (N, Lq, M, L, P).
+        attention_weights: (N, Lq, M, L, P); with ``attention_logits`` these are logits and the softmax over
+            the L * P weights of each (query, head) is part of the op.
 
     Returns:
         (N, Lq, M * D). float16 / bfloat16 are computed in float32 and rounded once at the end.
@@ -35,6 +37,8 @@ def ms_deform_attn(
         )
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
+    if attention_logits:
+        attention_weights = attention_weights.flatten(-2).softmax(-1).view_as(attention_weights)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     value_levels = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample(align_corners=False) maps -1 / +1 to the outer pixel edges: exactly x * W - 0.5 in pixels.

@@ -24,6 +24,8 @@ at::Tensor dn_attn_mask_cpu(int64_t pad_size, int64_t group_size, int64_t num_qu
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dnops, CPU, m) { m.impl("dn_attn_mask", &dn_attn_mask_cpu); }
+TORCH_LIBRARY_IMPL(dnops, CPU, m) {
+  m.impl("dn_attn_mask", &dn_attn_mask_cpu);
+}
 
 }  // namespace dnops

@@ -29,14 +29,16 @@ at::Tensor dn_attn_mask_cuda(int64_t pad_size, int64_t group_size, int64_t num_q
   if (width == 0) return out;
   constexpr int threads = 256;
   const int64_t blocks = std::min<int64_t>((width * width + threads - 1) / threads, 65535);
-  dn_attn_mask_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(out.data_ptr<bool>(), width,
-                                                                                 pad_size, group_size);
+  dn_attn_mask_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(out.data_ptr<bool>(), width, pad_size,
+                                                                                 group_size);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dnops, CUDA, m) { m.impl("dn_attn_mask", &dn_attn_mask_cuda); }
+TORCH_LIBRARY_IMPL(dnops, CUDA, m) {
+  m.impl("dn_attn_mask", &dn_attn_mask_cuda);
+}
 
 }  // namespace dnops

@@ -1,0 +1,311 @@
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_features.h"
+#include "ms_deform_attn/ms_deform_attn.h"
+#include "ms_deform_attn/ms_deform_attn_common.h"
+
+namespace dnops {
+namespace {
+
+using msda::Corners;
+using msda::Dims;
+
+template <typename scalar_t>
+struct Args {
+  Dims dm;
+  const scalar_t* value;
+  const int64_t* shapes;
+  const int64_t* starts;
+  const scalar_t* loc;
+  const scalar_t* weights;
+  bool logits;
+};
+
+// Channel loops: kD > 0 fixes the channel count at compile time for the common head dims, so the loops
+// vectorize fully and the accumulator can live in registers; kD == 0 is the any-D path.
+template <int64_t kD, typename scalar_t, typename acc_t>
+DNOPS_ALWAYS_INLINE void axpy(acc_t* __restrict__ y, acc_t a, const scalar_t* __restrict__ x, int64_t n) {
+  const int64_t len = kD > 0 ? kD : n;
+  for (int64_t d = 0; d < len; ++d) y[d] += a * static_cast<acc_t>(x[d]);
+}
+
+template <int64_t kD, typename scalar_t, typename acc_t>
+DNOPS_ALWAYS_INLINE acc_t dot(const acc_t* __restrict__ g, const scalar_t* __restrict__ v, int64_t n) {
+  const int64_t len = kD > 0 ? kD : n;
+  acc_t s = 0;
+  for (int64_t d = 0; d < len; ++d) s += g[d] * static_cast<acc_t>(v[d]);
+  return s;
+}
+
+void check_cpu_shapes(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t spatial) {
+  const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
+  const int64_t* starts = level_start_index.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t l = 0; l < spatial_shapes.size(0); ++l) {
+    TORCH_CHECK(shapes[2 * l] > 0 && shapes[2 * l + 1] > 0, "ms_deform_attn: spatial_shapes must be positive");
+    TORCH_CHECK(starts[l] == total, "ms_deform_attn: level_start_index[", l, "] = ", starts[l],
+                " but the exclusive cumsum of spatial_shapes gives ", total);
+    total += shapes[2 * l] * shapes[2 * l + 1];
+  }
+  TORCH_CHECK(total == spatial, "ms_deform_attn: spatial_shapes cover ", total, " positions but value has S=", spatial);
+}
+
+// Up to this many samples (L * P) per row get their corners computed and prefetched before any is read, so the
+// gathers of a row are in flight together instead of one at a time (the loop is bound by gather latency).
+constexpr int64_t kMaxPrefetchSamples = 64;
+
+template <typename scalar_t>
+DNOPS_ALWAYS_INLINE void prefetch_row(const scalar_t* p, int64_t channels) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < channels * static_cast<int64_t>(sizeof(scalar_t)); off += 64) {
+    __builtin_prefetch(bytes + off);
+  }
+}
+
+// Output rows [begin, end) of the N * Lq * M rows; a row is the D channels of one (n, q, m). The heads of a
+// query are neighbours, so the corners they read share position rows of value (M * D contiguous elements).
+template <typename scalar_t, int64_t kD>
+DNOPS_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& a, scalar_t* out, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Dims& dm = a.dm;
+  const int64_t lp = dm.levels * dm.points;
+  const int64_t row_stride = dm.heads * dm.channels;
+  acc_t acc_fixed[kD > 0 ? kD : 1];
+  std::vector<acc_t> acc_any(kD > 0 ? 0 : dm.channels);
+  acc_t* acc = kD > 0 ? acc_fixed : acc_any.data();
+  Corners<acc_t> corners[kMaxPrefetchSamples];
+  const scalar_t* bases[kMaxPrefetchSamples];
+  bool inside[kMaxPrefetchSamples];
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t m = row % dm.heads;
+    const int64_t n = row / (dm.heads * dm.queries);
+    const scalar_t* loc_row = a.loc + row * lp * 2;
+    const scalar_t* w_row = a.weights + row * lp;
+    acc_t mx = 0, sum = 1;
+    if (a.logits) msda::softmax_stats(w_row, lp, mx, sum);
+    for (int64_t d = 0; d < (kD > 0 ? kD : dm.channels); ++d) acc[d] = 0;
+    for (int64_t first = 0; first < lp; first += kMaxPrefetchSamples) {
+      const int64_t last = std::min(lp, first + kMaxPrefetchSamples);
+      for (int64_t i = first; i < last; ++i) {
+        const int64_t l = i / dm.points;
+        Corners<acc_t>& c = corners[i - first];
+        bases[i - first] = a.value + ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
+        inside[i - first] =
+            msda::bilinear_corners(static_cast<acc_t>(loc_row[2 * i]), static_cast<acc_t>(loc_row[2 * i + 1]),
+                                   a.shapes[2 * l], a.shapes[2 * l + 1], c);
+        if (!inside[i - first]) continue;
+        for (int k = 0; k < 4; ++k) {
+          if (c.valid[k]) prefetch_row(bases[i - first] + c.offset[k] * row_stride, dm.channels);
+        }
+      }
+      for (int64_t i = first; i < last; ++i) {
+        if (!inside[i - first]) continue;
+        const Corners<acc_t>& c = corners[i - first];
+        const acc_t w = msda::row_weight(w_row, i, a.logits, mx, sum);
+        for (int k = 0; k < 4; ++k) {
+          if (c.valid[k]) axpy<kD>(acc, w * c.weight[k], bases[i - first] + c.offset[k] * row_stride, dm.channels);
+        }
+      }
+    }
+    scalar_t* out_row = out + row * dm.channels;
+    for (int64_t d = 0; d < (kD > 0 ? kD : dm.channels); ++d) out_row[d] = static_cast<scalar_t>(acc[d]);
+  }
+}
+
+template <typename scalar_t, int64_t kD>
+DNOPS_TARGET_AVX2 void forward_rows_avx2(const Args<scalar_t>& a, scalar_t* out, int64_t begin, int64_t end) {
+  forward_rows<scalar_t, kD>(a, out, begin, end);
+}
+
+template <typename scalar_t, int64_t kD>
+void forward_rows_base(const Args<scalar_t>& a, scalar_t* out, int64_t begin, int64_t end) {
+  forward_rows<scalar_t, kD>(a, out, begin, end);
+}
+
+// Work item (n, m, level) owns the slice grad_value[n, level's positions, m, :], so threads never write the same
+// element and the result does not depend on scheduling; every item samples Lq * P locations, which balances the
+// levels whatever their sizes. grad_w receives the gradient of the (softmaxed) weights.
+template <typename scalar_t, int64_t kD>
+DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, const scalar_t* grad_out,
+                                        at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc,
+                                        at::opmath_type<scalar_t>* grad_w, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Dims& dm = a.dm;
+  const int64_t lp = dm.levels * dm.points;
+  const int64_t row_stride = dm.heads * dm.channels;
+  acc_t g_fixed[kD > 0 ? kD : 1];
+  std::vector<acc_t> g_any(kD > 0 ? 0 : dm.channels);
+  acc_t* g = kD > 0 ? g_fixed : g_any.data();
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t l = item % dm.levels;
+    const int64_t m = (item / dm.levels) % dm.heads;
+    const int64_t n = item / (dm.levels * dm.heads);
+    const int64_t height = a.shapes[2 * l], width = a.shapes[2 * l + 1];
+    const int64_t level_offset = ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
+    const scalar_t* level_value = a.value + level_offset;
+    acc_t* level_grad = grad_value + level_offset;
+    for (int64_t q = 0; q < dm.queries; ++q) {
+      const int64_t row = (n * dm.queries + q) * dm.heads + m;
+      const scalar_t* w_row = a.weights + row * lp;
+      acc_t mx = 0, sum = 1;
+      if (a.logits) msda::softmax_stats(w_row, lp, mx, sum);
+      const scalar_t* g_row = grad_out + row * dm.channels;
+      for (int64_t d = 0; d < (kD > 0 ? kD : dm.channels); ++d) g[d] = static_cast<acc_t>(g_row[d]);
+      for (int64_t i = l * dm.points; i < (l + 1) * dm.points; ++i) {
+        const int64_t sample = row * lp + i;
+        const acc_t w = msda::row_weight(w_row, i, a.logits, mx, sum);
+        acc_t ga = 0, gx = 0, gy = 0;
+        Corners<acc_t> c;
+        if (msda::bilinear_corners(static_cast<acc_t>(a.loc[2 * sample]), static_cast<acc_t>(a.loc[2 * sample + 1]),
+                                   height, width, c)) {
+          for (int k = 0; k < 4; ++k) {
+            if (!c.valid[k]) continue;
+            const int64_t at = c.offset[k] * row_stride;
+            const acc_t gv = dot<kD>(g, level_value + at, dm.channels);
+            ga += c.weight[k] * gv;
+            gx += c.dwdx[k] * gv;
+            gy += c.dwdy[k] * gv;
+            axpy<kD>(level_grad + at, w * c.weight[k], g, dm.channels);
+          }
+        }
+        grad_w[sample] = ga;
+        grad_loc[2 * sample] = static_cast<scalar_t>(w * gx * static_cast<acc_t>(width));
+        grad_loc[2 * sample + 1] = static_cast<scalar_t>(w * gy * static_cast<acc_t>(height));
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int64_t kD>
+DNOPS_TARGET_AVX2 void backward_items_avx2(const Args<scalar_t>& a, const scalar_t* grad_out,
+                                           at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc,
+                                           at::opmath_type<scalar_t>* grad_w, int64_t begin, int64_t end) {
+  backward_items<scalar_t, kD>(a, grad_out, grad_value, grad_loc, grad_w, begin, end);
+}
+
+template <typename scalar_t, int64_t kD>
+void backward_items_base(const Args<scalar_t>& a, const scalar_t* grad_out, at::opmath_type<scalar_t>* grad_value,
+                         scalar_t* grad_loc, at::opmath_type<scalar_t>* grad_w, int64_t begin, int64_t end) {
+  backward_items<scalar_t, kD>(a, grad_out, grad_value, grad_loc, grad_w, begin, end);
+}
+
+template <typename F>
+void dispatch_channels(int64_t channels, F&& f) {
+  switch (channels) {
+    case 8:
+      return f(std::integral_constant<int64_t, 8>{});
+    case 16:
+      return f(std::integral_constant<int64_t, 16>{});
+    case 32:
+      return f(std::integral_constant<int64_t, 32>{});
+    case 64:
+      return f(std::integral_constant<int64_t, 64>{});
+    default:
+      return f(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+template <typename scalar_t>
+Args<scalar_t> make_args(const Dims& dm, const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
+                         const at::Tensor& loc, const at::Tensor& weights, bool logits) {
+  return {dm,
+          value.data_ptr<scalar_t>(),
+          shapes.data_ptr<int64_t>(),
+          starts.data_ptr<int64_t>(),
+          loc.data_ptr<scalar_t>(),
+          weights.data_ptr<scalar_t>(),
+          logits};
+}
+
+at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                              const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                              const at::Tensor& attention_weights, bool attention_logits) {
+  const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
+  check_cpu_shapes(shapes, starts, dm.spatial);
+  const at::Tensor v = value.contiguous(), loc = sampling_locations.contiguous(), w = attention_weights.contiguous();
+  at::Tensor out = at::empty({dm.batch, dm.queries, dm.heads * dm.channels}, value.options());
+  if (out.numel() == 0) return out;
+  const bool avx2 = cpu_has_avx2_fma();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu", [&] {
+    const Args<scalar_t> args = make_args<scalar_t>(dm, v, shapes, starts, loc, w, attention_logits);
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    dispatch_channels(dm.channels, [&](auto kd) {
+      constexpr int64_t kD = decltype(kd)::value;
+      at::parallel_for(0, dm.batch * dm.queries * dm.heads, 256, [&](int64_t begin, int64_t end) {
+        if (avx2) {
+          forward_rows_avx2<scalar_t, kD>(args, out_ptr, begin, end);
+        } else {
+          forward_rows_base<scalar_t, kD>(args, out_ptr, begin, end);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    bool attention_logits) {
+  const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({dm.batch, dm.queries, dm.heads * dm.channels}),
+              "ms_deform_attn backward: grad_output must be (N, Lq, M*D), got ", grad_output.sizes());
+  const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
+  check_cpu_shapes(shapes, starts, dm.spatial);
+  const at::Tensor v = value.contiguous(), loc = sampling_locations.contiguous(), w = attention_weights.contiguous();
+  const at::Tensor g = grad_output.contiguous().to(value.scalar_type());
+  const auto acc_type = at::toOpMathType(value.scalar_type());
+  at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
+  at::Tensor grad_loc = at::zeros(sampling_locations.sizes(), sampling_locations.options());
+  at::Tensor grad_w = at::zeros(attention_weights.sizes(), attention_weights.options().dtype(acc_type));
+  if (g.numel() > 0 && value.numel() > 0) {
+    const bool avx2 = cpu_has_avx2_fma();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const Args<scalar_t> args = make_args<scalar_t>(dm, v, shapes, starts, loc, w, attention_logits);
+      const scalar_t* g_ptr = g.data_ptr<scalar_t>();
+      acc_t* gv_ptr = grad_value.data_ptr<acc_t>();
+      scalar_t* gl_ptr = grad_loc.data_ptr<scalar_t>();
+      acc_t* gw_ptr = grad_w.data_ptr<acc_t>();
+      dispatch_channels(dm.channels, [&](auto kd) {
+        constexpr int64_t kD = decltype(kd)::value;
+        at::parallel_for(0, dm.batch * dm.heads * dm.levels, 1, [&](int64_t begin, int64_t end) {
+          if (avx2) {
+            backward_items_avx2<scalar_t, kD>(args, g_ptr, gv_ptr, gl_ptr, gw_ptr, begin, end);
+          } else {
+            backward_items_base<scalar_t, kD>(args, g_ptr, gv_ptr, gl_ptr, gw_ptr, begin, end);
+          }
+        });
+      });
+      if (attention_logits) {
+        // The logits' gradient needs the whole row of weight gradients, which several items wrote.
+        const int64_t lp = dm.levels * dm.points;
+        const scalar_t* w_ptr = w.data_ptr<scalar_t>();
+        at::parallel_for(0, dm.batch * dm.queries * dm.heads, 64, [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) {
+            msda::softmax_backward_inplace(w_ptr + row * lp, lp, gw_ptr + row * lp);
+          }
+        });
+      }
+    });
+  }
+  return {grad_value.to(value.scalar_type()), grad_loc, grad_w.to(value.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dnops, CPU, m) {
+  m.impl("ms_deform_attn", &ms_deform_attn_cpu);
+  m.impl("_ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+}
+
+}  // namespace dnops

@@ -1,0 +1,5 @@
+"""Drop-in modules: same names, parameters, state_dict keys and call signatures as the originals."""
+
+from dnops.nn.ms_deform_attn import MSDeformAttn
+
+__all__ = ["MSDeformAttn"]

@@ -1,0 +1,294 @@
+"""Multi-scale deformable attention in Triton: the same per-sample math as csrc/ms_deform_attn (grid_sample's
+align_corners=False convention, zero padding, optional in-kernel softmax of the weights)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+BLOCK_R = 16
+
+
+def _acc_type(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def _softmax_stats(w_ptr, rows, rmask, LP, ACC: tl.constexpr, BLOCK_R: tl.constexpr):
+    mx = tl.full([BLOCK_R], float("-inf"), ACC)
+    for i in range(LP):
+        mx = tl.maximum(mx, tl.load(w_ptr + rows * LP + i, mask=rmask, other=0).to(ACC))
+    total = tl.zeros([BLOCK_R], ACC)
+    for i in range(LP):
+        total += tl.exp(tl.load(w_ptr + rows * LP + i, mask=rmask, other=0).to(ACC) - mx)
+    return mx, total
+
+
+@triton.jit
+def _sample(
+    loc_ptr,
+    w_ptr,
+    shapes_ptr,
+    starts_ptr,
+    rows,
+    rmask,
+    i,
+    P,
+    LP,
+    M,
+    D,
+    S,
+    Lq,
+    mx,
+    total,
+    LOGITS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Corner geometry of sample i of each row: base offsets, pixel coordinates, map size, weight."""
+    level = i // P
+    height = tl.load(shapes_ptr + 2 * level)
+    width = tl.load(shapes_ptr + 2 * level + 1)
+    start = tl.load(starts_ptr + level)
+    lx = tl.load(loc_ptr + (rows * LP + i) * 2, mask=rmask, other=0).to(ACC)
+    ly = tl.load(loc_ptr + (rows * LP + i) * 2 + 1, mask=rmask, other=0).to(ACC)
+    a = tl.load(w_ptr + rows * LP + i, mask=rmask, other=0).to(ACC)
+    if LOGITS:
+        a = tl.exp(a - mx) / total
+    x = lx * width.to(ACC) - 0.5
+    y = ly * height.to(ACC) - 0.5
+    inside = (x >= -1) & (y >= -1) & (x < width.to(ACC)) & (y < height.to(ACC)) & rmask
+    x = tl.where(inside, x, 0.0)
+    y = tl.where(inside, y, 0.0)
+    m = rows % M
+    n = rows // (M * Lq)
+    base = ((n * S + start) * M + m) * D
+    return base, x, y, height, width, inside, a
+
+
+@triton.jit
+def _corner(x, y, dx: tl.constexpr, dy: tl.constexpr, height, width, inside, M, D):
+    """Row offset (elements), bilinear weight, its x / y derivatives and validity of one corner."""
+    x0 = tl.floor(x)
+    y0 = tl.floor(y)
+    fx = x - x0
+    fy = y - y0
+    xi = x0.to(tl.int64) + dx
+    yi = y0.to(tl.int64) + dy
+    wx = fx if dx == 1 else 1 - fx
+    wy = fy if dy == 1 else 1 - fy
+    sx = 1.0 if dx == 1 else -1.0
+    sy = 1.0 if dy == 1 else -1.0
+    valid = inside & (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+    offset = tl.where(valid, (yi * width + xi) * M * D, 0)
+    return offset, wx * wy, sx * wy, sy * wx, valid
+
+
+@triton.jit
+def _fwd_kernel(
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    w_ptr,
+    out_ptr,
+    S,
+    M,
+    D,
+    Lq,
+    L,
+    P,
+    R,
+    LOGITS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ds = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < R
+    dmask = ds < D
+    LP = L * P
+    mx = tl.zeros([BLOCK_R], ACC)
+    total = tl.full([BLOCK_R], 1.0, ACC)
+    if LOGITS:
+        mx, total = _softmax_stats(w_ptr, rows, rmask, LP, ACC, BLOCK_R)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
+    for i in range(LP):
+        base, x, y, height, width, inside, a = _sample(
+            loc_ptr, w_ptr, shapes_ptr, starts_ptr, rows, rmask, i, P, LP, M, D, S, Lq, mx, total, LOGITS, ACC
+        )
+        for corner in tl.static_range(4):
+            offset, cw, _, _, valid = _corner(x, y, corner % 2, corner // 2, height, width, inside, M, D)
+            v = tl.load(
+                value_ptr + (base + offset)[:, None] + ds[None, :], mask=valid[:, None] & dmask[None, :], other=0
+            ).to(ACC)
+            acc += (a * cw)[:, None] * v
+    out = out_ptr + rows[:, None] * D + ds[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _bwd_kernel(
+    grad_out_ptr,
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    w_ptr,
+    grad_value_ptr,
+    grad_loc_ptr,
+    grad_w_ptr,
+    S,
+    M,
+    D,
+    Lq,
+    L,
+    P,
+    R,
+    LOGITS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i = tl.program_id(1)
+    rmask = rows < R
+    LP = L * P
+    mx = tl.zeros([BLOCK_R], ACC)
+    total = tl.full([BLOCK_R], 1.0, ACC)
+    if LOGITS:
+        mx, total = _softmax_stats(w_ptr, rows, rmask, LP, ACC, BLOCK_R)
+    base, x, y, height, width, inside, a = _sample(
+        loc_ptr, w_ptr, shapes_ptr, starts_ptr, rows, rmask, i, P, LP, M, D, S, Lq, mx, total, LOGITS, ACC
+    )
+    ga = tl.zeros([BLOCK_R], ACC)
+    gx = tl.zeros([BLOCK_R], ACC)
+    gy = tl.zeros([BLOCK_R], ACC)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dmask = ds < D
+        g = tl.load(grad_out_ptr + rows[:, None] * D + ds[None, :], mask=rmask[:, None] & dmask[None, :], other=0).to(
+            ACC
+        )
+        for corner in tl.static_range(4):
+            offset, cw, dwdx, dwdy, valid = _corner(x, y, corner % 2, corner // 2, height, width, inside, M, D)
+            mask = valid[:, None] & dmask[None, :]
+            ptrs = (base + offset)[:, None] + ds[None, :]
+            gv = tl.sum(g * tl.load(value_ptr + ptrs, mask=mask, other=0).to(ACC), axis=1)
+            ga += cw * gv
+            gx += dwdx * gv
+            gy += dwdy * gv
+            tl.atomic_add(grad_value_ptr + ptrs, (a * cw)[:, None] * g, mask=mask)
+    tl.store(grad_w_ptr + rows * LP + i, ga, mask=rmask)
+    tl.store(grad_loc_ptr + (rows * LP + i) * 2, a * gx * width.to(ACC), mask=rmask)
+    tl.store(grad_loc_ptr + (rows * LP + i) * 2 + 1, a * gy * height.to(ACC), mask=rmask)
+
+
+def _dims(value: torch.Tensor, sampling_locations: torch.Tensor) -> tuple[int, ...]:
+    n, s, m, d = value.shape
+    lq, nl, p = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    return n, s, m, d, lq, nl, p
+
+
+@triton_op("dnops::_ms_deform_attn_triton", mutates_args={})
+def ms_deform_attn_triton(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    attention_logits: bool = False,
+) -> torch.Tensor:
+    """Triton forward; shapes as ``dnops.ms_deform_attn``."""
+    n, s, m, d, lq, nl, p = _dims(value, sampling_locations)
+    out = value.new_empty((n, lq, m * d))
+    rows = n * lq * m
+    if out.numel() == 0:
+        return out
+    block_d = min(triton.next_power_of_2(d), 128)
+    grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(d, block_d))
+    wrap_triton(_fwd_kernel)[grid](
+        value.contiguous(),
+        spatial_shapes.contiguous(),
+        level_start_index.contiguous(),
+        sampling_locations.contiguous(),
+        attention_weights.contiguous(),
+        out,
+        s,
+        m,
+        d,
+        lq,
+        nl,
+        p,
+        rows,
+        LOGITS=attention_logits,
+        ACC=_acc_type(value.dtype),
+        BLOCK_R=BLOCK_R,
+        BLOCK_D=block_d,
+    )
+    return out
+
+
+@triton_op("dnops::_ms_deform_attn_triton_backward", mutates_args={})
+def ms_deform_attn_triton_backward(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    attention_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: (grad_value, grad_sampling_locations, grad_attention_weights)."""
+    n, s, m, d, lq, nl, p = _dims(value, sampling_locations)
+    acc = torch.float64 if value.dtype == torch.float64 else torch.float32
+    grad_value = torch.zeros(value.shape, dtype=acc, device=value.device)
+    grad_loc = torch.zeros(sampling_locations.shape, dtype=acc, device=value.device)
+    grad_w = torch.zeros(attention_weights.shape, dtype=acc, device=value.device)
+    rows = n * lq * m
+    if rows and value.numel():
+        block_d = min(triton.next_power_of_2(d), 64)
+        grid = (triton.cdiv(rows, BLOCK_R), nl * p)
+        weights = attention_weights.contiguous()
+        wrap_triton(_bwd_kernel)[grid](
+            grad_output.contiguous(),
+            value.contiguous(),
+            spatial_shapes.contiguous(),
+            level_start_index.contiguous(),
+            sampling_locations.contiguous(),
+            weights,
+            grad_value,
+            grad_loc,
+            grad_w,
+            s,
+            m,
+            d,
+            lq,
+            nl,
+            p,
+            rows,
+            LOGITS=attention_logits,
+            ACC=_acc_type(value.dtype),
+            BLOCK_R=BLOCK_R,
+            BLOCK_D=block_d,
+        )
+        if attention_logits:
+            probs = weights.to(acc).flatten(-2).softmax(-1).view_as(grad_w)
+            grad_w = probs * (grad_w - (probs * grad_w).sum((-1, -2), keepdim=True))
+    return grad_value.to(value.dtype), grad_loc.to(value.dtype), grad_w.to(value.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, logits = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    ctx.logits = logits
+
+
+def _backward(ctx, grad_output):
+    grads = ms_deform_attn_triton_backward(grad_output, *ctx.saved_tensors, ctx.logits)
+    return grads[0], None, None, grads[1], grads[2], None
+
+
+ms_deform_attn_triton.register_autograd(_backward, setup_context=_setup_context)
