@@ -130,43 +130,66 @@ void forward_rows_base(const Args<scalar_t>& a, scalar_t* out, int64_t begin, in
   forward_rows<scalar_t, kD>(a, out, begin, end);
 }
 
-// Work item (n, m, level) owns the slice grad_value[n, level's positions, m, :], so threads never write the same
-// element and the result does not depend on scheduling; every item samples Lq * P locations, which balances the
-// levels whatever their sizes. grad_w receives the gradient of the (softmaxed) weights.
+// Work item (n, level, group of heads) owns the slice grad_value[n, level's positions, heads of the group, :], so
+// threads never write the same element and the result does not depend on scheduling. Every item samples
+// Lq * P locations per head, which balances the levels whatever their sizes; inside an item the heads of a
+// query are neighbours, as in the forward, so they share position rows of value and grad_value.
 template <typename scalar_t, int64_t kD>
-DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, const scalar_t* grad_out,
+DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, int64_t heads_per_item, const scalar_t* grad_out,
                                         at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc,
                                         at::opmath_type<scalar_t>* grad_w, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& dm = a.dm;
   const int64_t lp = dm.levels * dm.points;
   const int64_t row_stride = dm.heads * dm.channels;
+  const int64_t groups = (dm.heads + heads_per_item - 1) / heads_per_item;
   acc_t g_fixed[kD > 0 ? kD : 1];
   std::vector<acc_t> g_any(kD > 0 ? 0 : dm.channels);
   acc_t* g = kD > 0 ? g_fixed : g_any.data();
+  Corners<acc_t> corners[kMaxPrefetchSamples];
+  bool inside[kMaxPrefetchSamples];
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t l = item % dm.levels;
-    const int64_t m = (item / dm.levels) % dm.heads;
-    const int64_t n = item / (dm.levels * dm.heads);
+    const int64_t group = item % groups;
+    const int64_t l = (item / groups) % dm.levels;
+    const int64_t n = item / (groups * dm.levels);
+    const int64_t m_begin = group * heads_per_item;
+    const int64_t m_end = std::min(dm.heads, m_begin + heads_per_item);
     const int64_t height = a.shapes[2 * l], width = a.shapes[2 * l + 1];
-    const int64_t level_offset = ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
-    const scalar_t* level_value = a.value + level_offset;
-    acc_t* level_grad = grad_value + level_offset;
     for (int64_t q = 0; q < dm.queries; ++q) {
-      const int64_t row = (n * dm.queries + q) * dm.heads + m;
-      const scalar_t* w_row = a.weights + row * lp;
-      acc_t mx = 0, sum = 1;
-      if (a.logits) msda::softmax_stats(w_row, lp, mx, sum);
-      const scalar_t* g_row = grad_out + row * dm.channels;
-      for (int64_t d = 0; d < (kD > 0 ? kD : dm.channels); ++d) g[d] = static_cast<acc_t>(g_row[d]);
-      for (int64_t i = l * dm.points; i < (l + 1) * dm.points; ++i) {
-        const int64_t sample = row * lp + i;
-        const acc_t w = msda::row_weight(w_row, i, a.logits, mx, sum);
-        acc_t ga = 0, gx = 0, gy = 0;
-        Corners<acc_t> c;
-        if (msda::bilinear_corners(static_cast<acc_t>(a.loc[2 * sample]), static_cast<acc_t>(a.loc[2 * sample + 1]),
-                                   height, width, c)) {
-          for (int k = 0; k < 4; ++k) {
+      for (int64_t m = m_begin; m < m_end; ++m) {
+        const int64_t row = (n * dm.queries + q) * dm.heads + m;
+        const int64_t level_offset = ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
+        const scalar_t* level_value = a.value + level_offset;
+        acc_t* level_grad = grad_value + level_offset;
+        const scalar_t* w_row = a.weights + row * lp;
+        acc_t mx = 0, sum = 1;
+        if (a.logits) msda::softmax_stats(w_row, lp, mx, sum);
+        const scalar_t* g_row = grad_out + row * dm.channels;
+        for (int64_t d = 0; d < (kD > 0 ? kD : dm.channels); ++d) g[d] = static_cast<acc_t>(g_row[d]);
+        // Corners of this row's P samples first, with their value and grad_value rows prefetched.
+        const int64_t first = l * dm.points, count = std::min(dm.points, kMaxPrefetchSamples);
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t sample = row * lp + first + j;
+          inside[j] = msda::bilinear_corners(static_cast<acc_t>(a.loc[2 * sample]),
+                                             static_cast<acc_t>(a.loc[2 * sample + 1]), height, width, corners[j]);
+          for (int k = 0; inside[j] && k < 4; ++k) {
+            if (!corners[j].valid[k]) continue;
+            prefetch_row(level_value + corners[j].offset[k] * row_stride, dm.channels);
+            prefetch_row(level_grad + corners[j].offset[k] * row_stride, dm.channels);
+          }
+        }
+        for (int64_t i = first; i < (l + 1) * dm.points; ++i) {
+          const int64_t sample = row * lp + i;
+          const int64_t j = i - first;
+          Corners<acc_t> c;
+          const bool in = j < count
+                              ? inside[j]
+                              : msda::bilinear_corners(static_cast<acc_t>(a.loc[2 * sample]),
+                                                       static_cast<acc_t>(a.loc[2 * sample + 1]), height, width, c);
+          if (j < count) c = corners[j];
+          const acc_t w = msda::row_weight(w_row, i, a.logits, mx, sum);
+          acc_t ga = 0, gx = 0, gy = 0;
+          for (int k = 0; in && k < 4; ++k) {
             if (!c.valid[k]) continue;
             const int64_t at = c.offset[k] * row_stride;
             const acc_t gv = dot<kD>(g, level_value + at, dm.channels);
@@ -175,26 +198,27 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, const scalar_t*
             gy += c.dwdy[k] * gv;
             axpy<kD>(level_grad + at, w * c.weight[k], g, dm.channels);
           }
+          grad_w[sample] = ga;
+          grad_loc[2 * sample] = static_cast<scalar_t>(w * gx * static_cast<acc_t>(width));
+          grad_loc[2 * sample + 1] = static_cast<scalar_t>(w * gy * static_cast<acc_t>(height));
         }
-        grad_w[sample] = ga;
-        grad_loc[2 * sample] = static_cast<scalar_t>(w * gx * static_cast<acc_t>(width));
-        grad_loc[2 * sample + 1] = static_cast<scalar_t>(w * gy * static_cast<acc_t>(height));
       }
     }
   }
 }
 
 template <typename scalar_t, int64_t kD>
-DNOPS_TARGET_AVX2 void backward_items_avx2(const Args<scalar_t>& a, const scalar_t* grad_out,
+DNOPS_TARGET_AVX2 void backward_items_avx2(const Args<scalar_t>& a, int64_t heads_per_item, const scalar_t* grad_out,
                                            at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc,
                                            at::opmath_type<scalar_t>* grad_w, int64_t begin, int64_t end) {
-  backward_items<scalar_t, kD>(a, grad_out, grad_value, grad_loc, grad_w, begin, end);
+  backward_items<scalar_t, kD>(a, heads_per_item, grad_out, grad_value, grad_loc, grad_w, begin, end);
 }
 
 template <typename scalar_t, int64_t kD>
-void backward_items_base(const Args<scalar_t>& a, const scalar_t* grad_out, at::opmath_type<scalar_t>* grad_value,
-                         scalar_t* grad_loc, at::opmath_type<scalar_t>* grad_w, int64_t begin, int64_t end) {
-  backward_items<scalar_t, kD>(a, grad_out, grad_value, grad_loc, grad_w, begin, end);
+void backward_items_base(const Args<scalar_t>& a, int64_t heads_per_item, const scalar_t* grad_out,
+                         at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc, at::opmath_type<scalar_t>* grad_w,
+                         int64_t begin, int64_t end) {
+  backward_items<scalar_t, kD>(a, heads_per_item, grad_out, grad_value, grad_loc, grad_w, begin, end);
 }
 
 template <typename F>
@@ -276,13 +300,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       acc_t* gv_ptr = grad_value.data_ptr<acc_t>();
       scalar_t* gl_ptr = grad_loc.data_ptr<scalar_t>();
       acc_t* gw_ptr = grad_w.data_ptr<acc_t>();
+      // Enough items for every thread to get several (balance), as few as that allows (locality).
+      const int64_t wanted = 4 * at::get_num_threads();
+      const int64_t groups =
+          std::min(dm.heads, std::max<int64_t>(1, (wanted + dm.batch * dm.levels - 1) / (dm.batch * dm.levels)));
+      const int64_t heads_per_item = (dm.heads + groups - 1) / groups;
       dispatch_channels(dm.channels, [&](auto kd) {
         constexpr int64_t kD = decltype(kd)::value;
-        at::parallel_for(0, dm.batch * dm.heads * dm.levels, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, dm.batch * dm.levels * groups, 1, [&](int64_t begin, int64_t end) {
           if (avx2) {
-            backward_items_avx2<scalar_t, kD>(args, g_ptr, gv_ptr, gl_ptr, gw_ptr, begin, end);
+            backward_items_avx2<scalar_t, kD>(args, heads_per_item, g_ptr, gv_ptr, gl_ptr, gw_ptr, begin, end);
           } else {
-            backward_items_base<scalar_t, kD>(args, g_ptr, gv_ptr, gl_ptr, gw_ptr, begin, end);
+            backward_items_base<scalar_t, kD>(args, heads_per_item, g_ptr, gv_ptr, gl_ptr, gw_ptr, begin, end);
           }
         });
       });
