@@ -11,7 +11,13 @@ from torch.utils import cpp_extension
 import dnops
 from dnops import _backend
 
-CPU_OPS = ["dn_attn_mask", "ms_deform_attn", "_ms_deform_attn_backward"]
+CPU_OPS = [
+    "dn_attn_mask",
+    "ms_deform_attn",
+    "_ms_deform_attn_backward",
+    "dn_self_attention",
+    "_dn_self_attention_backward",
+]
 CUDA_OPS = ["dn_attn_mask", "ms_deform_attn", "_ms_deform_attn_backward"]
 SCHEMAS = [
     "dn_attn_mask",

@@ -3,9 +3,36 @@ from __future__ import annotations
 import torch
 
 from dnops import _backend, reference
+from dnops.validation import check_dn_self_attention_args
 
 # Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
 TRITON_OPS: frozenset[str] = frozenset()
+
+if _backend.HAS_C:
+
+    def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    @torch.library.register_fake("dnops::dn_self_attention")
+    def _(q, k, v, pad_size, group_size, scale):
+        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+
+    @torch.library.register_fake("dnops::_dn_self_attention_backward")
+    def _(grad_out, q, k, v, out, lse, pad_size, group_size, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, pad_size, group_size, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.structure = (pad_size, group_size, scale)
+
+    def _backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.dnops._dn_self_attention_backward(grad_out, q, k, v, out, lse, *ctx.structure)
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd("dnops::dn_self_attention", _backward, setup_context=_setup_context)
 
 
 def dn_self_attention(
@@ -13,7 +40,8 @@ def dn_self_attention(
 ) -> torch.Tensor:
     """Decoder self-attention under the DN mask, computed on the visible blocks only.
 
-    Equals softmax(q k^T * scale + (-inf where dn_attn_mask blocks)) v without building a (W, W) mask.
+    Equals softmax(q k^T * scale + (-inf where dn_attn_mask blocks)) v without building a (W, W) mask or a
+    (W, W) score matrix: matching queries attend the matching keys; DN group g attends [group g | matching keys].
 
     Args:
         q, k, v: (B, H, W, Dh) with W = pad_size + Nq, laid out [DN part | matching part].
@@ -24,8 +52,9 @@ def dn_self_attention(
     Returns:
         (B, H, W, Dh).
     """
+    check_dn_self_attention_args(q, k, v, pad_size, group_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = _backend.choose("dn_self_attention", q.device, TRITON_OPS)
     if backend == "cpp":
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
         return torch.ops.dnops.dn_self_attention(q, k, v, pad_size, group_size, scale)[0]
     return reference.dn_self_attention(q, k, v, pad_size, group_size, scale)

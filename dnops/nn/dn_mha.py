@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dnops.ops.dn_self_attention import dn_self_attention
+
+
+def _structure_of(dn: Any) -> tuple[int, int] | None:
+    """(pad_size, group_size) from a DNQueries, a DN-DETR mask_dict / DINO dn_meta, or a plain pair."""
+    if dn is None:
+        return None
+    if isinstance(dn, tuple | list) and len(dn) == 2:
+        return int(dn[0]), int(dn[1])
+    if isinstance(dn, dict):
+        pad = int(dn["pad_size"])
+        if "group_size" in dn:
+            return pad, int(dn["group_size"])
+        if "num_dn_group" in dn:  # DINO's dn_meta
+            return pad, pad // max(int(dn["num_dn_group"]), 1)
+        raise ValueError("dn dict needs pad_size and group_size (or DINO's num_dn_group)")
+    return int(dn.pad_size), int(dn.group_size)
+
+
+def recognise_dn_mask(mask: torch.Tensor) -> tuple[int, int] | None:
+    """(pad_size, group_size) if ``mask`` (W, W) bool equals dn_attn_mask(pad_size, group_size, W - pad_size)."""
+    if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != mask.shape[1] or mask.shape[0] == 0:
+        return None
+    width = mask.shape[0]
+    pad = int(mask[-1].sum())  # a matching query is blocked from exactly the DN part
+    group = int((~mask[0, :pad]).sum()) if pad else 0
+    if pad and (group == 0 or pad % group):
+        return None
+    idx = torch.arange(width, device=mask.device)
+    blocked = torch.where(
+        (idx < pad)[:, None],
+        (idx[None, :] < pad) & ((idx // max(group, 1))[:, None] != (idx // max(group, 1))[None, :]),
+        (idx[None, :] < pad),
+    )
+    return (pad, group) if torch.equal(blocked, mask) else None
+
+
+class DNMultiheadAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention that runs DN self-attention block-sparsely.
+
+    Same constructor, parameters, state_dict keys and call signature as nn.MultiheadAttention (plus ``dn=``).
+    The fast path (dnops.dn_self_attention, no (W, W) mask or scores) is taken when the call carries DN
+    structure — ``dn=`` (a DNQueries, a (pad_size, group_size) pair, or DN-DETR's mask_dict / DINO's dn_meta) or
+    a bool ``attn_mask`` equal to ``dnops.dn_attn_mask(...)`` (recognised once per mask tensor and cached) — and
+    it is self-attention (W queries, W keys) without key_padding_mask, bias_k/bias_v, add_zero_attn or attention
+    weights. Attention dropout in training, key_padding_mask and need_weights=True fall back to the parent with
+    the dense mask, so every call gives what nn.MultiheadAttention gives.
+
+    Unlike the parent, ``need_weights`` defaults to False: True forces nn.MultiheadAttention's slow path.
+    """
+
+    _mask_cache: tuple[weakref.ref, int, tuple[int, int] | None] | None = None
+
+    def _mask_structure(self, mask: torch.Tensor) -> tuple[int, int] | None:
+        cached = self._mask_cache
+        if cached is not None and cached[0]() is mask and cached[1] == mask._version:
+            return cached[2]
+        found = recognise_dn_mask(mask)
+        self._mask_cache = (weakref.ref(mask), mask._version, found)
+        return found
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        dn: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Shapes as nn.MultiheadAttention: (L, B, E) or, with batch_first, (B, L, E); returns (out, weights)."""
+        structure = _structure_of(dn)
+        if structure is None and attn_mask is not None:
+            structure = self._mask_structure(attn_mask)
+        seq_dim = 1 if self.batch_first else 0
+        fast = (
+            structure is not None
+            and query.dim() == 3
+            and key.shape[seq_dim] == query.shape[seq_dim] == value.shape[seq_dim]
+            and key_padding_mask is None
+            and not need_weights
+            and not is_causal
+            and self.bias_k is None
+            and not self.add_zero_attn
+            and not (self.training and self.dropout > 0.0)
+        )
+        if not fast:
+            if structure is not None and attn_mask is None:
+                width = query.shape[seq_dim]
+                from dnops.ops.dn_attn_mask import dn_attn_mask
+
+                attn_mask = dn_attn_mask(structure[0], structure[1], width - structure[0], device=query.device)
+            return super().forward(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
+        return self._dn_forward(query, key, value, *structure), None
+
+    def _dn_forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pad_size: int, group_size: int
+    ) -> torch.Tensor:
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        batch, width, embed = query.shape
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        heads = self.num_heads
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, width, heads, embed // heads).transpose(1, 2)
+
+        q = split_heads(F.linear(query, w_q, b_q))
+        k = split_heads(F.linear(key, w_k, b_k))
+        v = split_heads(F.linear(value, w_v, b_v))
+        out = dn_self_attention(q, k, v, pad_size, group_size)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, width, embed))
+        return out if self.batch_first else out.transpose(0, 1)
