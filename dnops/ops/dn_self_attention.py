@@ -6,7 +6,7 @@ from dnops import _backend, reference
 from dnops.validation import check_dn_self_attention_args
 
 # Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
-TRITON_OPS: frozenset[str] = frozenset()
+TRITON_OPS: frozenset[str] = frozenset({"dn_self_attention"})
 
 if _backend.HAS_C:
 
@@ -57,4 +57,8 @@ def dn_self_attention(
     backend = _backend.choose("dn_self_attention", q.device, TRITON_OPS)
     if backend == "cpp":
         return torch.ops.dnops.dn_self_attention(q, k, v, pad_size, group_size, scale)[0]
+    if backend == "triton":
+        from dnops.triton.dn_self_attention import dn_self_attention_triton
+
+        return dn_self_attention_triton(q, k, v, pad_size, group_size, scale)[0]
     return reference.dn_self_attention(q, k, v, pad_size, group_size, scale)
