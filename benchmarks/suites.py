@@ -23,6 +23,7 @@ class Bench:
     case: str
     variant: str
     impls: dict[str, Callable[[], object]] = field(default_factory=dict)
+    baseline: str = "reference"  # the implementation every ratio of this bench is taken against
 
 
 def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], object]:
@@ -98,6 +99,20 @@ def _sdpa_dense_mask(case: cases.DNAttnCase) -> Callable[..., torch.Tensor]:
     return run
 
 
+def _flex(case: cases.DNAttnCase) -> Callable[..., torch.Tensor]:
+    """FlexAttention with the DN structure as a block mask, compiled (forward only: no CPU backward)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    pad, group = case.pad_size, max(case.group_size, 1)
+
+    def visible(b, h, q_idx, kv_idx):
+        return (kv_idx >= pad) | ((q_idx < pad) & (kv_idx < pad) & (q_idx // group == kv_idx // group))
+
+    block_mask = create_block_mask(visible, None, None, case.width, case.width, device="cpu")
+    compiled = torch.compile(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
 def dn_self_attention_benches(quick: bool = False) -> Iterator[Bench]:
     names = ["dn-detr"] if quick else list(cases.DN_ATTN_CASES)
     for name in names:
@@ -105,16 +120,46 @@ def dn_self_attention_benches(quick: bool = False) -> Iterator[Bench]:
         for passes in ("fwd", "fwd+bwd"):
             inputs = cases.dn_attn_inputs(case, requires_grad=passes == "fwd+bwd")
             impls: dict[str, Callable[..., torch.Tensor]] = {
-                "reference": lambda q, k, v, c=case: reference.dn_self_attention(q, k, v, c.pad_size, c.group_size),
                 "sdpa+mask": _sdpa_dense_mask(case),
+                "reference": lambda q, k, v, c=case: reference.dn_self_attention(q, k, v, c.pad_size, c.group_size),
             }
             if _backend.has_kernel("dn_self_attention", "cpu"):
                 impls["dnops"] = lambda q, k, v, c=case: _with_backend("cpp", dnops.dn_self_attention)(
                     q, k, v, c.pad_size, c.group_size
                 )
-            bench = Bench("dn_self_attention", name, f"float32 {passes}")
+            if passes == "fwd" and not quick:
+                impls["flex (compiled)"] = _flex(case)
+            bench = Bench("dn_self_attention", name, f"float32 {passes}", baseline="sdpa+mask")
             for impl, fn in impls.items():
                 bench.impls[impl] = _fwd_bwd(fn, inputs) if passes == "fwd+bwd" else (lambda fn=fn, i=inputs: fn(*i))
+            yield bench
+
+
+def dn_mha_benches(quick: bool = False) -> Iterator[Bench]:
+    """DNMultiheadAttention vs nn.MultiheadAttention with the dense DN mask, as DN-DETR and DINO call it."""
+    from dnops.nn import DNMultiheadAttention
+
+    names = ["dn-detr"] if quick else list(cases.DN_ATTN_CASES)
+    for name in names:
+        case = cases.DN_ATTN_CASES[name]
+        embed = case.heads * case.head_dim
+        torch.manual_seed(0)
+        parent = torch.nn.MultiheadAttention(embed, case.heads).eval()
+        ours = DNMultiheadAttention(embed, case.heads).eval()
+        ours.load_state_dict(parent.state_dict())
+        mask = reference.dn_attn_mask(case.pad_size, case.group_size, case.num_queries)
+        for passes in ("fwd", "fwd+bwd"):
+            x = torch.randn(case.width, case.batch, embed, requires_grad=passes == "fwd+bwd")
+
+            def original(x, parent=parent, mask=mask):
+                return parent(x, x, x, attn_mask=mask)[0]  # need_weights=True: nn.MultiheadAttention's default
+
+            def drop_in(x, ours=ours, mask=mask):
+                return ours(x, x, x, attn_mask=mask)[0]
+
+            bench = Bench("dn_mha", name, f"float32 {passes}", baseline="nn.MHA+mask")
+            for impl, fn in (("nn.MHA+mask", original), ("DNMultiheadAttention", drop_in)):
+                bench.impls[impl] = _fwd_bwd(fn, [x]) if passes == "fwd+bwd" else (lambda fn=fn, x=x: fn(x))
             yield bench
 
 
@@ -132,5 +177,6 @@ SUITES = {
     "ms_deform_attn": ms_deform_attn_benches,
     "dn_queries": dn_queries_benches,
     "dn_self_attention": dn_self_attention_benches,
+    "dn_mha": dn_mha_benches,
     "dn_attn_mask": dn_attn_mask_benches,
 }

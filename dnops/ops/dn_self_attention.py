@@ -17,9 +17,14 @@ if _backend.HAS_C:
     def _(q, k, v, pad_size, group_size, scale):
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
 
+    def _grad_like(t):
+        # (B, W, H, Dh) in memory, the layout of ATen's CPU flash-attention gradients the kernel passes on
+        b, h, w, d = t.shape
+        return t.new_empty((b, w, h, d)).transpose(1, 2)
+
     @torch.library.register_fake("dnops::_dn_self_attention_backward")
     def _(grad_out, q, k, v, out, lse, pad_size, group_size, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return _grad_like(q), _grad_like(k), _grad_like(v)
 
     def _setup_context(ctx, inputs, output):
         q, k, v, pad_size, group_size, scale = inputs

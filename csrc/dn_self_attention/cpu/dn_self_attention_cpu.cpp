@@ -7,7 +7,11 @@
 // the joint softmax's gradient restricted to that segment (P = exp(s - lse), D = rowsum(dO * O)).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
 
 #include "dn_attn_mask/dn_attn_mask_common.h"
 
@@ -41,8 +45,40 @@ at::Tensor by_group(const at::Tensor& t, int64_t group_size) {
 }
 
 at::Tensor lse_like(const at::Tensor& q) {
-  const auto dtype = at::toOpMathType(q.scalar_type());
-  return at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(dtype));
+  return at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::toOpMathType(q.scalar_type())));
+}
+
+// Gradients in the (B, W, H, Dh) memory layout ATen's flash backward produces, so no copy is needed to reuse
+// its results (the fake kernel in dnops/ops/dn_self_attention.py declares the same strides).
+at::Tensor grad_like(const at::Tensor& q) {
+  return at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
+}
+
+// out[b, h, r] / lse[b, h, r] hold the DN rows' cross segment (queries x matching keys); merges in place with the
+// own-group segment: lse = logaddexp(l1, l2), out = o1 * exp(l1 - lse) + o2 * exp(l2 - lse).
+template <typename scalar_t>
+void merge_segments(at::Tensor& out, at::Tensor& lse, const at::Tensor& own_out, const at::Tensor& own_lse,
+                    int64_t pad_size) {
+  using acc_t = at::opmath_type<scalar_t>;
+  auto o = out.accessor<scalar_t, 4>();
+  auto l = lse.accessor<acc_t, 3>();
+  const auto o1 = own_out.accessor<scalar_t, 4>();
+  const auto l1 = own_lse.accessor<acc_t, 3>();
+  const int64_t heads = out.size(1), dh = out.size(3);
+  at::parallel_for(0, out.size(0) * heads * pad_size, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i % pad_size, h = (i / pad_size) % heads, b = i / (pad_size * heads);
+      const acc_t own = l1[b][h][r], cross = l[b][h][r];
+      const acc_t top = std::max(own, cross);
+      const acc_t w_own = std::exp(own - top), w_cross = std::exp(cross - top);
+      const acc_t total = w_own + w_cross;
+      for (int64_t d = 0; d < dh; ++d) {
+        o[b][h][r][d] = static_cast<scalar_t>(
+            (static_cast<acc_t>(o1[b][h][r][d]) * w_own + static_cast<acc_t>(o[b][h][r][d]) * w_cross) / total);
+      }
+      l[b][h][r] = top + std::log(total);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> dn_self_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -60,27 +96,15 @@ std::tuple<at::Tensor, at::Tensor> dn_self_attention_cpu(const at::Tensor& q_in,
     out = o.contiguous();
     lse = l.contiguous();
     if (pad_size == 0) return {out, lse};
-  } else {
-    out = at::empty_like(q);
-    lse = lse_like(q);
   }
   auto [own_o, own_l] =
       at::_scaled_dot_product_flash_attention_for_cpu(by_group(qs.dn, group_size), by_group(ks.dn, group_size),
                                                       by_group(vs.dn, group_size), 0.0, false, std::nullopt, scale);
-  const Segments os = split_seq(out, pad_size), ls = split_seq(lse, pad_size);
-  const at::Tensor own_out = own_o.reshape(os.dn.sizes());
-  const at::Tensor own_lse = own_l.reshape(ls.dn.sizes());
-  if (matching == 0) {
-    os.dn.copy_(own_out);
-    ls.dn.copy_(own_lse);
-    return {out, lse};
-  }
-  const at::Tensor cross_lse = ls.dn.clone();
-  const at::Tensor merged = at::logaddexp(own_lse, cross_lse);
-  const auto acc = lse.scalar_type();
-  os.dn.copy_(own_out.to(acc) * (own_lse - merged).exp().unsqueeze(-1) +
-              os.dn.to(acc) * (cross_lse - merged).exp().unsqueeze(-1));
-  ls.dn.copy_(merged);
+  const at::Tensor own_out = own_o.reshape({q.size(0), q.size(1), pad_size, q.size(3)});
+  const at::Tensor own_lse = own_l.reshape({q.size(0), q.size(1), pad_size});
+  if (matching == 0) return {own_out.contiguous(), own_lse.contiguous()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "dn_self_attention_merge",
+                                  [&] { merge_segments<scalar_t>(out, lse, own_out, own_lse, pad_size); });
   return {out, lse};
 }
 
@@ -94,32 +118,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dn_self_attention_backward_cpu(
   const at::Tensor go = grad_out_in.contiguous().to(q.scalar_type()), out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   const int64_t matching = q.size(2) - pad_size;
-  if (q.numel() == 0) return {at::empty_like(q), at::empty_like(k), at::empty_like(v)};
+  if (q.numel() == 0) return {grad_like(q), grad_like(k), grad_like(v)};
   const Segments qs = split_seq(q, pad_size), ks = split_seq(k, pad_size), vs = split_seq(v, pad_size);
-  at::Tensor dq = matching > 0 ? at::Tensor() : at::empty_like(q);
-  at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
-  const Segments dks = split_seq(dk, pad_size), dvs = split_seq(dv, pad_size);
+  at::Tensor dq, dk_match, dv_match;
   if (matching > 0) {
-    auto [a, b, c] = at::_scaled_dot_product_flash_attention_for_cpu_backward(go, q, ks.match, vs.match, out, lse, 0.0,
-                                                                              false, std::nullopt, scale);
-    dq = a.contiguous();
-    dks.match.copy_(b);
-    dvs.match.copy_(c);
-    if (pad_size == 0) return {dq, dk, dv};
+    std::tie(dq, dk_match, dv_match) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        go, q, ks.match, vs.match, out, lse, 0.0, false, std::nullopt, scale);
+    if (pad_size == 0) return {dq, dk_match, dv_match};
+  } else {
+    dq = grad_like(q);
   }
   const Segments gs = split_seq(go, pad_size), os = split_seq(out, pad_size), ls = split_seq(lse, pad_size);
-  const Segments dqs = split_seq(dq, pad_size);
-  auto [a, b, c] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+  at::Tensor a, b, c;
+  std::tie(a, b, c) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
       by_group(gs.dn, group_size), by_group(qs.dn, group_size), by_group(ks.dn, group_size),
       by_group(vs.dn, group_size), by_group(os.dn, group_size), by_group(ls.dn, group_size), 0.0, false, std::nullopt,
       scale);
+  const Segments dqs = split_seq(dq, pad_size);
+  const auto dn_shape = dqs.dn.sizes();
   if (matching > 0) {
-    dqs.dn.add_(a.reshape(dqs.dn.sizes()));
+    dqs.dn.add_(a.reshape(dn_shape));
   } else {
-    dqs.dn.copy_(a.reshape(dqs.dn.sizes()));
+    dqs.dn.copy_(a.reshape(dn_shape));
   }
-  dks.dn.copy_(b.reshape(dks.dn.sizes()));
-  dvs.dn.copy_(c.reshape(dvs.dn.sizes()));
+  // Assemble dk, then dv, releasing each segment as soon as it is copied: peak memory stays below one full
+  // gradient plus the flash backward's own.
+  auto assemble = [&](const at::Tensor& like, at::Tensor& match_part, at::Tensor& dn_part) {
+    at::Tensor full = grad_like(like);
+    const Segments parts = split_seq(full, pad_size);
+    if (matching > 0) parts.match.copy_(match_part);
+    match_part.reset();
+    parts.dn.copy_(dn_part.reshape(dn_shape));
+    dn_part.reset();
+    return full;
+  };
+  at::Tensor dk = assemble(k, dk_match, b);
+  at::Tensor dv = assemble(v, dv_match, c);
   return {dq, dk, dv};
 }
 
