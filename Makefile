@@ -19,9 +19,11 @@ $(DEPS_STAMP): requirements-dev.txt
 
 venv: $(DEPS_STAMP)
 
+# The stamp takes the build's start time, so sources edited while it compiles trigger the next build.
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	touch $@.start
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
-	touch $@
+	mv $@.start $@
 
 build: $(BUILD_STAMP)
 

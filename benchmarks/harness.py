@@ -54,3 +54,24 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item", "aten::masked_select")
+
+
+def count_dispatched_ops(fn: Callable[[], object]) -> tuple[int, int]:
+    """(aten/custom ops dispatched by one call of ``fn``, how many of them force a device sync on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
+        fn()
+    return len(counter.names), sum(name in SYNC_OPS for name in counter.names)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import median_ms, peak_bytes
+from benchmarks.harness import count_dispatched_ops, median_ms, peak_bytes
 from benchmarks.suites import SUITES
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,23 +56,27 @@ def run(ops: list[str], quick: bool, budget_s: float) -> list[dict]:
                     "peak_mb": round(peak / 2**20, 3),
                     "peak_vs_baseline": round(peak / base_peak, 4) if base_peak else None,
                 }
+                if bench.count_ops:
+                    row["ops"], row["sync_ops"] = count_dispatched_ops(bench.impls[impl])
                 rows.append(row)
+                ops = f"  {row['ops']} ops ({row['sync_ops']} sync)" if "ops" in row else ""
                 print(
                     f"{op:<18} {bench.case:<8} {bench.variant:<26} {impl:<20} {ms:>11.3f} ms "
-                    f"{row['speedup']:>8.2f}x vs {bench.baseline:<12} {row['peak_mb']:>10.2f} MB",
+                    f"{row['speedup']:>8.2f}x vs {bench.baseline:<12} {row['peak_mb']:>10.2f} MB{ops}",
                     flush=True,
                 )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = "| op | case | variant | impl | median ms | speed-up vs baseline | peak MB | peak / baseline |"
-    lines = [head, "|" + "---|" * 8]
+    head = "| op | case | variant | impl | median ms | speed-up vs baseline | peak MB | peak / baseline | ops (sync) |"
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         peak_ratio = "-" if r["peak_vs_baseline"] is None else f"{r['peak_vs_baseline']:.3f}"
         lines.append(
             f"| {r['op']} | {r['case']} | {r['variant']} | {r['impl']} | {r['median_ms']:.3f} | "
-            f"{r['speedup']:.2f}x vs {r['baseline']} | {r['peak_mb']:.2f} | {peak_ratio} |"
+            f"{r['speedup']:.2f}x vs {r['baseline']} | {r['peak_mb']:.2f} | {peak_ratio} | "
+            + (f"{r['ops']} ({r['sync_ops']}) |" if "ops" in r else "- |")
         )
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ class Bench:
     variant: str
     impls: dict[str, Callable[[], object]] = field(default_factory=dict)
     baseline: str = "reference"  # the implementation every ratio of this bench is taken against
+    count_ops: bool = False  # also count the aten ops each implementation dispatches (kernel launches on a GPU)
 
 
 def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], object]:
@@ -75,19 +76,58 @@ def ms_deform_attn_benches(quick: bool = False) -> Iterator[Bench]:
                 yield bench
 
 
+def _targets(labels: torch.Tensor, boxes: torch.Tensor, counts: list[int]) -> list[dict[str, torch.Tensor]]:
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [{"labels": labels[s : s + c], "boxes": boxes[s : s + c]} for s, c in zip(starts, counts, strict=True)]
+
+
 def dn_queries_benches(quick: bool = False) -> Iterator[Bench]:
+    """The fused op and the adapters vs the published DN-DETR / DINO algorithms (generation + mask + assembly).
+
+    DN: 5 groups, noise 0.2 / 0.4, 300 queries; CDN: dn_number 100, noise 0.5 / 1.0, 900 queries; 91 classes.
+    """
+    from benchmarks import originals
+    from dnops.compat import dino, dn_detr
+
+    torch.manual_seed(0)
+    hidden = 256
+    enc_dn, enc_cdn = torch.nn.Embedding(92, hidden - 1), torch.nn.Embedding(92, hidden)
+    anchors = torch.rand(300, 4)
     for batch in (2, 8) if quick else (2, 8, 32):
         labels, boxes, counts = cases.dn_inputs(batch)
-        for mode, kw in (("dn", {"num_groups": 5}), ("cdn", {"dn_number": 100})):
-            bench = Bench("dn_queries", f"B={batch}", mode)
-            bench.impls["reference"] = lambda kw=kw, mode=mode, a=(labels, boxes, counts): _with_backend(
-                "reference", dnops.dn_queries
-            )(*a, num_classes=91, mode=mode, seed=0, **kw)
-            if _backend.has_kernel("dn_queries", "cpu"):
-                bench.impls["dnops"] = lambda kw=kw, mode=mode, a=(labels, boxes, counts): _with_backend(
-                    "cpp", dnops.dn_queries
-                )(*a, num_classes=91, mode=mode, seed=0, **kw)
-            yield bench
+        targets = _targets(labels, boxes, counts)
+        dn_args = (targets, 5, 0.2, 0.4, 1)
+        bench = Bench("dn_queries", f"B={batch}", "dn", baseline="DN-DETR algorithm", count_ops=True)
+        bench.impls["DN-DETR algorithm"] = lambda a=dn_args, b=batch: originals.dn_detr_prepare_for_dn(
+            a, anchors, b, True, 300, 91, hidden, enc_dn
+        )
+        bench.impls["reference"] = lambda a=(labels, boxes, counts): _with_backend("reference", dnops.dn_queries)(
+            *a, num_classes=91, mode="dn"
+        )
+        if _backend.has_kernel("dn_queries", "cpu"):
+            bench.impls["dnops.dn_queries"] = lambda a=(labels, boxes, counts): dnops.dn_queries(
+                *a, num_classes=91, mode="dn"
+            )
+            bench.impls["dnops prepare_for_dn"] = lambda a=dn_args, b=batch: dn_detr.prepare_for_dn(
+                a, anchors, b, True, 300, 91, hidden, enc_dn
+            )
+        yield bench
+        cdn_args = (targets, 100, 0.5, 1.0)
+        bench = Bench("dn_queries", f"B={batch}", "cdn", baseline="DINO algorithm", count_ops=True)
+        bench.impls["DINO algorithm"] = lambda a=cdn_args: originals.dino_prepare_for_cdn(
+            a, True, 900, 91, hidden, enc_cdn
+        )
+        bench.impls["reference"] = lambda a=(labels, boxes, counts): _with_backend("reference", dnops.dn_queries)(
+            *a, num_classes=91, mode="cdn"
+        )
+        if _backend.has_kernel("dn_queries", "cpu"):
+            bench.impls["dnops.dn_queries"] = lambda a=(labels, boxes, counts): dnops.dn_queries(
+                *a, num_classes=91, mode="cdn"
+            )
+            bench.impls["dnops prepare_for_cdn"] = lambda a=cdn_args: dino.prepare_for_cdn(
+                a, True, 900, 91, hidden, enc_cdn
+            )
+        yield bench
 
 
 def _sdpa_dense_mask(case: cases.DNAttnCase) -> Callable[..., torch.Tensor]:

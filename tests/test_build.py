@@ -17,8 +17,10 @@ CPU_OPS = [
     "_ms_deform_attn_backward",
     "dn_self_attention",
     "_dn_self_attention_backward",
+    "dn_queries",
 ]
-CUDA_OPS = ["dn_attn_mask", "ms_deform_attn", "_ms_deform_attn_backward"]
+# dn_self_attention's GPU path is Triton (a CUDA C++ version is optional).
+CUDA_OPS = ["dn_attn_mask", "ms_deform_attn", "_ms_deform_attn_backward", "dn_queries"]
 SCHEMAS = [
     "dn_attn_mask",
     "ms_deform_attn",

@@ -6,9 +6,24 @@ import torch
 
 from dnops import _backend, reference
 from dnops.reference.dn_queries import DNQueries, dn_layout
+from dnops.validation import check_dn_queries_args
 
 # Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
-TRITON_OPS: frozenset[str] = frozenset()
+TRITON_OPS: frozenset[str] = frozenset({"dn_queries"})
+
+if _backend.HAS_C:
+
+    @torch.library.register_fake("dnops::dn_queries")
+    def _(labels, boxes, counts, num_groups, max_gt, contrastive, num_classes, ratio, scale, seed):
+        pad = num_groups * max_gt * (2 if contrastive else 1)
+        batch = len(counts)
+        return (
+            labels.new_empty((batch, pad)),
+            boxes.new_empty((batch, pad, 4)),
+            labels.new_empty((batch, pad)),
+            labels.new_empty((batch, pad), dtype=torch.bool),
+        )
+
 
 MODES = ("dn", "cdn")
 DEFAULT_LABEL_NOISE = {"dn": 0.2, "cdn": 0.5}
@@ -63,9 +78,18 @@ def dn_queries(
     groups, max_gt = dn_layout(counts, contrastive, num_groups, dn_number, max_dn_queries)
     seed = _backend.draw_seed() if seed is None else int(seed)
     args = (labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, seed)
-    if _backend.choose("dn_queries", labels.device, TRITON_OPS) == "cpp":
+    backend = _backend.choose("dn_queries", labels.device, TRITON_OPS)
+    if backend == "cpp":
+        check_dn_queries_args(labels, boxes, counts, num_classes, check_values=False)
         out = torch.ops.dnops.dn_queries(*args)
+    elif backend == "triton":
+        from dnops.triton.dn_queries import dn_queries_triton
+
+        check_dn_queries_args(labels, boxes, counts, num_classes)
+        out = dn_queries_triton(*args)
     else:
         out = reference.dn_queries_kernel(*args)
     group_size = max_gt * (2 if contrastive else 1)
-    return DNQueries(*out, num_groups=groups, group_size=group_size, pad_size=groups * group_size)
+    return DNQueries(
+        *out, num_groups=groups, group_size=group_size, pad_size=groups * group_size, contrastive=contrastive
+    )

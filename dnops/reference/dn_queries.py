@@ -32,7 +32,8 @@ class DNQueries(NamedTuple):
 
     labels: (B, pad) int64, num_classes in padding slots. boxes: (B, pad, 4) noised (cx, cy, w, h), 0.5 in
     padding slots. gt_index: (B, pad) int64 row of the reconstructed GT in the flat input, -1 for padding.
-    negative: (B, pad) bool, True for CDN negative slots holding a GT.
+    negative: (B, pad) bool, True for CDN negative slots holding a GT. contrastive: CDN layout (each group is
+    max_gt positive slots then max_gt negative slots).
     """
 
     labels: torch.Tensor
@@ -42,6 +43,12 @@ class DNQueries(NamedTuple):
     num_groups: int
     group_size: int
     pad_size: int
+    contrastive: bool = False
+
+    @property
+    def max_gt(self) -> int:
+        """GT slots per image per group (per polarity for CDN)."""
+        return self.group_size // 2 if self.contrastive else self.group_size
 
 
 def dn_layout(

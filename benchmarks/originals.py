@@ -1,0 +1,161 @@
+"""The DN-DETR and DINO denoising-query algorithms as published (their step sequence: per-image Python lists,
+nonzero, repeat, scatter, per-group mask slicing), re-written device-agnostic. The oracle of the dnops.compat
+adapter tests and the baseline of the dn_queries benchmarks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _inverse_sigmoid(x, eps=1e-3):
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def _group_mask(pad_size: int, single_pad: int, groups: int, tgt_size: int, device) -> torch.Tensor:
+    mask = torch.zeros(tgt_size, tgt_size, dtype=torch.bool, device=device)
+    mask[pad_size:, :pad_size] = True
+    for i in range(groups):
+        rows = slice(single_pad * i, single_pad * (i + 1))
+        if i == 0:
+            mask[rows, single_pad * (i + 1) : pad_size] = True
+        if i == groups - 1:
+            mask[rows, : single_pad * i] = True
+        else:
+            mask[rows, single_pad * (i + 1) : pad_size] = True
+            mask[rows, : single_pad * i] = True
+    return mask
+
+
+def dn_detr_prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc):
+    """DN-DETR's prepare_for_dn: (input_query_label (W, B, C), input_query_bbox (W, B, 4), attn_mask, mask_dict)."""
+    device = embedweight.device
+    if training:
+        targets, scalar, label_noise_scale, box_noise_scale, num_patterns = dn_args
+    else:
+        num_patterns = dn_args
+    if num_patterns == 0:
+        num_patterns = 1
+    indicator0 = torch.zeros([num_queries * num_patterns, 1], device=device)
+    tgt = label_enc(torch.tensor(num_classes, device=device)).repeat(num_queries * num_patterns, 1)
+    tgt = torch.cat([tgt, indicator0], dim=1)
+    refpoint_emb = embedweight.repeat(num_patterns, 1)
+    if not training:
+        return (
+            tgt.repeat(batch_size, 1, 1).transpose(0, 1),
+            refpoint_emb.repeat(batch_size, 1, 1).transpose(0, 1),
+            None,
+            None,
+        )
+    known = [torch.ones_like(t["labels"]) for t in targets]
+    know_idx = [torch.nonzero(t) for t in known]
+    known_num = [sum(k) for k in known]
+    unmask = torch.cat(known)
+    labels = torch.cat([t["labels"] for t in targets])
+    boxes = torch.cat([t["boxes"] for t in targets])
+    batch_idx = torch.cat([torch.full_like(t["labels"].long(), i) for i, t in enumerate(targets)])
+    known_indice = torch.nonzero(unmask + unmask).view(-1).repeat(scalar, 1).view(-1)
+    known_labels = labels.repeat(scalar, 1).view(-1)
+    known_bid = batch_idx.repeat(scalar, 1).view(-1)
+    known_bboxs = boxes.repeat(scalar, 1)
+    noised_labels = known_labels.clone()
+    noised_boxes = known_bboxs.clone()
+    if label_noise_scale > 0:
+        p = torch.rand_like(noised_labels.float())
+        chosen = torch.nonzero(p < label_noise_scale).view(-1)
+        noised_labels.scatter_(0, chosen, torch.randint_like(chosen, 0, num_classes))
+    if box_noise_scale > 0:
+        diff = torch.zeros_like(noised_boxes)
+        diff[:, :2] = noised_boxes[:, 2:] / 2
+        diff[:, 2:] = noised_boxes[:, 2:]
+        noised_boxes += torch.mul(torch.rand_like(noised_boxes) * 2 - 1.0, diff) * box_noise_scale
+        noised_boxes = noised_boxes.clamp(min=0.0, max=1.0)
+    label_embed = label_enc(noised_labels.long())
+    label_embed = torch.cat([label_embed, torch.ones([label_embed.shape[0], 1], device=device)], dim=1)
+    bbox_embed = _inverse_sigmoid(noised_boxes)
+    single_pad = int(max(known_num)) if known_num else 0
+    pad_size = int(single_pad * scalar)
+    input_query_label = torch.cat([torch.zeros(pad_size, hidden_dim, device=device), tgt]).repeat(batch_size, 1, 1)
+    input_query_bbox = torch.cat([torch.zeros(pad_size, 4, device=device), refpoint_emb]).repeat(batch_size, 1, 1)
+    map_known = torch.tensor([], device=device)
+    if len(known_num):
+        map_known = torch.cat([torch.tensor(range(num)) for num in known_num])
+        map_known = torch.cat([map_known + single_pad * i for i in range(scalar)]).long().to(device)
+    if len(known_bid):
+        input_query_label[(known_bid.long(), map_known)] = label_embed
+        input_query_bbox[(known_bid.long(), map_known)] = bbox_embed
+    tgt_size = pad_size + num_queries * num_patterns
+    attn_mask = _group_mask(pad_size, single_pad, scalar, tgt_size, device)
+    mask_dict = {
+        "known_indice": known_indice.long(),
+        "batch_idx": batch_idx.long(),
+        "map_known_indice": map_known.long(),
+        "known_lbs_bboxes": (known_labels, known_bboxs),
+        "know_idx": know_idx,
+        "pad_size": pad_size,
+    }
+    return input_query_label.transpose(0, 1), input_query_bbox.transpose(0, 1), attn_mask, mask_dict
+
+
+def dino_prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim, label_enc):
+    """DINO's prepare_for_cdn: (input_query_label (B, pad, C), input_query_bbox (B, pad, 4), attn_mask, dn_meta)."""
+    if not training:
+        return None, None, None, None
+    targets, dn_number, label_noise_ratio, box_noise_scale = dn_args
+    device = label_enc.weight.device
+    dn_number = dn_number * 2
+    known = [torch.ones_like(t["labels"]) for t in targets]
+    batch_size = len(known)
+    known_num = [sum(k) for k in known]
+    if int(max(known_num)) == 0:
+        dn_number = 1
+    elif dn_number >= 100:
+        dn_number = dn_number // int(max(known_num) * 2)
+    elif dn_number < 1:
+        dn_number = 1
+    if dn_number == 0:
+        dn_number = 1
+    labels = torch.cat([t["labels"] for t in targets])
+    boxes = torch.cat([t["boxes"] for t in targets])
+    batch_idx = torch.cat([torch.full_like(t["labels"].long(), i) for i, t in enumerate(targets)])
+    known_labels = labels.repeat(2 * dn_number, 1).view(-1)
+    known_bid = batch_idx.repeat(2 * dn_number, 1).view(-1)
+    known_bboxs = boxes.repeat(2 * dn_number, 1)
+    noised_labels = known_labels.clone()
+    noised_boxes = known_bboxs.clone()
+    if label_noise_ratio > 0:
+        p = torch.rand_like(noised_labels.float())
+        chosen = torch.nonzero(p < label_noise_ratio * 0.5).view(-1)
+        noised_labels.scatter_(0, chosen, torch.randint_like(chosen, 0, num_classes))
+    single_pad = int(max(known_num))
+    pad_size = int(single_pad * 2 * dn_number)
+    positive_idx = torch.tensor(range(len(boxes)), device=device).long().unsqueeze(0).repeat(dn_number, 1)
+    positive_idx += (torch.tensor(range(dn_number), device=device) * len(boxes) * 2).long().unsqueeze(1)
+    negative_idx = positive_idx.flatten() + len(boxes)
+    if box_noise_scale > 0:
+        xyxy = torch.zeros_like(known_bboxs)
+        xyxy[:, :2] = known_bboxs[:, :2] - known_bboxs[:, 2:] / 2
+        xyxy[:, 2:] = known_bboxs[:, :2] + known_bboxs[:, 2:] / 2
+        diff = torch.zeros_like(known_bboxs)
+        diff[:, :2] = known_bboxs[:, 2:] / 2
+        diff[:, 2:] = known_bboxs[:, 2:] / 2
+        sign = torch.randint_like(known_bboxs, low=0, high=2, dtype=torch.float32) * 2.0 - 1.0
+        part = torch.rand_like(known_bboxs)
+        part[negative_idx] += 1.0
+        part *= sign
+        xyxy = (xyxy + torch.mul(part, diff) * box_noise_scale).clamp(min=0.0, max=1.0)
+        noised_boxes[:, :2] = (xyxy[:, :2] + xyxy[:, 2:]) / 2
+        noised_boxes[:, 2:] = xyxy[:, 2:] - xyxy[:, :2]
+    label_embed = label_enc(noised_labels.long())
+    bbox_embed = _inverse_sigmoid(noised_boxes)
+    input_query_label = torch.zeros(pad_size, hidden_dim, device=device).repeat(batch_size, 1, 1)
+    input_query_bbox = torch.zeros(pad_size, 4, device=device).repeat(batch_size, 1, 1)
+    map_known = torch.tensor([], device=device)
+    if len(known_num):
+        map_known = torch.cat([torch.tensor(range(num)) for num in known_num])
+        map_known = torch.cat([map_known + single_pad * i for i in range(2 * dn_number)]).long().to(device)
+    if len(known_bid):
+        input_query_label[(known_bid.long(), map_known)] = label_embed
+        input_query_bbox[(known_bid.long(), map_known)] = bbox_embed
+    attn_mask = _group_mask(pad_size, single_pad * 2, dn_number, pad_size + num_queries, device)
+    return input_query_label, input_query_bbox, attn_mask, {"pad_size": pad_size, "num_dn_group": dn_number}

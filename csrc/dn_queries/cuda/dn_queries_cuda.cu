@@ -1,0 +1,75 @@
+// CUDA kernel of dn_queries (compiled and registered on the development machine, which has no GPU; the per-slot
+// math is dn_queries_common.h, which the CPU kernel and its tests exercise). Labels are not range-checked on the
+// device (that would need a sync); the CPU kernel and the reference check them.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "dn_queries/dn_queries.h"
+
+namespace dnops {
+namespace {
+
+template <typename scalar_t>
+__global__ void dn_queries_kernel(dnq::Layout lay, int64_t batch, const int64_t* starts_counts,
+                                  const int64_t* gt_labels, const scalar_t* gt_boxes, int64_t* out_labels,
+                                  scalar_t* out_boxes, int64_t* gt_index, bool* negative) {
+  const int64_t total = batch * lay.pad;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t b = i / lay.pad;
+    const dnq::Slot slot =
+        dnq::make_slot(lay, i % lay.pad, starts_counts[2 * b], starts_counts[2 * b + 1], gt_labels, gt_boxes);
+    out_labels[i] = slot.label;
+    for (int c = 0; c < 4; ++c) out_boxes[4 * i + c] = static_cast<scalar_t>(slot.box[c]);
+    gt_index[i] = slot.gt_index;
+    negative[i] = slot.negative;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dn_queries_cuda(
+    const at::Tensor& labels_in, const at::Tensor& boxes_in, at::IntArrayRef counts, int64_t num_groups, int64_t max_gt,
+    bool contrastive, int64_t num_classes, double label_noise_ratio, double box_noise_scale, int64_t seed) {
+  const dnq::Layout lay = dnq::check_and_layout(labels_in, boxes_in, counts, num_groups, max_gt, contrastive,
+                                                num_classes, label_noise_ratio, box_noise_scale, seed);
+  c10::cuda::CUDAGuard guard(labels_in.device());
+  const at::Tensor labels = labels_in.contiguous(), boxes = boxes_in.contiguous();
+  const int64_t batch = static_cast<int64_t>(counts.size());
+  at::Tensor out_labels = at::empty({batch, lay.pad}, labels.options());
+  at::Tensor out_boxes = at::empty({batch, lay.pad, 4}, boxes.options());
+  at::Tensor gt_index = at::empty({batch, lay.pad}, labels.options());
+  at::Tensor negative = at::empty({batch, lay.pad}, labels.options().dtype(at::kBool));
+  if (batch * lay.pad == 0) return {out_labels, out_boxes, gt_index, negative};
+  // (start, count) per image: the counts are host values, so this is one host-to-device copy, never a sync.
+  std::vector<int64_t> host(2 * batch);
+  for (int64_t b = 0, acc = 0; b < batch; acc += counts[b], ++b) {
+    host[2 * b] = acc;
+    host[2 * b + 1] = counts[b];
+  }
+  const at::Tensor starts_counts = at::tensor(host, labels.options().device(at::kCPU)).to(labels.device(), true);
+  constexpr int threads = 256;
+  const int64_t blocks = std::min<int64_t>((batch * lay.pad + threads - 1) / threads, 65535);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "dn_queries_cuda", [&] {
+    dn_queries_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        lay, batch, starts_counts.data_ptr<int64_t>(), labels.data_ptr<int64_t>(), boxes.data_ptr<scalar_t>(),
+        out_labels.data_ptr<int64_t>(), out_boxes.data_ptr<scalar_t>(), gt_index.data_ptr<int64_t>(),
+        negative.data_ptr<bool>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out_labels, out_boxes, gt_index, negative};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dnops, CUDA, m) {
+  m.impl("dn_queries", &dn_queries_cuda);
+}
+
+}  // namespace dnops

@@ -1,0 +1,75 @@
+"""DN-DETR's ``prepare_for_dn`` / ``dn_post_process`` (models/DN_DAB_DETR/dn_components.py) on dnops.
+
+Same signatures and return structures (sequence-first query tensors, the dense bool mask, mask_dict keys), but
+device-agnostic and fused: the noise comes from dnops.dn_queries (counter-based, so the random numbers differ
+from the original's torch.rand draws; the distributions are the same).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dnops.dn import dn_box_queries, dn_label_queries
+from dnops.ops.dn_attn_mask import dn_attn_mask
+from dnops.ops.dn_queries import dn_queries
+
+
+def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc):
+    """dn_args: (targets, scalar, label_noise_scale, box_noise_scale, num_patterns) in training, num_patterns
+    otherwise. Returns (input_query_label (W, B, hidden_dim), input_query_bbox (W, B, 4), attn_mask (W, W) or
+    None, mask_dict or None), W = pad_size + num_queries * num_patterns."""
+    if training:
+        targets, scalar, label_noise_scale, box_noise_scale, num_patterns = dn_args
+    else:
+        num_patterns = dn_args
+    num_patterns = max(int(num_patterns), 1)
+    device = embedweight.device
+    matching = num_queries * num_patterns
+    tgt = label_enc.weight[num_classes].to(embedweight.dtype)
+    tgt = torch.cat([tgt, tgt.new_zeros(1)]).expand(batch_size, matching, -1)
+    refpoint_emb = embedweight.repeat(num_patterns, 1).expand(batch_size, -1, -1)
+    if not training:
+        return tgt.transpose(0, 1), refpoint_emb.transpose(0, 1), None, None
+
+    counts = [len(t["labels"]) for t in targets]
+    labels = torch.cat([t["labels"] for t in targets]).long()
+    boxes = torch.cat([t["boxes"] for t in targets])
+    dn = dn_queries(
+        labels,
+        boxes,
+        counts,
+        num_classes=num_classes,
+        mode="dn",
+        num_groups=int(scalar),
+        label_noise_ratio=max(float(label_noise_scale), 0.0),
+        box_noise_scale=max(float(box_noise_scale), 0.0),
+    )
+    label_part = dn_label_queries(dn, label_enc, indicator=True).to(embedweight.dtype)
+    input_query_label = torch.cat([label_part, tgt], 1)
+    input_query_bbox = torch.cat([dn_box_queries(dn).to(embedweight.dtype), refpoint_emb], 1)
+    attn_mask = dn_attn_mask(dn.pad_size, dn.group_size, matching, device=device)
+
+    k = labels.shape[0]
+    per_image = [torch.arange(c) for c in counts]
+    map_known = torch.cat(per_image) if per_image else torch.zeros(0, dtype=torch.int64)
+    mask_dict = {
+        "known_indice": torch.arange(k, device=device).repeat(int(scalar)),
+        "batch_idx": torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64)).to(
+            device
+        ),
+        "map_known_indice": torch.cat([map_known + dn.group_size * i for i in range(int(scalar))]).long().to(device),
+        "known_lbs_bboxes": (labels.repeat(int(scalar)), boxes.repeat(int(scalar), 1)),
+        "know_idx": [torch.arange(c, device=device).unsqueeze(1) for c in counts],
+        "pad_size": dn.pad_size,
+    }
+    return input_query_label.transpose(0, 1), input_query_bbox.transpose(0, 1), attn_mask, mask_dict
+
+
+def dn_post_process(outputs_class, outputs_coord, mask_dict):
+    """Splits (layers, B, W, C) decoder outputs: returns the matching part and stores the DN part in
+    mask_dict['output_known_lbs_bboxes'] = (class, coord), as DN-DETR does."""
+    if mask_dict and mask_dict["pad_size"] > 0:
+        pad = mask_dict["pad_size"]
+        mask_dict["output_known_lbs_bboxes"] = (outputs_class[:, :, :pad, :], outputs_coord[:, :, :pad, :])
+        outputs_class, outputs_coord = outputs_class[:, :, pad:, :], outputs_coord[:, :, pad:, :]
+    return outputs_class, outputs_coord

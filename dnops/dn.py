@@ -1,0 +1,90 @@
+"""Model-side helpers around dnops.dn_queries: query embeddings, concatenation with the matching queries, the
+split of decoder outputs (DN-DETR / DINO ``dn_post_process``) and the loss-side pairing of predictions and GT."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dnops.reference.dn_queries import DNQueries
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """log(x / (1 - x)) with x clamped to [0, 1] and both terms to >= eps (the DETR-family convention)."""
+    x = x.clamp(0.0, 1.0)
+    return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
+
+
+def dn_label_queries(dn: DNQueries, label_enc: nn.Embedding, indicator: bool = False) -> torch.Tensor:
+    """(B, pad, C) label embeddings of the DN slots, zeros in padding slots (as DN-DETR and DINO pad).
+
+    ``label_enc`` needs num_classes + 1 rows (padding slots carry label num_classes). With ``indicator`` a last
+    channel is 1 on DN slots (DN-DETR's indicator; its matching queries carry 0), giving C = embedding dim + 1.
+    """
+    emb = label_enc(dn.labels)
+    if indicator:
+        emb = torch.cat([emb, torch.ones_like(emb[..., :1])], -1)
+    return emb.masked_fill((dn.gt_index < 0).unsqueeze(-1), 0.0)
+
+
+def dn_box_queries(dn: DNQueries, eps: float = 1e-3) -> torch.Tensor:
+    """(B, pad, 4) box queries in inverse-sigmoid space; padding slots (box 0.5) become exactly 0."""
+    return inverse_sigmoid(dn.boxes, eps)
+
+
+def dn_concat(dn_part: torch.Tensor, matching_part: torch.Tensor) -> torch.Tensor:
+    """[DN part | matching part] along the query dim, batch-first: (B, pad, C) + (Nq, C) or (B|1, Nq, C)."""
+    if matching_part.dim() == 2:
+        matching_part = matching_part.unsqueeze(0)
+    return torch.cat([dn_part, matching_part.expand(dn_part.shape[0], -1, -1).to(dn_part.dtype)], 1)
+
+
+def dn_split(outputs: torch.Tensor, pad_size: int, dim: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(DN part, matching part) of decoder outputs laid out [DN | matching] along ``dim`` (default -2)."""
+    width = outputs.shape[dim]
+    return outputs.narrow(dim, 0, pad_size), outputs.narrow(dim, pad_size, width - pad_size)
+
+
+def dn_positive_index(dn: DNQueries, counts: Sequence[int], device: torch.device | str | None = None):
+    """(batch_idx, slot_idx, gt_idx), each (P,) int64: every positive DN slot and the flat GT row it rebuilds.
+
+    Computed from the host ``counts``, so it costs no device sync (boolean indexing on gt_index would).
+    Order: group, then image, then GT, as DN-DETR's known_bid / map_known_indice.
+    """
+    counts = [int(c) for c in counts]
+    used = torch.tensor([min(c, dn.max_gt) for c in counts], dtype=torch.int64)
+    starts = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0) - torch.tensor(counts, dtype=torch.int64)
+    image = torch.repeat_interleave(torch.arange(len(counts)), used)
+    within = torch.arange(int(used.sum())) - torch.repeat_interleave(torch.cumsum(used, 0) - used, used)
+    groups = torch.arange(dn.num_groups).repeat_interleave(image.numel())
+    batch_idx = image.repeat(dn.num_groups)
+    j = within.repeat(dn.num_groups)
+    slot_idx = groups * dn.group_size + j
+    gt_idx = starts[batch_idx] + j
+    device = dn.labels.device if device is None else device
+    return tuple(t.to(device, non_blocking=True) for t in (batch_idx, slot_idx, gt_idx))
+
+
+def dn_loss_pairs(
+    dn: DNQueries,
+    counts: Sequence[int],
+    pred_logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    gt_boxes: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predictions of the positive DN slots and the GT they reconstruct, for the DN losses.
+
+    pred_logits (..., B, pad, num_classes) and pred_boxes (..., B, pad, 4) (leading dims, e.g. decoder layers,
+    are kept); gt_labels (K,), gt_boxes (K, 4). Returns (logits (..., P, num_classes), boxes (..., P, 4),
+    target labels (P,), target boxes (P, 4)).
+    """
+    batch_idx, slot_idx, gt_idx = dn_positive_index(dn, counts, pred_logits.device)
+    return (
+        pred_logits[..., batch_idx, slot_idx, :],
+        pred_boxes[..., batch_idx, slot_idx, :],
+        gt_labels[gt_idx],
+        gt_boxes[gt_idx],
+    )

@@ -1,0 +1,132 @@
+"""dnops.compat.dn_detr / dino adapters against re-implementations of the published algorithms, and the
+model-side helpers of dnops.dn."""
+
+import pytest
+import torch
+
+from benchmarks.originals import dino_prepare_for_cdn, dn_detr_prepare_for_dn
+from dnops.compat import dino, dn_detr
+from dnops.dn import dn_concat, dn_loss_pairs, dn_positive_index, dn_split, inverse_sigmoid
+from dnops.ops.dn_queries import dn_queries
+from tests.dn_utils import make_gt
+
+NUM_CLASSES, HIDDEN, QUERIES = 9, 16, 12
+
+
+def targets_for(counts, seed=0):
+    labels, boxes, counts = make_gt(counts, num_classes=NUM_CLASSES, seed=seed, centered=True)
+    out, start = [], 0
+    for c in counts:
+        out.append({"labels": labels[start : start + c], "boxes": boxes[start : start + c]})
+        start += c
+    return out
+
+
+@pytest.fixture
+def modules():
+    torch.manual_seed(0)
+    return torch.nn.Embedding(NUM_CLASSES + 1, HIDDEN - 1), torch.nn.Embedding(NUM_CLASSES + 1, HIDDEN)
+
+
+COUNTS = [[3, 0, 5], [1], [0, 0], [4, 4]]
+
+
+@pytest.mark.parametrize("counts", COUNTS)
+def test_prepare_for_dn_equals_original_without_noise(counts, modules):
+    label_enc, _ = modules
+    embed = torch.randn(QUERIES, 4)
+    args = ((targets_for(counts), 5, 0.0, 0.0, 1), embed, len(counts), True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+    ours, theirs = dn_detr.prepare_for_dn(*args), dn_detr_prepare_for_dn(*args)
+    torch.testing.assert_close(ours[0], theirs[0])
+    torch.testing.assert_close(ours[1], theirs[1])
+    assert torch.equal(ours[2], theirs[2])
+    assert ours[3].keys() == theirs[3].keys()
+    for key in ("known_indice", "batch_idx", "map_known_indice"):
+        assert torch.equal(ours[3][key], theirs[3][key]), key
+    for a, b in zip(ours[3]["known_lbs_bboxes"], theirs[3]["known_lbs_bboxes"], strict=True):
+        assert torch.equal(a, b)
+    assert [t.tolist() for t in ours[3]["know_idx"]] == [t.tolist() for t in theirs[3]["know_idx"]]
+    assert ours[3]["pad_size"] == theirs[3]["pad_size"]
+
+
+def test_prepare_for_dn_inference_and_noise_bounds(modules):
+    label_enc, _ = modules
+    embed = torch.randn(QUERIES, 4)
+    ours = dn_detr.prepare_for_dn(2, embed, 3, False, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+    theirs = dn_detr_prepare_for_dn(2, embed, 3, False, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+    torch.testing.assert_close(ours[0], theirs[0])
+    torch.testing.assert_close(ours[1], theirs[1])
+    assert ours[2] is None and ours[3] is None
+    targets = targets_for([6, 2])
+    label, bbox, mask, mask_dict = dn_detr.prepare_for_dn(
+        (targets, 5, 0.2, 0.4, 1), embed, 2, True, QUERIES, NUM_CLASSES, HIDDEN, label_enc
+    )
+    ref = dn_detr_prepare_for_dn((targets, 5, 0.2, 0.4, 1), embed, 2, True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+    assert label.shape == ref[0].shape and bbox.shape == ref[1].shape and torch.equal(mask, ref[2])
+    # every DN box moved by at most 0.4 * w / 2 (centre) and 0.4 * w (size) from its GT
+    gt = torch.cat([t["boxes"] for t in targets])
+    boxes = bbox.transpose(0, 1)[mask_dict["batch_idx"].repeat(5), mask_dict["map_known_indice"]].sigmoid()
+    gt = gt.repeat(5, 1)
+    span = torch.cat([gt[:, 2:] / 2, gt[:, 2:]], 1) * 0.4
+    assert ((boxes - gt).abs() <= span + 1e-4).all()
+
+
+@pytest.mark.parametrize("counts", COUNTS)
+@pytest.mark.parametrize("dn_number", [100, 3])
+def test_prepare_for_cdn_equals_original_without_noise(counts, dn_number, modules):
+    _, label_enc = modules
+    args = ((targets_for(counts), dn_number, 0.0, 0.0), True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+    ours, theirs = dino.prepare_for_cdn(*args), dino_prepare_for_cdn(*args)
+    torch.testing.assert_close(ours[0], theirs[0])
+    torch.testing.assert_close(ours[1], theirs[1])
+    assert torch.equal(ours[2], theirs[2])
+    assert ours[3] == theirs[3]
+
+
+def test_prepare_for_cdn_noise_and_post_process(modules):
+    _, label_enc = modules
+    targets = targets_for([5, 2])
+    label, bbox, mask, meta = dino.prepare_for_cdn(
+        (targets, 100, 0.5, 1.0), True, QUERIES, NUM_CLASSES, HIDDEN, label_enc
+    )
+    ref = dino_prepare_for_cdn((targets, 100, 0.5, 1.0), True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+    assert label.shape == ref[0].shape and bbox.shape == ref[1].shape and torch.equal(mask, ref[2])
+    assert meta == ref[3]
+    assert dino.prepare_for_cdn(None, False, QUERIES, NUM_CLASSES, HIDDEN, label_enc) == (None,) * 4
+    layers = torch.randn(6, 2, meta["pad_size"] + QUERIES, NUM_CLASSES)
+    coords = torch.rand(6, 2, meta["pad_size"] + QUERIES, 4)
+    cls, crd = dino.dn_post_process(layers, coords, meta, True, lambda a, b: [{"l": x} for x in a[:-1]])
+    assert cls.shape[2] == QUERIES and torch.equal(
+        meta["output_known_lbs_bboxes"]["pred_logits"], layers[-1, :, : meta["pad_size"]]
+    )
+    assert len(meta["output_known_lbs_bboxes"]["aux_outputs"]) == 5
+    mask_dict = {"pad_size": 4}
+    cls, _ = dn_detr.dn_post_process(layers[:, :, :16], coords[:, :, :16], mask_dict)
+    assert cls.shape[2] == 12 and mask_dict["output_known_lbs_bboxes"][0].shape[2] == 4
+
+
+def test_adapters_run_on_meta_device_free_code_paths(modules):
+    # device-agnostic: nothing calls .cuda(); the adapters follow the inputs' device
+    label_enc, _ = modules
+    out = dn_detr.prepare_for_dn(
+        (targets_for([2]), 2, 0.2, 0.4, 1), torch.randn(QUERIES, 4), 1, True, QUERIES, NUM_CLASSES, HIDDEN, label_enc
+    )
+    assert out[0].device.type == "cpu" and out[2].device.type == "cpu"
+
+
+def test_helpers():
+    labels, boxes, counts = make_gt([3, 0, 2], num_classes=NUM_CLASSES)
+    dn = dn_queries(labels, boxes, counts, num_classes=NUM_CLASSES, mode="cdn", dn_number=4, seed=1)
+    b, s, g = dn_positive_index(dn, counts)
+    mask = (dn.gt_index >= 0) & ~dn.negative
+    assert len(b) == int(mask.sum()) and mask[b, s].all() and torch.equal(dn.gt_index[b, s], g)
+    logits = torch.randn(2, 3, dn.pad_size, NUM_CLASSES)
+    pred_boxes = torch.rand(2, 3, dn.pad_size, 4)
+    pl, pb, tl_, tb = dn_loss_pairs(dn, counts, logits, pred_boxes, labels, boxes)
+    assert pl.shape == (2, len(b), NUM_CLASSES) and torch.equal(pl, logits[:, b, s]) and torch.equal(tl_, labels[g])
+    assert torch.equal(tb, boxes[g]) and torch.equal(pb, pred_boxes[:, b, s])
+    cat = dn_concat(torch.zeros(3, dn.pad_size, 5), torch.ones(7, 5))
+    assert cat.shape == (3, dn.pad_size + 7, 5)
+    a, c = dn_split(cat, dn.pad_size, dim=1)
+    assert (a == 0).all() and (c == 1).all()
+    assert torch.equal(inverse_sigmoid(torch.tensor([0.5])), torch.tensor([0.0]))
