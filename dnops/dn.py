@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dnops.reference.dn_queries import DNQueries
@@ -17,16 +18,18 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
 
 
-def dn_label_queries(dn: DNQueries, label_enc: nn.Embedding, indicator: bool = False) -> torch.Tensor:
+def dn_label_queries(dn: DNQueries, label_enc: nn.Embedding, num_classes: int, indicator: bool = False) -> torch.Tensor:
     """(B, pad, C) label embeddings of the DN slots, zeros in padding slots (as DN-DETR and DINO pad).
 
-    ``label_enc`` needs num_classes + 1 rows (padding slots carry label num_classes). With ``indicator`` a last
-    channel is 1 on DN slots (DN-DETR's indicator; its matching queries carry 0), giving C = embedding dim + 1.
+    One lookup in a small table: rows 0..num_classes-1 of ``label_enc`` (with DN-DETR's indicator channel of 1
+    appended when ``indicator``, giving C = embedding dim + 1) and a zero row for the padding label num_classes.
+    Gradients reach ``label_enc.weight``.
     """
-    emb = label_enc(dn.labels)
+    table = label_enc.weight[:num_classes]
     if indicator:
-        emb = torch.cat([emb, torch.ones_like(emb[..., :1])], -1)
-    return emb.masked_fill((dn.gt_index < 0).unsqueeze(-1), 0.0)
+        table = torch.cat([table, table.new_ones(num_classes, 1)], 1)
+    table = torch.cat([table, table.new_zeros(1, table.shape[1])], 0)
+    return F.embedding(dn.labels, table)
 
 
 def dn_box_queries(dn: DNQueries, eps: float = 1e-3) -> torch.Tensor:

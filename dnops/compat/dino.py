@@ -35,7 +35,7 @@ def prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim, lab
         box_noise_scale=max(float(box_noise_scale), 0.0),
     )
     dtype = label_enc.weight.dtype
-    input_query_label = dn_label_queries(dn, label_enc).to(dtype)
+    input_query_label = dn_label_queries(dn, label_enc, num_classes).to(dtype)
     input_query_bbox = dn_box_queries(dn).to(dtype)
     attn_mask = dn_attn_mask(dn.pad_size, dn.group_size, num_queries, device=labels.device)
     dn_meta = {"pad_size": dn.pad_size, "num_dn_group": dn.num_groups}

@@ -44,21 +44,23 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
         label_noise_ratio=max(float(label_noise_scale), 0.0),
         box_noise_scale=max(float(box_noise_scale), 0.0),
     )
-    label_part = dn_label_queries(dn, label_enc, indicator=True).to(embedweight.dtype)
+    label_part = dn_label_queries(dn, label_enc, num_classes, indicator=True).to(embedweight.dtype)
     input_query_label = torch.cat([label_part, tgt], 1)
     input_query_bbox = torch.cat([dn_box_queries(dn).to(embedweight.dtype), refpoint_emb], 1)
     attn_mask = dn_attn_mask(dn.pad_size, dn.group_size, matching, device=device)
 
-    k = labels.shape[0]
-    per_image = [torch.arange(c) for c in counts]
-    map_known = torch.cat(per_image) if per_image else torch.zeros(0, dtype=torch.int64)
+    # The index maps come from the host counts: plain lists, one tensor each, no device round trip.
+    groups = int(scalar)
+    within = [j for c in counts for j in range(c)]
     mask_dict = {
-        "known_indice": torch.arange(k, device=device).repeat(int(scalar)),
-        "batch_idx": torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64)).to(
-            device
+        "known_indice": torch.tensor(list(range(labels.shape[0])) * groups, dtype=torch.int64, device=device),
+        "batch_idx": torch.tensor(
+            [b for b, c in enumerate(counts) for _ in range(c)], dtype=torch.int64, device=device
         ),
-        "map_known_indice": torch.cat([map_known + dn.group_size * i for i in range(int(scalar))]).long().to(device),
-        "known_lbs_bboxes": (labels.repeat(int(scalar)), boxes.repeat(int(scalar), 1)),
+        "map_known_indice": torch.tensor(
+            [j + dn.group_size * g for g in range(groups) for j in within], dtype=torch.int64, device=device
+        ),
+        "known_lbs_bboxes": (labels.repeat(groups), boxes.repeat(groups, 1)),
         "know_idx": [torch.arange(c, device=device).unsqueeze(1) for c in counts],
         "pad_size": dn.pad_size,
     }
