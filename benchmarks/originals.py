@@ -12,7 +12,8 @@ def _inverse_sigmoid(x, eps=1e-3):
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def _group_mask(pad_size: int, single_pad: int, groups: int, tgt_size: int, device) -> torch.Tensor:
+def dn_detr_group_mask(pad_size: int, single_pad: int, groups: int, tgt_size: int, device=None) -> torch.Tensor:
+    """DN-DETR's mask: matching rows block the DN part, each group's rows block every other group."""
     mask = torch.zeros(tgt_size, tgt_size, dtype=torch.bool, device=device)
     mask[pad_size:, :pad_size] = True
     for i in range(groups):
@@ -85,7 +86,7 @@ def dn_detr_prepare_for_dn(dn_args, embedweight, batch_size, training, num_queri
         input_query_label[(known_bid.long(), map_known)] = label_embed
         input_query_bbox[(known_bid.long(), map_known)] = bbox_embed
     tgt_size = pad_size + num_queries * num_patterns
-    attn_mask = _group_mask(pad_size, single_pad, scalar, tgt_size, device)
+    attn_mask = dn_detr_group_mask(pad_size, single_pad, scalar, tgt_size, device)
     mask_dict = {
         "known_indice": known_indice.long(),
         "batch_idx": batch_idx.long(),
@@ -157,5 +158,5 @@ def dino_prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim
     if len(known_bid):
         input_query_label[(known_bid.long(), map_known)] = label_embed
         input_query_bbox[(known_bid.long(), map_known)] = bbox_embed
-    attn_mask = _group_mask(pad_size, single_pad * 2, dn_number, pad_size + num_queries, device)
+    attn_mask = dn_detr_group_mask(pad_size, single_pad * 2, dn_number, pad_size + num_queries, device)
     return input_query_label, input_query_bbox, attn_mask, {"pad_size": pad_size, "num_dn_group": dn_number}

@@ -12,6 +12,13 @@ from torch import nn
 from dnops.reference.dn_queries import DNQueries
 
 
+def flatten_targets(targets: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """DETR-style per-image targets ({"labels": (n,), "boxes": (n, 4)}) -> (labels (K,), boxes (K, 4), counts)."""
+    counts = [len(t["labels"]) for t in targets]
+    labels = torch.cat([t["labels"] for t in targets]).long()
+    return labels, torch.cat([t["boxes"] for t in targets]), counts
+
+
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """log(x / (1 - x)) with x clamped to [0, 1] and both terms to >= eps (the DETR-family convention)."""
     x = x.clamp(0.0, 1.0)

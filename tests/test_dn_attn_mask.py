@@ -3,25 +3,13 @@ import torch
 from torch.library import opcheck
 
 import dnops
+from benchmarks.originals import dn_detr_group_mask
 from dnops import reference
 from tests.conftest import requires_cpp
 
 
 def dn_detr_mask(pad_size: int, single_pad: int, scalar: int, num_queries: int) -> torch.Tensor:
-    """DN-DETR's mask construction (its per-group slicing loop), re-written here as the compatibility oracle."""
-    tgt_size = pad_size + num_queries
-    mask = torch.zeros(tgt_size, tgt_size, dtype=torch.bool)
-    mask[pad_size:, :pad_size] = True
-    for i in range(scalar):
-        rows = slice(single_pad * i, single_pad * (i + 1))
-        if i == 0:
-            mask[rows, single_pad * (i + 1) : pad_size] = True
-        if i == scalar - 1:
-            mask[rows, : single_pad * i] = True
-        else:
-            mask[rows, single_pad * (i + 1) : pad_size] = True
-            mask[rows, : single_pad * i] = True
-    return mask
+    return dn_detr_group_mask(pad_size, single_pad, scalar, pad_size + num_queries)
 
 
 LAYOUTS = [(0, 0, 5), (3, 3, 0), (6, 2, 3), (10, 2, 7), (100, 20, 300), (7, 1, 4), (12, 12, 1)]

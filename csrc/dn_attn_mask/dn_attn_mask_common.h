@@ -7,12 +7,19 @@
 
 namespace dnops {
 
-// Queries are laid out [DN part (pad_size) | matching part]. True means "blocked", the nn.MultiheadAttention
-// convention: a matching query sees matching keys only; a DN query sees its own group and every matching key.
+// Queries are laid out [DN part (pad_size) | matching part]. Every query sees the matching keys [pad_size, W);
+// a DN query also sees its own group's keys [lo, hi), a matching query no DN key (lo == hi).
+C10_HOST_DEVICE inline void dn_group_span(int64_t row, int64_t pad_size, int64_t group_size, int64_t& lo, int64_t& hi) {
+  lo = row < pad_size ? row / group_size * group_size : 0;
+  hi = row < pad_size ? lo + group_size : 0;
+}
+
+// True means "blocked", the nn.MultiheadAttention convention.
 C10_HOST_DEVICE inline bool dn_blocked(int64_t row, int64_t col, int64_t pad_size, int64_t group_size) {
-  if (row >= pad_size) return col < pad_size;
   if (col >= pad_size) return false;
-  return row / group_size != col / group_size;
+  int64_t lo, hi;
+  dn_group_span(row, pad_size, group_size, lo, hi);
+  return col < lo || col >= hi;
 }
 
 inline void check_dn_structure(int64_t pad_size, int64_t group_size, int64_t num_queries) {

@@ -7,9 +7,7 @@ same distributions).
 
 from __future__ import annotations
 
-import torch
-
-from dnops.dn import dn_box_queries, dn_label_queries
+from dnops.dn import dn_box_queries, dn_label_queries, flatten_targets
 from dnops.ops.dn_attn_mask import dn_attn_mask
 from dnops.ops.dn_queries import dn_queries
 
@@ -21,9 +19,7 @@ def prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim, lab
     if not training:
         return None, None, None, None
     targets, dn_number, label_noise_ratio, box_noise_scale = dn_args
-    counts = [len(t["labels"]) for t in targets]
-    labels = torch.cat([t["labels"] for t in targets]).long()
-    boxes = torch.cat([t["boxes"] for t in targets])
+    labels, boxes, counts = flatten_targets(targets)
     dn = dn_queries(
         labels,
         boxes,

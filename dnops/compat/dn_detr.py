@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dnops.dn import dn_box_queries, dn_label_queries
+from dnops.dn import dn_box_queries, dn_label_queries, flatten_targets
 from dnops.ops.dn_attn_mask import dn_attn_mask
 from dnops.ops.dn_queries import dn_queries
 
@@ -31,9 +31,7 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
     if not training:
         return tgt.transpose(0, 1), refpoint_emb.transpose(0, 1), None, None
 
-    counts = [len(t["labels"]) for t in targets]
-    labels = torch.cat([t["labels"] for t in targets]).long()
-    boxes = torch.cat([t["boxes"] for t in targets])
+    labels, boxes, counts = flatten_targets(targets)
     dn = dn_queries(
         labels,
         boxes,

@@ -39,6 +39,17 @@ def _group_span(first, last, pad, group):
 
 
 @triton.jit
+def _visible_block(it, lo, hi, pad, width, BLOCK_N: tl.constexpr):
+    """Columns of the it-th key block of [lo, hi) (the query block's DN groups) followed by [pad, width) (the
+    matching keys); columns past hi in the first range become ``width``, which every load and mask treats as
+    out of range."""
+    n_group = tl.cdiv(hi - lo, BLOCK_N)
+    start = tl.where(it < n_group, lo + it * BLOCK_N, pad + (it - n_group) * BLOCK_N)
+    cols = start + tl.arange(0, BLOCK_N)
+    return tl.where((it >= n_group) | (cols < hi), cols, width)
+
+
+@triton.jit
 def _load_rows(ptr, rows, ds, width, dh):
     return tl.load(ptr + rows[:, None] * dh + ds[None, :], mask=(rows < width)[:, None] & (ds < dh)[None, :], other=0)
 
@@ -105,14 +116,8 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     lo, hi = _group_span(first, tl.minimum(first + BLOCK_M, width) - 1, pad, group)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cols = tl.where(cols < hi, cols, width)
-        m_i, l_i, acc = _fwd_step(
-            q, k_ptr + base, v_ptr + base, rows, cols, ds, width, pad, group, dh, scale, m_i, l_i, acc, ACC, PREC, DOT
-        )
-    for start in range(pad, width, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    for it in range(0, tl.cdiv(hi - lo, BLOCK_N) + tl.cdiv(width - pad, BLOCK_N)):
+        cols = _visible_block(it, lo, hi, pad, width, BLOCK_N)
         m_i, l_i, acc = _fwd_step(
             q, k_ptr + base, v_ptr + base, rows, cols, ds, width, pad, group, dh, scale, m_i, l_i, acc, ACC, PREC, DOT
         )
@@ -245,31 +250,8 @@ def _dq_kernel(
     delta = tl.load(delta_ptr + bh * width + rows, mask=rows < width, other=0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     lo, hi = _group_span(first, tl.minimum(first + BLOCK_M, width) - 1, pad, group)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cols = tl.where(cols < hi, cols, width)
-        dq = _dq_step(
-            q,
-            do,
-            lse,
-            delta,
-            k_ptr + base,
-            v_ptr + base,
-            rows,
-            cols,
-            ds,
-            width,
-            pad,
-            group,
-            dh,
-            scale,
-            dq,
-            ACC,
-            PREC,
-            DOT,
-        )
-    for start in range(pad, width, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    for it in range(0, tl.cdiv(hi - lo, BLOCK_N) + tl.cdiv(width - pad, BLOCK_N)):
+        cols = _visible_block(it, lo, hi, pad, width, BLOCK_N)
         dq = _dq_step(
             q,
             do,
