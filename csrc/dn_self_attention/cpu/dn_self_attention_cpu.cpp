@@ -85,7 +85,9 @@ std::tuple<at::Tensor, at::Tensor> dn_self_attention_cpu(const at::Tensor& q_in,
                                                          const at::Tensor& v_in, int64_t pad_size, int64_t group_size,
                                                          double scale) {
   check_qkv(q_in, k_in, v_in, pad_size, group_size);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  // The flash kernel reads any (B, H, W, Dh) strides, e.g. the head-transposed views of a projection, and its
+  // output takes q's strides: no copies.
+  const at::Tensor &q = q_in, &k = k_in, &v = v_in;
   const int64_t matching = q.size(2) - pad_size;
   if (q.numel() == 0) return {at::empty_like(q), lse_like(q)};
   const Segments qs = split_seq(q, pad_size), ks = split_seq(k, pad_size), vs = split_seq(v, pad_size);
@@ -93,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> dn_self_attention_cpu(const at::Tensor& q_in,
   if (matching > 0) {
     auto [o, l] =
         at::_scaled_dot_product_flash_attention_for_cpu(q, ks.match, vs.match, 0.0, false, std::nullopt, scale);
-    out = o.contiguous();
+    out = o;
     lse = l.contiguous();
     if (pad_size == 0) return {out, lse};
   }
@@ -102,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> dn_self_attention_cpu(const at::Tensor& q_in,
                                                       by_group(vs.dn, group_size), 0.0, false, std::nullopt, scale);
   const at::Tensor own_out = own_o.reshape({q.size(0), q.size(1), pad_size, q.size(3)});
   const at::Tensor own_lse = own_l.reshape({q.size(0), q.size(1), pad_size});
-  if (matching == 0) return {own_out.contiguous(), own_lse.contiguous()};
+  if (matching == 0) return {at::empty_like(q).copy_(own_out), own_lse.contiguous()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "dn_self_attention_merge",
                                   [&] { merge_segments<scalar_t>(out, lse, own_out, own_lse, pad_size); });
   return {out, lse};
@@ -114,8 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dn_self_attention_backward_cpu(
   check_qkv(q_in, k_in, v_in, pad_size, group_size);
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "dn_self_attention backward: grad_out and out must be (B, H, W, Dh)");
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor go = grad_out_in.contiguous().to(q.scalar_type()), out = out_in.contiguous();
+  const at::Tensor &q = q_in, &k = k_in, &v = v_in, &out = out_in;
+  const at::Tensor go = grad_out_in.to(q.scalar_type());
   const at::Tensor lse = lse_in.contiguous();
   const int64_t matching = q.size(2) - pad_size;
   if (q.numel() == 0) return {grad_like(q), grad_like(k), grad_like(v)};
