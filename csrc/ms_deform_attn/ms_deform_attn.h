@@ -1,7 +1,11 @@
 #pragma once
 // Host-side argument checks of ms_deform_attn, shared by the CPU and CUDA entry points.
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+
+#include <tuple>
 
 namespace dnops {
 namespace msda {
@@ -47,6 +51,26 @@ inline Dims check_args(const at::Tensor& value, const at::Tensor& spatial_shapes
               "ms_deform_attn: attention_weights must be ", sampling_locations.sizes().slice(0, 5), ", got ",
               attention_weights.sizes());
   return d;
+}
+
+// Output buffers of the backward: grad_value and the weights' gradient accumulate in the op-math type (float32
+// for half types), the location gradient is written once per sample in the input type.
+struct Grads {
+  at::Tensor value, loc, weights;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(at::ScalarType dtype) const {
+    return {value.to(dtype), loc, weights.to(dtype)};
+  }
+};
+
+inline Grads backward_buffers(const at::Tensor& grad_output, const Dims& dm, const at::Tensor& value,
+                              const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({dm.batch, dm.queries, dm.heads * dm.channels}),
+              "ms_deform_attn backward: grad_output must be (N, Lq, M*D), got ", grad_output.sizes());
+  const auto acc = at::toOpMathType(value.scalar_type());
+  return {at::zeros(value.sizes(), value.options().dtype(acc)),
+          at::zeros(sampling_locations.sizes(), sampling_locations.options()),
+          at::zeros(attention_weights.sizes(), attention_weights.options().dtype(acc))};
 }
 
 }  // namespace msda

@@ -148,16 +148,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
     bool attention_logits) {
   const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({dm.batch, dm.queries, dm.heads * dm.channels}),
-              "ms_deform_attn backward: grad_output must be (N, Lq, M*D), got ", grad_output.sizes());
+  const msda::Grads grads = msda::backward_buffers(grad_output, dm, value, sampling_locations, attention_weights);
   c10::cuda::CUDAGuard guard(value.device());
   const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
   const at::Tensor v = value.contiguous(), loc = sampling_locations.contiguous(), w = attention_weights.contiguous();
   const at::Tensor g = grad_output.contiguous().to(value.scalar_type());
-  const auto acc_type = at::toOpMathType(value.scalar_type());
-  at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
-  at::Tensor grad_loc = at::zeros(sampling_locations.sizes(), sampling_locations.options());
-  at::Tensor grad_w = at::zeros(attention_weights.sizes(), attention_weights.options().dtype(acc_type));
+  const at::Tensor &grad_value = grads.value, &grad_loc = grads.loc, &grad_w = grads.weights;
   const int64_t samples = attention_weights.numel();
   if (samples > 0 && value.numel() > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -176,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
       }
     });
   }
-  return {grad_value.to(value.scalar_type()), grad_loc, grad_w.to(value.scalar_type())};
+  return grads.finish(value.scalar_type());
 }
 
 }  // namespace
