@@ -15,18 +15,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 3, budget_s: float = 2.0) -> float:
-    """Median wall time of ``fn`` in ms: one warm-up call, then repetitions until ``budget_s`` (at least min_reps)."""
-    fn()
-    _sync(device)
-    times: list[float] = []
-    start_all = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start_all < budget_s and len(times) < 200):
-        t0 = time.perf_counter()
+def median_ms_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int = 3, budget_s: float = 2.0
+) -> dict[str, float]:
+    """Median wall time in ms of each of ``fns``, their repetitions interleaved (a, b, c, a, b, c, ...).
+
+    On a shared machine whose load drifts, timing one implementation after the other puts them in different
+    conditions; interleaving gives every implementation samples from the same stretches of time, so their
+    ratios are fair. Each gets one warm-up call, then rounds run until ``budget_s`` per implementation has
+    passed (at least ``min_reps`` rounds, at most 200).
+    """
+    for fn in fns.values():
         fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start_all = time.perf_counter()
+    rounds = 0
+    while rounds < min_reps or (time.perf_counter() - start_all < budget_s * len(fns) and rounds < 200):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import count_dispatched_ops, median_ms, peak_bytes
+from benchmarks.harness import count_dispatched_ops, median_ms_interleaved, peak_bytes
 from benchmarks.suites import SUITES
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,10 +39,8 @@ def run(ops: list[str], quick: bool, budget_s: float) -> list[dict]:
     device = torch.device("cpu")
     for op in ops:
         for bench in SUITES[op](quick=quick):
-            measured = {
-                impl: (median_ms(fn, device, budget_s=budget_s), peak_bytes(fn, device))
-                for impl, fn in bench.impls.items()
-            }
+            times = median_ms_interleaved(bench.impls, device, budget_s=budget_s)
+            measured = {impl: (times[impl], peak_bytes(fn, device)) for impl, fn in bench.impls.items()}
             base_ms, base_peak = measured[bench.baseline]
             for impl, (ms, peak) in measured.items():
                 row = {
