@@ -1,0 +1,174 @@
+"""COCO-format detection data: a loader for any COCO json + image folder, and an embedded default dataset.
+
+The default dataset is generated on first use with a fixed seed, nothing downloaded: scenes of a few
+handwritten digits (scikit-learn's bundled 8x8 digits, real data, 10 classes) at random scales and positions,
+written as PNG images with COCO json train / val splits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+DIGIT_NAMES = [str(d) for d in range(10)]
+
+
+@dataclass(frozen=True)
+class DigitsConfig:
+    image_size: int = 128
+    min_digits: int = 1
+    max_digits: int = 6
+    min_scale: int = 14  # pixels, side of a pasted digit
+    max_scale: int = 48
+    max_overlap: float = 0.2  # IoU above which a new digit is placed elsewhere
+    seed: int = 0
+
+
+def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    iw = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    ih = max(0, min(ay + ah, by + bh) - max(ay, by))
+    inter = iw * ih
+    return inter / float(aw * ah + bw * bh - inter)
+
+
+def _scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, cfg: DigitsConfig):
+    """One grayscale canvas (uint8) and its boxes (x, y, w, h) and labels."""
+    size = cfg.image_size
+    canvas = np.zeros((size, size), dtype=np.float32)
+    boxes: list[tuple[int, int, int, int]] = []
+    classes: list[int] = []
+    for _ in range(int(rng.integers(cfg.min_digits, cfg.max_digits + 1))):
+        for _attempt in range(20):
+            side = int(rng.integers(cfg.min_scale, cfg.max_scale + 1))
+            x, y = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+            if all(_iou((x, y, side, side), b) <= cfg.max_overlap for b in boxes):
+                break
+        else:
+            continue
+        k = int(rng.integers(len(digits)))
+        glyph = Image.fromarray((digits[k] * (255.0 / 16.0)).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+        patch = np.asarray(glyph, dtype=np.float32)
+        ys, xs = np.nonzero(patch > 32)
+        if len(xs) == 0:
+            continue
+        canvas[y : y + side, x : x + side] = np.maximum(canvas[y : y + side, x : x + side], patch)
+        # the box is the glyph's ink, not the pasted square
+        x0, y0, x1, y1 = x + xs.min(), y + ys.min(), x + xs.max() + 1, y + ys.max() + 1
+        boxes.append((int(x0), int(y0), int(x1 - x0), int(y1 - y0)))
+        classes.append(int(labels[k]))
+    return canvas.astype(np.uint8), boxes, classes
+
+
+def make_digits_dataset(
+    root: str | Path, num_train: int = 2000, num_val: int = 400, cfg: DigitsConfig = DigitsConfig()
+):
+    """Writes root/{train,val}/*.png and root/annotations/{train,val}.json (COCO format); returns the json paths.
+
+    Deterministic for a given config: the same seed writes the same images and annotations.
+    """
+    from sklearn.datasets import load_digits
+
+    root = Path(root)
+    data = load_digits()
+    rng = np.random.default_rng(cfg.seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    paths = {}
+    ann_id = 1
+    for split, count in (("train", num_train), ("val", num_val)):
+        (root / split).mkdir(exist_ok=True)
+        coco = {
+            "images": [],
+            "annotations": [],
+            "categories": [{"id": d + 1, "name": name} for d, name in enumerate(DIGIT_NAMES)],
+        }
+        for image_id in range(1, count + 1):
+            canvas, boxes, classes = _scene(rng, data.images, data.target, cfg)
+            name = f"{image_id:06d}.png"
+            Image.fromarray(canvas).save(root / split / name)
+            coco["images"].append(
+                {"id": image_id, "file_name": name, "width": cfg.image_size, "height": cfg.image_size}
+            )
+            for box, cls in zip(boxes, classes, strict=True):
+                coco["annotations"].append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": cls + 1,
+                        "bbox": list(box),
+                        "area": box[2] * box[3],
+                        "iscrowd": 0,
+                    }
+                )
+                ann_id += 1
+        paths[split] = root / "annotations" / f"{split}.json"
+        paths[split].write_text(json.dumps(coco))
+    return paths
+
+
+def ensure_digits_dataset(root: str | Path, **kwargs) -> dict[str, Path]:
+    """The embedded dataset under ``root``, generated on first use."""
+    root = Path(root)
+    paths = {split: root / "annotations" / f"{split}.json" for split in ("train", "val")}
+    if not all(p.exists() for p in paths.values()):
+        paths = make_digits_dataset(root, **kwargs)
+    return paths
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Any COCO json + image folder as (image (3, H, W) float in [0, 1], target).
+
+    target: labels (n,) int64 in [0, num_classes) (categories sorted by id), boxes (n, 4) normalized
+    (cx, cy, w, h), image_id, orig_size (h, w). Crowd annotations and empty boxes are dropped.
+    """
+
+    def __init__(self, images: str | Path, annotations: str | Path) -> None:
+        from pycocotools.coco import COCO
+
+        self.images = Path(images)
+        self.coco = COCO(str(annotations))
+        self.ids = sorted(self.coco.imgs)
+        self.cat_ids = sorted(self.coco.cats)
+        self.label_of = {cat: i for i, cat in enumerate(self.cat_ids)}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        image = Image.open(self.images / info["file_name"]).convert("RGB")
+        w, h = image.size
+        anns = [
+            a
+            for a in self.coco.imgToAnns[image_id]
+            if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0
+        ]
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes = torch.stack(
+            [(xywh[:, 0] + xywh[:, 2] / 2) / w, (xywh[:, 1] + xywh[:, 3] / 2) / h, xywh[:, 2] / w, xywh[:, 3] / h], 1
+        )
+        target = {
+            "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+            "boxes": boxes.clamp(0.0, 1.0),
+            "image_id": image_id,
+            "orig_size": (h, w),
+        }
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        return pixels, target
+
+
+def collate(batch):
+    """(images (B, 3, H, W), list of targets); images of one dataset share a size."""
+    images, targets = zip(*batch, strict=True)
+    return torch.stack(images), list(targets)
