@@ -34,8 +34,12 @@ HAS_C = _C is not None
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+@functools.cache
 def has_kernel(op: str, device_type: str) -> bool:
-    """Whether dnops._C registered a kernel of ``dnops::op`` for this device type ("cpu" or "cuda")."""
+    """Whether dnops._C registered a kernel of ``dnops::op`` for this device type ("cpu" or "cuda").
+
+    Cached: every registration happens when dnops._C is imported, before any op runs.
+    """
     key = _DISPATCH_KEYS.get(device_type)
     if not HAS_C or key is None:
         return False

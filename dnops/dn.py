@@ -3,6 +3,7 @@ split of decoder outputs (DN-DETR / DINO ``dn_post_process``) and the loss-side 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -65,7 +66,7 @@ def dn_positive_index(dn: DNQueries, counts: Sequence[int], device: torch.device
     """
     counts = [int(c) for c in counts]
     used = torch.tensor([min(c, dn.max_gt) for c in counts], dtype=torch.int64)
-    starts = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0) - torch.tensor(counts, dtype=torch.int64)
+    starts = torch.tensor(list(itertools.accumulate(counts, initial=0))[:-1], dtype=torch.int64)
     image = torch.repeat_interleave(torch.arange(len(counts)), used)
     within = torch.arange(int(used.sum())) - torch.repeat_interleave(torch.cumsum(used, 0) - used, used)
     groups = torch.arange(dn.num_groups).repeat_interleave(image.numel())

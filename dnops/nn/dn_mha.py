@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dnops.ops.dn_attn_mask import dn_attn_mask
 from dnops.ops.dn_self_attention import dn_self_attention
 
 
@@ -99,8 +100,6 @@ class DNMultiheadAttention(nn.MultiheadAttention):
         if not fast:
             if structure is not None and attn_mask is None:
                 width = query.shape[seq_dim]
-                from dnops.ops.dn_attn_mask import dn_attn_mask
-
                 attn_mask = dn_attn_mask(structure[0], structure[1], width - structure[0], device=query.device)
             return super().forward(
                 query,

@@ -3,6 +3,7 @@ the counter layout of dnops/reference/dn_queries.py (so every backend draws the 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -128,9 +129,8 @@ def dn_queries_triton(
     total = batch * pad
     if total:
         counts_t = torch.tensor(list(counts), dtype=torch.int64).to(device, non_blocking=True)
-        starts_t = torch.tensor([sum(counts[:b]) for b in range(batch)], dtype=torch.int64).to(
-            device, non_blocking=True
-        )
+        starts = list(itertools.accumulate(counts, initial=0))[:-1]
+        starts_t = torch.tensor(starts, dtype=torch.int64).to(device, non_blocking=True)
         wrap_triton(_kernel)[(triton.cdiv(total, BLOCK),)](
             labels.contiguous(),
             boxes.contiguous(),
