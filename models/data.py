@@ -7,6 +7,8 @@ written as PNG images with COCO json train / val splits.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,15 +126,20 @@ def ensure_digits_dataset(root: str | Path, **kwargs) -> dict[str, Path]:
 class CocoDetection(torch.utils.data.Dataset):
     """Any COCO json + image folder as (image (3, H, W) float in [0, 1], target).
 
+    With ``size``, every image is resized to (size, size) so that images of any shapes batch together (boxes are
+    normalized, so they are unchanged; orig_size keeps the file's size for evaluation).
+
     target: labels (n,) int64 in [0, num_classes) (categories sorted by id), boxes (n, 4) normalized
     (cx, cy, w, h), image_id, orig_size (h, w). Crowd annotations and empty boxes are dropped.
     """
 
-    def __init__(self, images: str | Path, annotations: str | Path) -> None:
+    def __init__(self, images: str | Path, annotations: str | Path, size: int | None = None) -> None:
         from pycocotools.coco import COCO
 
         self.images = Path(images)
-        self.coco = COCO(str(annotations))
+        self.size = size
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools reports its progress on stdout
+            self.coco = COCO(str(annotations))
         self.ids = sorted(self.coco.imgs)
         self.cat_ids = sorted(self.coco.cats)
         self.label_of = {cat: i for i, cat in enumerate(self.cat_ids)}
@@ -164,6 +171,8 @@ class CocoDetection(torch.utils.data.Dataset):
             "image_id": image_id,
             "orig_size": (h, w),
         }
+        if self.size is not None and (w, h) != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.BILINEAR)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
         return pixels, target
 
