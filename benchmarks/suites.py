@@ -213,10 +213,58 @@ def dn_attn_mask_benches(quick: bool = False) -> Iterator[Bench]:
         yield bench
 
 
+def detr_step_benches(quick: bool = False) -> Iterator[Bench]:
+    """One training step of the thin DN-DETR (forward, losses, backward, AdamW): --ops dnops vs --ops reference.
+
+    Issue shape: batch 2, 512 x 512 input, d_model 256, 6 encoder + 6 decoder layers, 300 queries, 5 DN groups,
+    20 GT per image, 91 classes. Both models start from the same weights and step on the same batch.
+    """
+    from models.config import Config
+    from models.criterion import Criterion
+    from models.model import DNDETR
+
+    if quick:
+        cfg = Config(d_model=32, n_heads=4, enc_layers=1, dec_layers=1, ffn_dim=64, num_queries=20, image_size=64)
+        cfg.backbone_width, gt = 8, 3
+    else:
+        cfg = Config(d_model=256, enc_layers=6, dec_layers=6, ffn_dim=1024, num_queries=300, image_size=512)
+        gt = 20
+    cfg.dn_groups, cfg.batch_size = 5, 2
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=g)
+    targets = []
+    for _ in range(cfg.batch_size):
+        centre, wh = torch.rand(gt, 2, generator=g) * 0.8 + 0.1, torch.rand(gt, 2, generator=g) * 0.15 + 0.02
+        targets.append({"labels": torch.randint(0, 91, (gt,), generator=g), "boxes": torch.cat([centre, wh], 1)})
+    name = "tiny" if quick else "512px"
+    bench = Bench("detr_step", name, f"B=2 {cfg.enc_layers}+{cfg.dec_layers} layers fwd+bwd+opt")
+    state = None
+    for ops in ("reference", "dnops") if _backend.has_kernel("ms_deform_attn", "cpu") else ("reference",):
+        run_cfg = Config(**(cfg.to_dict() | {"ops": ops}))
+        torch.manual_seed(0)
+        model = DNDETR(run_cfg, 91).train()
+        if state is None:
+            state = model.state_dict()
+        model.load_state_dict(state)
+        criterion = Criterion(run_cfg, 91)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+
+        def step(model=model, criterion=criterion, optimizer=optimizer):
+            loss, _ = criterion(model(images, targets), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            optimizer.step()
+
+        bench.impls[ops] = step
+    yield bench
+
+
 SUITES = {
     "ms_deform_attn": ms_deform_attn_benches,
     "dn_queries": dn_queries_benches,
     "dn_self_attention": dn_self_attention_benches,
     "dn_mha": dn_mha_benches,
     "dn_attn_mask": dn_attn_mask_benches,
+    "detr_step": detr_step_benches,
 }
