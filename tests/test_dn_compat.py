@@ -47,6 +47,10 @@ def test_prepare_for_dn_equals_original_without_noise(counts, modules):
         assert torch.equal(a, b)
     assert [t.tolist() for t in ours[3]["know_idx"]] == [t.tolist() for t in theirs[3]["know_idx"]]
     assert ours[3]["pad_size"] == theirs[3]["pad_size"]
+    # the label embedding (DN slots and matching queries) trains label_enc as the original's does
+    weights = torch.randn(ours[0].shape)
+    grads = [torch.autograd.grad((out[0] * weights).sum(), label_enc.weight)[0] for out in (ours, theirs)]
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_prepare_for_dn_inference_and_noise_bounds(modules):

@@ -8,8 +8,9 @@ from the original's torch.rand draws; the distributions are the same).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from dnops.dn import dn_box_queries, dn_label_queries, flatten_targets
+from dnops.dn import dn_box_queries, flatten_targets
 from dnops.ops.dn_attn_mask import dn_attn_mask
 from dnops.ops.dn_queries import dn_queries
 
@@ -42,8 +43,18 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
         label_noise_ratio=max(float(label_noise_scale), 0.0),
         box_noise_scale=max(float(box_noise_scale), 0.0),
     )
-    label_part = dn_label_queries(dn, label_enc, num_classes, indicator=True).to(embedweight.dtype)
-    input_query_label = torch.cat([label_part, tgt], 1)
+    # One lookup writes the whole sequence-first query tensor (the step's largest write): rows 0..C-1 are the
+    # class embeddings with indicator 1, row C the zero padding slot, row C+1 the matching queries' embedding.
+    weight = label_enc.weight.to(embedweight.dtype)
+    table = torch.cat(
+        [
+            torch.cat([weight[:num_classes], weight.new_ones(num_classes, 1)], 1),
+            weight.new_zeros(1, weight.shape[1] + 1),
+            torch.cat([weight[num_classes : num_classes + 1], weight.new_zeros(1, 1)], 1),
+        ]
+    )
+    index = torch.cat([dn.labels.t(), dn.labels.new_full((matching, batch_size), num_classes + 1)])
+    input_query_label = F.embedding(index, table)
     input_query_bbox = torch.cat([dn_box_queries(dn).to(embedweight.dtype), refpoint_emb], 1)
     attn_mask = dn_attn_mask(dn.pad_size, dn.group_size, matching, device=device)
 
@@ -62,7 +73,7 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
         "know_idx": [torch.arange(c, device=device).unsqueeze(1) for c in counts],
         "pad_size": dn.pad_size,
     }
-    return input_query_label.transpose(0, 1), input_query_bbox.transpose(0, 1), attn_mask, mask_dict
+    return input_query_label, input_query_bbox.transpose(0, 1), attn_mask, mask_dict
 
 
 def dn_post_process(outputs_class, outputs_coord, mask_dict):
