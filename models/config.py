@@ -37,7 +37,10 @@ class Config:
     # denoising (DN-DETR's ablations)
     dn: bool = field(default=True, metadata={"help": "denoising queries (--no-dn: plain DAB-Deformable-DETR)"})
     dn_mask: bool = field(default=True, metadata={"help": "the DN attention mask (--no-dn-mask: queries see all)"})
-    dn_mode: str = field(default="dn", metadata={"choices": ("dn", "cdn")})
+    dn_mode: str = field(
+        default="dn",
+        metadata={"choices": ("dn", "cdn"), "help": "cdn: DINO's contrastive queries (its noise: 0.5 / 1.0)"},
+    )
     dn_groups: int = 5
     dn_number: int = 100
     label_noise: float = 0.2
