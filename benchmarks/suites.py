@@ -39,18 +39,10 @@ def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> Cal
 
 def _with_backend(name: str, fn: Callable[..., object]) -> Callable[..., object]:
     """Run a public dnops function with DNOPS_BACKEND forced, restoring the environment afterwards."""
-    import os
 
     def run(*args, **kw):
-        old = os.environ.get("DNOPS_BACKEND")
-        os.environ["DNOPS_BACKEND"] = name
-        try:
+        with _backend.forced_backend(name):
             return fn(*args, **kw)
-        finally:
-            if old is None:
-                del os.environ["DNOPS_BACKEND"]
-            else:
-                os.environ["DNOPS_BACKEND"] = old
 
     return run
 

@@ -7,10 +7,12 @@ that an op cannot honour falls back to the reference with one warning per (op, b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -66,6 +68,23 @@ def requested_backend() -> str | None:
     if value not in BACKENDS:
         raise ValueError(f"DNOPS_BACKEND must be one of {BACKENDS}, got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None) -> Iterator[None]:
+    """Sets DNOPS_BACKEND to ``name`` inside the block (None: leaves it as it is), restoring it afterwards."""
+    if name is None:
+        yield
+        return
+    old = os.environ.get("DNOPS_BACKEND")
+    os.environ["DNOPS_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DNOPS_BACKEND"]
+        else:
+            os.environ["DNOPS_BACKEND"] = old
 
 
 @functools.cache

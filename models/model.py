@@ -8,36 +8,17 @@ the reference generator, nn.MultiheadAttention with the dense mask); the paramet
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import dnops
+from dnops._backend import forced_backend
 from dnops.dn import dn_box_queries, dn_concat, dn_label_queries, flatten_targets, inverse_sigmoid
 from dnops.nn import DNMultiheadAttention, MSDeformAttn
 from models.config import Config
-
-
-@contextlib.contextmanager
-def ops_backend(ops: str) -> Iterator[None]:
-    """Runs the dnops calls inside on their kernels ("dnops") or their pure-PyTorch references ("reference")."""
-    if ops == "dnops":
-        yield
-        return
-    old = os.environ.get("DNOPS_BACKEND")
-    os.environ["DNOPS_BACKEND"] = "reference"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["DNOPS_BACKEND"]
-        else:
-            os.environ["DNOPS_BACKEND"] = old
 
 
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -217,7 +198,8 @@ class DNDETR(nn.Module):
         return memory, shapes, starts
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
-        with ops_backend(self.cfg.ops):
+        # --ops reference: every dnops call inside runs its pure-PyTorch reference
+        with forced_backend("reference" if self.cfg.ops == "reference" else None):
             return self._forward(images, targets)
 
     def _forward(self, images: torch.Tensor, targets: list[dict] | None) -> dict:

@@ -76,3 +76,17 @@ def test_info_runs():
         [os.sys.executable, "-m", "dnops.info"], capture_output=True, text=True, check=True, timeout=120
     ).stdout
     assert "dn_attn_mask" in out and "cpu" in out
+
+
+def test_forced_backend_overrides_and_restores(monkeypatch):
+    monkeypatch.delenv("DNOPS_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    with _backend.forced_backend("reference"):
+        assert _backend.choose("ms_deform_attn", cpu) == "reference"
+        with _backend.forced_backend(None):
+            assert _backend.requested_backend() == "reference"
+    assert "DNOPS_BACKEND" not in os.environ
+    monkeypatch.setenv("DNOPS_BACKEND", "cpp")
+    with _backend.forced_backend("reference"):
+        pass
+    assert os.environ["DNOPS_BACKEND"] == "cpp"
