@@ -107,22 +107,16 @@ class DecoderLayer(nn.Module):
         # Same parameters and state_dict keys either way; only the reference run pays for the dense mask.
         attn = DNMultiheadAttention if cfg.ops == "dnops" else nn.MultiheadAttention
         self.self_attn = attn(cfg.d_model, cfg.n_heads, dropout=cfg.dropout, batch_first=True)
-        self.ops = cfg.ops
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.cross_attn = MSDeformAttn(cfg.d_model, cfg.n_levels, cfg.n_heads, cfg.n_points)
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
         self.ffn = FFN(cfg.d_model, cfg.ffn_dim, cfg.dropout)
 
-    def forward(self, tgt, query_pos, ref_boxes, memory, shapes, starts, structure):
+    def forward(self, tgt, query_pos, ref_boxes, memory, shapes, starts, dn_structure: dict):
+        """``dn_structure``: {} (all queries see all), {"dn": (pad, group)} or {"attn_mask": dense (W, W) mask}."""
         q = tgt + query_pos
-        if structure is None:
-            attn = self.self_attn(q, q, tgt, need_weights=False)[0]
-        elif self.ops == "dnops":
-            attn = self.self_attn(q, q, tgt, dn=structure)[0]
-        else:
-            mask = dnops.reference.dn_attn_mask(*structure, tgt.shape[1] - structure[0], device=tgt.device)
-            attn = self.self_attn(q, q, tgt, attn_mask=mask, need_weights=False)[0]
+        attn = self.self_attn(q, q, tgt, need_weights=False, **dn_structure)[0]
         tgt = self.norm1(tgt + self.dropout(attn))
         levels = ref_boxes[:, :, None, :].expand(-1, -1, shapes.shape[0], -1)
         tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt + query_pos, levels, memory, shapes, starts)))
@@ -227,7 +221,13 @@ class DNDETR(nn.Module):
             else:
                 tgt = dn_concat(dn_label_queries(dn, self.label_enc, self.num_classes), tgt)
                 anchors = dn_concat(dn_box_queries(dn), anchors)
-        structure = (dn.pad_size, dn.group_size) if dn is not None and cfg.dn_mask else None
+        structure = {}
+        if dn is not None and cfg.dn_mask:
+            if cfg.ops == "dnops":
+                structure = {"dn": (dn.pad_size, dn.group_size)}
+            else:  # what DN-DETR runs: the dense mask, built once for all layers
+                mask = dnops.reference.dn_attn_mask(dn.pad_size, dn.group_size, cfg.num_queries, device=images.device)
+                structure = {"attn_mask": mask}
         ref = anchors.sigmoid()
         all_logits, all_boxes = [], []
         for layer, cls_head, box_head in zip(self.decoder, self.class_embed, self.bbox_embed, strict=True):
