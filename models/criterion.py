@@ -19,15 +19,14 @@ def box_cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
 
 
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N, 4) x (M, 4) xyxy boxes -> (N, M) generalized IoU."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.max(a[:, None, :2], b[None, :, :2])
-    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
+    """Generalized IoU of xyxy boxes (..., 4), broadcast over the leading dims: pass (N, 1, 4) and (M, 4) for
+    the (N, M) matrix, two (P, 4) for the P aligned pairs."""
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    inter = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
     iou = inter / union.clamp(min=1e-7)
-    hull = (torch.max(a[:, None, 2:], b[None, :, 2:]) - torch.min(a[:, None, :2], b[None, :, :2])).prod(-1)
+    hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).prod(-1)
     return iou - (hull - union) / hull.clamp(min=1e-7)
 
 
@@ -61,7 +60,7 @@ def hungarian_match(
     cost = (
         cfg.cls_weight * (pos[:, labels] - neg[:, labels])
         + cfg.l1_weight * torch.cdist(out, gt, p=1)
-        - cfg.giou_weight * generalized_box_iou(box_cxcywh_to_xyxy(out), box_cxcywh_to_xyxy(gt))
+        - cfg.giou_weight * generalized_box_iou(box_cxcywh_to_xyxy(out)[:, None], box_cxcywh_to_xyxy(gt))
     )
     cost = cost.view(batch, queries, -1).cpu().numpy()
     result, start = [], 0
@@ -92,7 +91,7 @@ class Criterion(nn.Module):
 
     def _box_losses(self, pred: torch.Tensor, gt: torch.Tensor, norm: float) -> tuple[torch.Tensor, torch.Tensor]:
         l1 = F.l1_loss(pred, gt, reduction="sum") / norm
-        giou = (1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt)))).sum() / norm
+        giou = (1 - generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))).sum() / norm
         return l1, giou
 
     def forward(self, outputs: dict, targets: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -121,7 +120,7 @@ class Criterion(nn.Module):
             dn_norm = norm * dn.num_groups
             # real slots: positives learn their GT's class, CDN negatives learn "no object"; padding is ignored
             real = (dn.gt_index >= 0).to(logits.dtype)
-            label = gt_labels[dn.gt_index.clamp(min=0)] if len(gt_labels) else torch.zeros_like(dn.gt_index)
+            label = gt_labels[dn.gt_index.clamp(min=0)]  # DN queries exist only when some image has GT
             onehot = F.one_hot(label, self.num_classes).to(logits.dtype) * (real * (~dn.negative))[..., None]
             focal = sigmoid_focal_loss(outputs["dn_logits"], onehot.expand_as(outputs["dn_logits"]), cfg.focal_alpha)
             terms["dn_cls"] = (focal * real[..., None]).sum() / dn_norm
