@@ -6,6 +6,7 @@ baseline every ratio is taken against. An implementation appears only if it can 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -232,7 +233,7 @@ def detr_step_benches(quick: bool = False) -> Iterator[Bench]:
     bench = Bench("detr_step", name, f"B=2 {cfg.enc_layers}+{cfg.dec_layers} layers fwd+bwd+opt")
     state = None
     for ops in ("reference", "dnops") if _backend.has_kernel("ms_deform_attn", "cpu") else ("reference",):
-        run_cfg = Config(**(cfg.to_dict() | {"ops": ops}))
+        run_cfg = dataclasses.replace(cfg, ops=ops)
         torch.manual_seed(0)
         model = DNDETR(run_cfg, 91).train()
         if state is None:

@@ -37,15 +37,15 @@ def train_one_epoch(
             break
         outputs = model(images, targets)
         loss, terms = criterion(outputs, targets)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} ({terms})")
+        terms["loss"] = loss.item()
+        if not math.isfinite(terms["loss"]):
+            raise FloatingPointError(f"loss is {terms['loss']} ({terms})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip_max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
         optimizer.step()
         steps += 1
-        terms["loss"] = loss.item()
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value
         bar.set_postfix(loss=f"{terms['loss']:.3f}")

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -93,7 +94,7 @@ def train(cfg: Config) -> list[dict]:
         probe = collate([train_set[i] for i in range(min(cfg.track_is, len(train_set)))])
     previous = None
     if probe is not None and log and "assignment" in log[-1]:
-        previous = torch.tensor(log[-1]["assignment"]).numpy()
+        previous = np.asarray(log[-1]["assignment"], dtype=np.int64)
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.max_steps and total_steps >= cfg.max_steps:
             break

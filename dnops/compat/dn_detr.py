@@ -26,10 +26,10 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
     num_patterns = max(int(num_patterns), 1)
     device = embedweight.device
     matching = num_queries * num_patterns
-    tgt = label_enc.weight[num_classes].to(embedweight.dtype)
-    tgt = torch.cat([tgt, tgt.new_zeros(1)]).expand(batch_size, matching, -1)
     refpoint_emb = embedweight.repeat(num_patterns, 1).expand(batch_size, -1, -1)
     if not training:
+        tgt = label_enc.weight[num_classes].to(embedweight.dtype)
+        tgt = torch.cat([tgt, tgt.new_zeros(1)]).expand(batch_size, matching, -1)
         return tgt.transpose(0, 1), refpoint_emb.transpose(0, 1), None, None
 
     labels, boxes, counts = flatten_targets(targets)
