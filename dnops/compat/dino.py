@@ -7,9 +7,9 @@ same distributions).
 
 from __future__ import annotations
 
-from dnops.dn import dn_box_queries, dn_label_queries, flatten_targets
+from dnops.compat._dn_targets import queries_from_targets
+from dnops.dn import dn_box_queries, dn_label_queries
 from dnops.ops.dn_attn_mask import dn_attn_mask
-from dnops.ops.dn_queries import dn_queries
 
 
 def prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim, label_enc):
@@ -19,16 +19,8 @@ def prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim, lab
     if not training:
         return None, None, None, None
     targets, dn_number, label_noise_ratio, box_noise_scale = dn_args
-    labels, boxes, counts = flatten_targets(targets)
-    dn = dn_queries(
-        labels,
-        boxes,
-        counts,
-        num_classes=num_classes,
-        mode="cdn",
-        dn_number=int(dn_number),
-        label_noise_ratio=max(float(label_noise_ratio), 0.0),
-        box_noise_scale=max(float(box_noise_scale), 0.0),
+    labels, _, _, dn = queries_from_targets(
+        targets, "cdn", num_classes, label_noise_ratio, box_noise_scale, dn_number=dn_number
     )
     dtype = label_enc.weight.dtype
     input_query_label = dn_label_queries(dn, label_enc, num_classes).to(dtype)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dnops.dn import dn_box_queries, flatten_targets
+from dnops.compat._dn_targets import queries_from_targets
+from dnops.dn import dn_box_queries
 from dnops.ops.dn_attn_mask import dn_attn_mask
-from dnops.ops.dn_queries import dn_queries
 
 
 def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc):
@@ -32,16 +32,8 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
         tgt = torch.cat([tgt, tgt.new_zeros(1)]).expand(batch_size, matching, -1)
         return tgt.transpose(0, 1), refpoint_emb.transpose(0, 1), None, None
 
-    labels, boxes, counts = flatten_targets(targets)
-    dn = dn_queries(
-        labels,
-        boxes,
-        counts,
-        num_classes=num_classes,
-        mode="dn",
-        num_groups=int(scalar),
-        label_noise_ratio=max(float(label_noise_scale), 0.0),
-        box_noise_scale=max(float(box_noise_scale), 0.0),
+    labels, boxes, counts, dn = queries_from_targets(
+        targets, "dn", num_classes, label_noise_scale, box_noise_scale, num_groups=scalar
     )
     # One lookup writes the whole sequence-first query tensor (the step's largest write): rows 0..C-1 are the
     # class embeddings with indicator 1, row C the zero padding slot, row C+1 the matching queries' embedding.
