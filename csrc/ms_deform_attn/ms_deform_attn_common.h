@@ -20,38 +20,57 @@ struct Corners {
   bool valid[4];
 };
 
-// Fills `c` for normalized (loc_x, loc_y) on an H x W map, with F.grid_sample's align_corners=False
-// convention (pixel x = loc_x * W - 0.5) and zero padding. Returns false when no corner lies inside the map,
-// including NaN locations; then the sample and all its gradients are zero. The bounds are grid_sample's:
-// at x == -1 the right-hand corners are inside with weight 0 but a non-zero derivative.
-template <typename acc_t>
-C10_HOST_DEVICE inline bool bilinear_corners(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
-                                             Corners<acc_t>& c) {
+// The top-left corner (x0, y0) and the fractions (lx, ly) of normalized (loc_x, loc_y) on an H x W map, with
+// F.grid_sample's align_corners=False convention (pixel x = loc_x * W - 0.5) and zero padding. Returns false
+// when no corner lies inside the map, including NaN locations; then the sample and all its gradients are zero
+// and the outputs are not set. The bounds are grid_sample's: at x == -1 the right-hand corners are inside with
+// weight 0 but a non-zero derivative.
+template <typename acc_t, typename index_t>
+C10_HOST_DEVICE inline bool bilinear_origin(acc_t loc_x, acc_t loc_y, index_t height, index_t width, index_t& x0,
+                                            index_t& y0, acc_t& lx, acc_t& ly) {
   const acc_t x = loc_x * static_cast<acc_t>(width) - static_cast<acc_t>(0.5);
   const acc_t y = loc_y * static_cast<acc_t>(height) - static_cast<acc_t>(0.5);
   if (!(x >= static_cast<acc_t>(-1) && y >= static_cast<acc_t>(-1) && x < static_cast<acc_t>(width) &&
         y < static_cast<acc_t>(height))) {
     return false;
   }
-  const acc_t x0f = std::floor(x);
-  const acc_t y0f = std::floor(y);
-  const int64_t x0 = static_cast<int64_t>(x0f);
-  const int64_t y0 = static_cast<int64_t>(y0f);
-  const acc_t lx = x - x0f, ly = y - y0f;
-  const acc_t hx = static_cast<acc_t>(1) - lx, hy = static_cast<acc_t>(1) - ly;
-  const int64_t xs[4] = {x0, x0 + 1, x0, x0 + 1};
-  const int64_t ys[4] = {y0, y0, y0 + 1, y0 + 1};
-  const acc_t wx[4] = {hx, lx, hx, lx};
-  const acc_t wy[4] = {hy, hy, ly, ly};
-  const acc_t sx[4] = {-1, 1, -1, 1};
-  const acc_t sy[4] = {-1, -1, 1, 1};
+  const acc_t x0f = std::floor(x), y0f = std::floor(y);
+  x0 = static_cast<index_t>(x0f);
+  y0 = static_cast<index_t>(y0f);
+  lx = x - x0f;
+  ly = y - y0f;
+  return true;
+}
+
+// Corner k of the four (0: (x0, y0), 1: (x0 + 1, y0), 2: (x0, y0 + 1), 3: (x0 + 1, y0 + 1)) lies inside the map.
+template <typename index_t>
+C10_HOST_DEVICE inline bool corner_inside(int k, index_t x0, index_t y0, index_t height, index_t width) {
+  const index_t x = x0 + (k & 1), y = y0 + (k >> 1);
+  return x >= 0 && x < width && y >= 0 && y < height;
+}
+
+// Bilinear weight of corner k and its derivatives in pixel units, from the fractions of bilinear_origin.
+template <typename acc_t>
+C10_HOST_DEVICE inline void corner_weight(int k, acc_t lx, acc_t ly, acc_t& w, acc_t& dwdx, acc_t& dwdy) {
+  const acc_t wx = (k & 1) ? lx : static_cast<acc_t>(1) - lx;
+  const acc_t wy = (k >> 1) ? ly : static_cast<acc_t>(1) - ly;
+  w = wx * wy;
+  dwdx = (k & 1) ? wy : -wy;
+  dwdy = (k >> 1) ? wx : -wx;
+}
+
+// Fills `c` for one sample (see bilinear_origin). Returns false when no corner lies inside the map.
+template <typename acc_t>
+C10_HOST_DEVICE inline bool bilinear_corners(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
+                                             Corners<acc_t>& c) {
+  int64_t x0, y0;
+  acc_t lx, ly;
+  if (!bilinear_origin(loc_x, loc_y, height, width, x0, y0, lx, ly)) return false;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    c.valid[i] = xs[i] >= 0 && xs[i] < width && ys[i] >= 0 && ys[i] < height;
-    c.offset[i] = c.valid[i] ? ys[i] * width + xs[i] : 0;
-    c.weight[i] = wx[i] * wy[i];
-    c.dwdx[i] = sx[i] * wy[i];
-    c.dwdy[i] = sy[i] * wx[i];
+  for (int k = 0; k < 4; ++k) {
+    c.valid[k] = corner_inside(k, x0, y0, height, width);
+    c.offset[k] = c.valid[k] ? (y0 + (k >> 1)) * width + x0 + (k & 1) : 0;
+    corner_weight(k, lx, ly, c.weight[k], c.dwdx[k], c.dwdy[k]);
   }
   return true;
 }

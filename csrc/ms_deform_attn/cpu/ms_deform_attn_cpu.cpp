@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -16,7 +18,6 @@
 namespace dnops {
 namespace {
 
-using msda::Corners;
 using msda::Dims;
 
 template <typename scalar_t>
@@ -83,26 +84,51 @@ DNOPS_ALWAYS_INLINE void prefetch_row(const T* p, int64_t channels) {
   }
 }
 
-// One sample's four corners as row pointers and weights. A corner outside the map points at a row of zeros
-// (and, in the backward, writes into a scratch row), so the channel loops run without branches: zero padding
-// then adds nothing to the output and nothing to the location's gradient, exactly as in grid_sample.
+// Where one sample falls (bilinear_origin, shared with the CUDA kernel). `interior`: all four corners inside the
+// map, true of nearly every sample, which then needs no per-corner bounds test.
+template <typename acc_t>
+struct Origin {
+  int64_t x0, y0;
+  acc_t lx, ly;
+  bool inside, interior;
+};
+
+template <typename acc_t>
+DNOPS_ALWAYS_INLINE Origin<acc_t> locate(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width) {
+  Origin<acc_t> o;
+  o.inside = msda::bilinear_origin(loc_x, loc_y, height, width, o.x0, o.y0, o.lx, o.ly);
+  if (!o.inside) o.x0 = o.y0 = 0, o.lx = o.ly = 0;
+  o.interior = o.inside && o.x0 >= 0 && o.y0 >= 0 && o.x0 + 1 < width && o.y0 + 1 < height;
+  return o;
+}
+
+// The four corner rows of a sample in a level whose position 0 is at `base`. A corner outside the map gets
+// `outside` instead (a row of zeros to read, or a scratch row to write), so the channel loops run without
+// branches: zero padding then adds nothing to the output and nothing to the location's gradient, exactly as in
+// grid_sample.
+template <typename T, typename acc_t>
+DNOPS_ALWAYS_INLINE void corner_rows(const Origin<acc_t>& o, T* base, int64_t height, int64_t width, int64_t row_stride,
+                                     T* outside, T* rows[4]) {
+  if (o.interior) {
+    T* top_left = base + (o.y0 * width + o.x0) * row_stride;
+    rows[0] = top_left;
+    rows[1] = top_left + row_stride;
+    rows[2] = top_left + width * row_stride;
+    rows[3] = top_left + (width + 1) * row_stride;
+    return;
+  }
+  for (int k = 0; k < 4; ++k) {
+    const bool valid = o.inside && msda::corner_inside<int64_t>(k, o.x0, o.y0, height, width);
+    rows[k] = valid ? base + ((o.y0 + (k >> 1)) * width + o.x0 + (k & 1)) * row_stride : outside;
+  }
+}
+
+// One sample's corner rows of value and their weights (bilinear weight x attention weight).
 template <typename scalar_t, typename acc_t>
 struct Taps {
   const scalar_t* value[4];
   acc_t weight[4];
 };
-
-template <typename scalar_t, typename acc_t>
-DNOPS_ALWAYS_INLINE void make_taps(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width, const scalar_t* base,
-                                   int64_t row_stride, const scalar_t* zeros, Taps<scalar_t, acc_t>& t,
-                                   Corners<acc_t>& c) {
-  const bool inside = msda::bilinear_corners(loc_x, loc_y, height, width, c);
-  for (int k = 0; k < 4; ++k) {
-    c.valid[k] = inside && c.valid[k];
-    t.value[k] = c.valid[k] ? base + c.offset[k] * row_stride : zeros;
-    t.weight[k] = c.valid[k] ? c.weight[k] : acc_t(0);
-  }
-}
 
 // acc += the sample's bilinear interpolation. The restrict-qualified parameters tell GCC that acc aliases no
 // corner row; without them it falls back to a scalar loop.
@@ -148,13 +174,16 @@ DNOPS_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& a, scalar_t* out, in
       for (int64_t j = 0; j < count; ++j) {
         const int64_t i = first + j;
         const scalar_t* base = a.value + ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
-        Corners<acc_t> c;
+        const int64_t height = a.shapes[2 * l], width = a.shapes[2 * l + 1];
+        const Origin<acc_t> o =
+            locate(static_cast<acc_t>(loc_row[2 * i]), static_cast<acc_t>(loc_row[2 * i + 1]), height, width);
         Taps<scalar_t, acc_t>& t = taps[j];
-        make_taps(static_cast<acc_t>(loc_row[2 * i]), static_cast<acc_t>(loc_row[2 * i + 1]), a.shapes[2 * l],
-                  a.shapes[2 * l + 1], base, row_stride, zeros.data(), t, c);
+        corner_rows(o, base, height, width, row_stride, zeros.data(), t.value);
         const acc_t w = msda::row_weight(w_row, i, a.logits, mx, sum);
         for (int k = 0; k < 4; ++k) {
-          t.weight[k] *= w;
+          acc_t bilinear, dwdx, dwdy;
+          msda::corner_weight(k, o.lx, o.ly, bilinear, dwdx, dwdy);
+          t.weight[k] = w * bilinear;
           prefetch_row(t.value[k], channels);
         }
         if (++p == dm.points) p = 0, ++l;
@@ -216,20 +245,40 @@ DNOPS_ALWAYS_INLINE void corner_grads(const acc_t* __restrict__ g, const Taps<sc
   for (int k = 0; k < 4; ++k) axpy<kD>(grad_rows[k], scale * t.weight[k], g, n);
 }
 
-// Work item (n, level, group of heads) owns the slice grad_value[n, level's positions, heads of the group, :], so
-// threads never write the same element and the result does not depend on scheduling. Every item samples
-// Lq * P locations per head, which balances the levels whatever their sizes; inside an item the heads of a
-// query are neighbours, as in the forward, so they share position rows of value and grad_value.
+// The backward's work items and the order threads claim them in. Item (n, group of heads, level) owns the slice
+// grad_value[n, level's positions, heads of the group, :], so threads never write the same element and the result
+// depends neither on scheduling nor on the thread count. Groups split the heads only when there are fewer
+// (n, level) pairs than threads: a split makes each item read its position rows of value and grad_value in
+// pieces, which cost 1.5x in time on one thread (enc800). Items are claimed one at a time, largest level first:
+// every level has the same number of samples, but the large maps miss cache, so a static split by level left
+// one of two threads idle for a third of the backward.
+struct WorkPlan {
+  int64_t groups, heads_per_item, items;
+  std::vector<int64_t> level_order;
+
+  WorkPlan(const Dims& dm, const int64_t* shapes, int64_t threads)
+      : groups(std::min(dm.heads, std::max<int64_t>(1, (threads + dm.batch * dm.levels - 1) / (dm.batch * dm.levels)))),
+        heads_per_item((dm.heads + groups - 1) / groups),
+        items(dm.batch * dm.levels * groups),
+        level_order(dm.levels) {
+    std::iota(level_order.begin(), level_order.end(), int64_t(0));
+    std::stable_sort(level_order.begin(), level_order.end(), [&](int64_t x, int64_t y) {
+      return shapes[2 * x] * shapes[2 * x + 1] > shapes[2 * y] * shapes[2 * y + 1];
+    });
+  }
+};
+
+// The items a thread claims from `next`. Inside an item the heads of a query are neighbours, as in the forward,
+// so they share position rows of value and grad_value.
 template <typename scalar_t, int64_t kD>
-DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, int64_t heads_per_item, const scalar_t* grad_out,
-                                        at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc,
-                                        at::opmath_type<scalar_t>* grad_w, int64_t begin, int64_t end) {
+DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, const WorkPlan& plan, std::atomic<int64_t>& next,
+                                        const scalar_t* grad_out, at::opmath_type<scalar_t>* grad_value,
+                                        scalar_t* grad_loc, at::opmath_type<scalar_t>* grad_w) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& dm = a.dm;
   const int64_t channels = kD > 0 ? kD : dm.channels;
   const int64_t lp = dm.levels * dm.points;
   const int64_t row_stride = dm.heads * dm.channels;
-  const int64_t groups = (dm.heads + heads_per_item - 1) / heads_per_item;
   const std::vector<scalar_t> zeros(channels, scalar_t(0));
   std::vector<acc_t> scratch(channels);  // where corners outside the map write their (zero-weight) gradient
   std::vector<acc_t> g_any(kD > 0 ? 0 : channels);
@@ -238,12 +287,11 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, int64_t heads_p
   Taps<scalar_t, acc_t> taps[kMaxPrefetchSamples];
   acc_t* grad_rows[kMaxPrefetchSamples][4];
   acc_t dwdx[kMaxPrefetchSamples][4], dwdy[kMaxPrefetchSamples][4];
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t group = item % groups;
-    const int64_t l = (item / groups) % dm.levels;
-    const int64_t n = item / (groups * dm.levels);
-    const int64_t m_begin = group * heads_per_item;
-    const int64_t m_end = std::min(dm.heads, m_begin + heads_per_item);
+  for (int64_t item = next++; item < plan.items; item = next++) {
+    const int64_t l = plan.level_order[item / (dm.batch * plan.groups)];
+    const int64_t n = item / plan.groups % dm.batch;
+    const int64_t m_begin = item % plan.groups * plan.heads_per_item;
+    const int64_t m_end = std::min(dm.heads, m_begin + plan.heads_per_item);
     const int64_t height = a.shapes[2 * l], width = a.shapes[2 * l + 1];
     for (int64_t q = 0; q < dm.queries; ++q) {
       for (int64_t m = m_begin; m < m_end; ++m) {
@@ -260,13 +308,13 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, int64_t heads_p
           const int64_t count = std::min((l + 1) * dm.points - first, kMaxPrefetchSamples);
           for (int64_t j = 0; j < count; ++j) {
             const int64_t sample = row * lp + first + j;
-            Corners<acc_t> c;
-            make_taps(static_cast<acc_t>(a.loc[2 * sample]), static_cast<acc_t>(a.loc[2 * sample + 1]), height, width,
-                      level_value, row_stride, zeros.data(), taps[j], c);
+            const Origin<acc_t> o =
+                locate(static_cast<acc_t>(a.loc[2 * sample]), static_cast<acc_t>(a.loc[2 * sample + 1]), height, width);
+            corner_rows(o, level_value, height, width, row_stride, zeros.data(), taps[j].value);
+            corner_rows(o, level_grad, height, width, row_stride, scratch.data(), grad_rows[j]);
             for (int k = 0; k < 4; ++k) {
-              grad_rows[j][k] = c.valid[k] ? level_grad + c.offset[k] * row_stride : scratch.data();
-              dwdx[j][k] = c.valid[k] ? c.dwdx[k] : acc_t(0);
-              dwdy[j][k] = c.valid[k] ? c.dwdy[k] : acc_t(0);
+              // Corners outside the map read zeros, so whatever weight they get adds nothing.
+              msda::corner_weight(k, o.lx, o.ly, taps[j].weight[k], dwdx[j][k], dwdy[j][k]);
               prefetch_row(taps[j].value[k], channels);
               prefetch_row(grad_rows[j][k], channels);
             }
@@ -294,17 +342,17 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, int64_t heads_p
 }
 
 template <typename scalar_t, int64_t kD>
-DNOPS_TARGET_AVX2 void backward_items_avx2(const Args<scalar_t>& a, int64_t heads_per_item, const scalar_t* grad_out,
-                                           at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc,
-                                           at::opmath_type<scalar_t>* grad_w, int64_t begin, int64_t end) {
-  backward_items<scalar_t, kD>(a, heads_per_item, grad_out, grad_value, grad_loc, grad_w, begin, end);
+DNOPS_TARGET_AVX2 void backward_items_avx2(const Args<scalar_t>& a, const WorkPlan& plan, std::atomic<int64_t>& next,
+                                           const scalar_t* grad_out, at::opmath_type<scalar_t>* grad_value,
+                                           scalar_t* grad_loc, at::opmath_type<scalar_t>* grad_w) {
+  backward_items<scalar_t, kD>(a, plan, next, grad_out, grad_value, grad_loc, grad_w);
 }
 
 template <typename scalar_t, int64_t kD>
-void backward_items_base(const Args<scalar_t>& a, int64_t heads_per_item, const scalar_t* grad_out,
-                         at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc, at::opmath_type<scalar_t>* grad_w,
-                         int64_t begin, int64_t end) {
-  backward_items<scalar_t, kD>(a, heads_per_item, grad_out, grad_value, grad_loc, grad_w, begin, end);
+void backward_items_base(const Args<scalar_t>& a, const WorkPlan& plan, std::atomic<int64_t>& next,
+                         const scalar_t* grad_out, at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc,
+                         at::opmath_type<scalar_t>* grad_w) {
+  backward_items<scalar_t, kD>(a, plan, next, grad_out, grad_value, grad_loc, grad_w);
 }
 
 template <typename F>
@@ -382,19 +430,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       acc_t* gv_ptr = grad_value.data_ptr<acc_t>();
       scalar_t* gl_ptr = grad_loc.data_ptr<scalar_t>();
       acc_t* gw_ptr = grad_w.data_ptr<acc_t>();
-      // At least one item per thread, and no more: splitting a position row's heads between items costs more
-      // locality than the finer balance gains (8 items instead of 4 made enc800's backward ~1.6x slower on 2 threads).
-      const int64_t wanted = at::get_num_threads();
-      const int64_t groups =
-          std::min(dm.heads, std::max<int64_t>(1, (wanted + dm.batch * dm.levels - 1) / (dm.batch * dm.levels)));
-      const int64_t heads_per_item = (dm.heads + groups - 1) / groups;
+      const WorkPlan plan(dm, shapes.data_ptr<int64_t>(), at::get_num_threads());
+      std::atomic<int64_t> next{0};
       dispatch_channels(dm.channels, [&](auto kd) {
         constexpr int64_t kD = decltype(kd)::value;
-        at::parallel_for(0, dm.batch * dm.levels * groups, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, std::min(plan.items, int64_t(at::get_num_threads())), 1, [&](int64_t, int64_t) {
           if (avx2) {
-            backward_items_avx2<scalar_t, kD>(args, heads_per_item, g_ptr, gv_ptr, gl_ptr, gw_ptr, begin, end);
+            backward_items_avx2<scalar_t, kD>(args, plan, next, g_ptr, gv_ptr, gl_ptr, gw_ptr);
           } else {
-            backward_items_base<scalar_t, kD>(args, heads_per_item, g_ptr, gv_ptr, gl_ptr, gw_ptr, begin, end);
+            backward_items_base<scalar_t, kD>(args, plan, next, g_ptr, gv_ptr, gl_ptr, gw_ptr);
           }
         });
       });
