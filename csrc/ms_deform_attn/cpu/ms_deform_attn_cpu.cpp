@@ -207,9 +207,11 @@ void forward_rows_base(const Args<scalar_t>& a, scalar_t* out, int64_t begin, in
 
 // float32 rows with D a multiple of 8 go through GCC vector types in the backward: there the auto-vectorizer
 // turns the four dot products into in-order scalar sums and spills g, which made the backward 5x the forward.
-#if defined(__GNUC__)
+// (Clang, which lacks __builtin_shuffle, takes the generic loops.)
+#if defined(__GNUC__) && !defined(__clang__)
 #define DNOPS_MSDA_VECTOR_TYPES 1
 typedef float f32x8 __attribute__((vector_size(32), aligned(4)));  // aligned(4): rows start at any float
+typedef int32_t i32x8 __attribute__((vector_size(32)));
 #else
 #define DNOPS_MSDA_VECTOR_TYPES 0
 #endif
@@ -227,12 +229,20 @@ DNOPS_ALWAYS_INLINE void corner_grads(const acc_t* __restrict__ g, const Taps<sc
     constexpr int64_t kVecs = kD / 8;
     f32x8 gr[kVecs];
     for (int64_t i = 0; i < kVecs; ++i) gr[i] = *reinterpret_cast<const f32x8*>(g + 8 * i);
+    f32x8 s[4];
     for (int k = 0; k < 4; ++k) {
       const float* v = t.value[k];
-      f32x8 s = gr[0] * *reinterpret_cast<const f32x8*>(v);
-      for (int64_t i = 1; i < kVecs; ++i) s += gr[i] * *reinterpret_cast<const f32x8*>(v + 8 * i);
-      gv[k] = (s[0] + s[4]) + (s[1] + s[5]) + ((s[2] + s[6]) + (s[3] + s[7]));
+      s[k] = gr[0] * *reinterpret_cast<const f32x8*>(v);
+      for (int64_t i = 1; i < kVecs; ++i) s[k] += gr[i] * *reinterpret_cast<const f32x8*>(v + 8 * i);
     }
+    // The four horizontal sums at once: lane-pair sums of (s0, s1) and of (s2, s3), of those, then the halves.
+    const f32x8 s01 = __builtin_shuffle(s[0], s[1], i32x8{0, 8, 1, 9, 4, 12, 5, 13}) +
+                      __builtin_shuffle(s[0], s[1], i32x8{2, 10, 3, 11, 6, 14, 7, 15});
+    const f32x8 s23 = __builtin_shuffle(s[2], s[3], i32x8{0, 8, 1, 9, 4, 12, 5, 13}) +
+                      __builtin_shuffle(s[2], s[3], i32x8{2, 10, 3, 11, 6, 14, 7, 15});
+    const f32x8 halves = __builtin_shuffle(s01, s23, i32x8{0, 1, 8, 9, 4, 5, 12, 13}) +
+                         __builtin_shuffle(s01, s23, i32x8{2, 3, 10, 11, 6, 7, 14, 15});
+    for (int k = 0; k < 4; ++k) gv[k] = halves[k] + halves[k + 4];
     for (int k = 0; k < 4; ++k) {
       f32x8* y = reinterpret_cast<f32x8*>(grad_rows[k]);
       const float a = scale * t.weight[k];
