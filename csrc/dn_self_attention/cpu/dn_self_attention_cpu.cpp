@@ -1,10 +1,12 @@
-// DN self-attention on the CPU as two unmasked attention problems over exactly the visible blocks, each run by
-// ATen's CPU flash-attention kernel:
-//   every query x the matching keys (final for matching queries, one segment of a DN query's softmax);
-//   DN group g x DN group g (batched over groups).
+// DN self-attention on the CPU without a W x W mask, as two problems over exactly the visible blocks:
+//   every query x the matching keys, run by ATen's CPU flash-attention kernel (final for matching queries, one
+//   segment of a DN query's softmax);
+//   each DN group x its own keys, a small dense problem (group_size keys per query) computed here directly on
+//   the strided rows, so no group has to be copied into a batch layout.
 // A DN query's two segments share one softmax: their outputs merge exactly through their log-sum-exp.
-// The backward runs the flash backward of each problem with the merged output and log-sum-exp, which is exactly
-// the joint softmax's gradient restricted to that segment (P = exp(s - lse), D = rowsum(dO * O)).
+// The backward runs the flash backward of the matching problem with the merged output and log-sum-exp, which is
+// exactly the joint softmax's gradient restricted to that segment (P = exp(s - lse), D = rowsum(dO * O)), and
+// computes the own-group segment's share here.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -12,7 +14,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
+#include <limits>
+#include <type_traits>
+#include <vector>
 
+#include "cpu_features.h"
 #include "dn_attn_mask/dn_attn_mask_common.h"
 
 namespace dnops {
@@ -37,13 +44,6 @@ Segments split_seq(const at::Tensor& t, int64_t pad_size) {
   return {t.narrow(2, 0, pad_size), t.narrow(2, pad_size, t.size(2) - pad_size)};
 }
 
-// (B, H, pad, ...) -> (B * H, groups, group_size, ...): each group as one "head" of an unmasked problem.
-at::Tensor by_group(const at::Tensor& t, int64_t group_size) {
-  std::vector<int64_t> shape{t.size(0) * t.size(1), t.size(2) / group_size, group_size};
-  for (int64_t d = 3; d < t.dim(); ++d) shape.push_back(t.size(d));
-  return t.reshape(shape);
-}
-
 at::Tensor lse_like(const at::Tensor& q) {
   return at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::toOpMathType(q.scalar_type())));
 }
@@ -54,29 +54,197 @@ at::Tensor grad_like(const at::Tensor& q) {
   return at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
 }
 
-// out[b, h, r] / lse[b, h, r] hold the DN rows' cross segment (queries x matching keys); merges in place with the
-// own-group segment: lse = logaddexp(l1, l2), out = o1 * exp(l1 - lse) + o2 * exp(l2 - lse).
-template <typename scalar_t>
-void merge_segments(at::Tensor& out, at::Tensor& lse, const at::Tensor& own_out, const at::Tensor& own_lse,
-                    int64_t pad_size) {
+// A (B, H, W, Dh) tensor with any strides; kUnit: the caller checked that Dh is contiguous, and the channel loops
+// vectorize.
+template <typename T, bool kUnit>
+struct Rows {
+  T* data;
+  int64_t sb, sh, sw, sd_;
+  Rows() : data(nullptr), sb(0), sh(0), sw(0), sd_(0) {}
+  explicit Rows(const at::Tensor& t)
+      : data(static_cast<T*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), sw(t.stride(2)), sd_(t.stride(3)) {}
+  T* row(int64_t b, int64_t h, int64_t w) const { return data + b * sb + h * sh + w * sw; }
+  int64_t sd() const { return kUnit ? 1 : sd_; }
+};
+
+// With unit strides the sum runs in 8 partial sums: one running sum is an in-order reduction the compiler may
+// not reassociate, so it would not vectorize.
+template <typename acc_t, bool kUnit, typename T, typename U>
+DNOPS_ALWAYS_INLINE acc_t dot(const T* x, int64_t sx, const U* y, int64_t sy, int64_t n) {
+  acc_t s = 0;
+  int64_t d = 0;
+  if (kUnit) {
+    acc_t part[8] = {};
+    for (; d + 8 <= n; d += 8) {
+      for (int64_t i = 0; i < 8; ++i) part[i] += static_cast<acc_t>(x[d + i]) * static_cast<acc_t>(y[d + i]);
+    }
+    for (int64_t i = 0; i < 8; ++i) s += part[i];
+  }
+  for (; d < n; ++d) s += static_cast<acc_t>(x[d * sx]) * static_cast<acc_t>(y[d * sy]);
+  return s;
+}
+
+// y += alpha * x; the restrict-qualified parameters let GCC vectorize without a run-time alias check.
+template <bool kUnit, typename acc_t, typename T>
+DNOPS_ALWAYS_INLINE void axpy(acc_t* __restrict__ y, acc_t alpha, const T* __restrict__ x, int64_t sx, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) y[d] += alpha * static_cast<acc_t>(x[kUnit ? d : d * sx]);
+}
+
+// Calls f(std::true_type) when every tensor's last dimension is contiguous, else f(std::false_type).
+template <typename F>
+void dispatch_unit_stride(std::initializer_list<const at::Tensor*> tensors, F&& f) {
+  const bool unit = std::all_of(tensors.begin(), tensors.end(), [](const at::Tensor* t) { return t->stride(3) == 1; });
+  if (unit) return f(std::true_type{});
+  f(std::false_type{});
+}
+
+// The tensors of the own-group problem as strided rows: q, k, v, out, and for the backward grad_out, dq, dk, dv;
+// lse as (B, H, W) contiguous.
+template <typename scalar_t, bool kUnit>
+struct OwnGroups {
   using acc_t = at::opmath_type<scalar_t>;
-  auto o = out.accessor<scalar_t, 4>();
-  auto l = lse.accessor<acc_t, 3>();
-  const auto o1 = own_out.accessor<scalar_t, 4>();
-  const auto l1 = own_lse.accessor<acc_t, 3>();
-  const int64_t heads = out.size(1), dh = out.size(3);
-  at::parallel_for(0, out.size(0) * heads * pad_size, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i % pad_size, h = (i / pad_size) % heads, b = i / (pad_size * heads);
-      const acc_t own = l1[b][h][r], cross = l[b][h][r];
-      const acc_t top = std::max(own, cross);
-      const acc_t w_own = std::exp(own - top), w_cross = std::exp(cross - top);
-      const acc_t total = w_own + w_cross;
-      for (int64_t d = 0; d < dh; ++d) {
-        o[b][h][r][d] = static_cast<scalar_t>(
-            (static_cast<acc_t>(o1[b][h][r][d]) * w_own + static_cast<acc_t>(o[b][h][r][d]) * w_cross) / total);
+  Rows<const scalar_t, kUnit> q, k, v;
+  Rows<scalar_t, kUnit> out;
+  acc_t* lse;
+  int64_t heads, width, dh, groups, group_size;
+  acc_t scale;
+  bool merge = false;
+  Rows<const scalar_t, kUnit> go{};
+  Rows<scalar_t, kUnit> dq{}, dk{}, dv{};
+};
+
+// Every DN query x its own group's keys for items (b, h, group) [begin, end). With `merge`, out / lse already
+// hold the DN rows' matching segment and the two merge in place: lse = logaddexp(l1, l2),
+// out = o1 * exp(l1 - lse) + o2 * exp(l2 - lse); without (no matching queries) the own segment is written.
+template <typename scalar_t, bool kUnit>
+DNOPS_ALWAYS_INLINE void own_forward_items(const OwnGroups<scalar_t, kUnit>& a, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t gs = a.group_size, dh = a.dh;
+  std::vector<acc_t> p(gs), o(dh);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t g = item % a.groups, h = item / a.groups % a.heads, b = item / (a.groups * a.heads);
+    const int64_t first = g * gs;
+    for (int64_t r = first; r < first + gs; ++r) {
+      const scalar_t* qrow = a.q.row(b, h, r);
+      acc_t mx = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t j = 0; j < gs; ++j) {
+        p[j] = a.scale * dot<acc_t, kUnit>(qrow, a.q.sd(), a.k.row(b, h, first + j), a.k.sd(), dh);
+        mx = std::max(mx, p[j]);
       }
-      l[b][h][r] = top + std::log(total);
+      acc_t sum = 0;
+      for (int64_t j = 0; j < gs; ++j) sum += (p[j] = std::exp(p[j] - mx));
+      std::fill(o.begin(), o.end(), acc_t(0));
+      for (int64_t j = 0; j < gs; ++j) {
+        const scalar_t* vrow = a.v.row(b, h, first + j);
+        for (int64_t d = 0; d < dh; ++d) o[d] += p[j] * static_cast<acc_t>(vrow[d * a.v.sd()]);
+      }
+      const acc_t own = mx + std::log(sum);
+      acc_t& l = a.lse[(b * a.heads + h) * a.width + r];
+      scalar_t* out_row = a.out.row(b, h, r);
+      const int64_t so = a.out.sd();
+      if (!a.merge) {
+        for (int64_t d = 0; d < dh; ++d) out_row[d * so] = static_cast<scalar_t>(o[d] / sum);
+        l = own;
+        continue;
+      }
+      const acc_t top = std::max(own, l);
+      const acc_t w_own = std::exp(own - top) / sum, w_cross = std::exp(l - top), total = std::exp(own - top) + w_cross;
+      for (int64_t d = 0; d < dh; ++d) {
+        out_row[d * so] = static_cast<scalar_t>((o[d] * w_own + static_cast<acc_t>(out_row[d * so]) * w_cross) / total);
+      }
+      l = top + std::log(total);
+    }
+  }
+}
+
+// The own-group segment's share of the gradients for items (b, h, group) [begin, end), from the merged out and
+// lse: P = exp(scale * q.k - lse), dS = P * (dO.v - dO.O). Adds to dq's DN rows and writes dk's and dv's (no other
+// query sees those keys). Items own disjoint rows, so the result does not depend on scheduling.
+template <typename scalar_t, bool kUnit>
+DNOPS_ALWAYS_INLINE void own_backward_items(const OwnGroups<scalar_t, kUnit>& a, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t gs = a.group_size, dh = a.dh;
+  std::vector<acc_t> dk_acc(gs * dh), dv_acc(gs * dh), dq_acc(dh);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t g = item % a.groups, h = item / a.groups % a.heads, b = item / (a.groups * a.heads);
+    const int64_t first = g * gs;
+    std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
+    std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+    for (int64_t r = first; r < first + gs; ++r) {
+      const scalar_t *qrow = a.q.row(b, h, r), *grow = a.go.row(b, h, r);
+      const acc_t delta = dot<acc_t, kUnit>(grow, a.go.sd(), a.out.row(b, h, r), a.out.sd(), dh);
+      const acc_t l = a.lse[(b * a.heads + h) * a.width + r];
+      std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
+      for (int64_t j = 0; j < gs; ++j) {
+        const scalar_t *krow = a.k.row(b, h, first + j), *vrow = a.v.row(b, h, first + j);
+        const acc_t prob = std::exp(a.scale * dot<acc_t, kUnit>(qrow, a.q.sd(), krow, a.k.sd(), dh) - l);
+        const acc_t ds = prob * (dot<acc_t, kUnit>(grow, a.go.sd(), vrow, a.v.sd(), dh) - delta) * a.scale;
+        axpy<kUnit>(dq_acc.data(), ds, krow, a.k.sd(), dh);
+        axpy<kUnit>(dk_acc.data() + j * dh, ds, qrow, a.q.sd(), dh);
+        axpy<kUnit>(dv_acc.data() + j * dh, prob, grow, a.go.sd(), dh);
+      }
+      scalar_t* dq_row = a.dq.row(b, h, r);
+      const int64_t sq = a.dq.sd();
+      for (int64_t d = 0; d < dh; ++d)
+        dq_row[d * sq] = static_cast<scalar_t>(static_cast<acc_t>(dq_row[d * sq]) + dq_acc[d]);
+    }
+    for (int64_t j = 0; j < gs; ++j) {
+      scalar_t *dk_row = a.dk.row(b, h, first + j), *dv_row = a.dv.row(b, h, first + j);
+      for (int64_t d = 0; d < dh; ++d) {
+        dk_row[d * a.dk.sd()] = static_cast<scalar_t>(dk_acc[j * dh + d]);
+        dv_row[d * a.dv.sd()] = static_cast<scalar_t>(dv_acc[j * dh + d]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, bool kUnit>
+DNOPS_TARGET_AVX2 void own_forward_avx2(const OwnGroups<scalar_t, kUnit>& a, int64_t begin, int64_t end) {
+  own_forward_items(a, begin, end);
+}
+
+template <typename scalar_t, bool kUnit>
+void own_forward_base(const OwnGroups<scalar_t, kUnit>& a, int64_t begin, int64_t end) {
+  own_forward_items(a, begin, end);
+}
+
+template <typename scalar_t, bool kUnit>
+DNOPS_TARGET_AVX2 void own_backward_avx2(const OwnGroups<scalar_t, kUnit>& a, int64_t begin, int64_t end) {
+  own_backward_items(a, begin, end);
+}
+
+template <typename scalar_t, bool kUnit>
+void own_backward_base(const OwnGroups<scalar_t, kUnit>& a, int64_t begin, int64_t end) {
+  own_backward_items(a, begin, end);
+}
+
+template <typename scalar_t, bool kUnit>
+OwnGroups<scalar_t, kUnit> own_groups(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& out, const at::Tensor& lse, int64_t pad_size,
+                                      int64_t group_size, double scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return {Rows<const scalar_t, kUnit>(q),
+          Rows<const scalar_t, kUnit>(k),
+          Rows<const scalar_t, kUnit>(v),
+          Rows<scalar_t, kUnit>(out),
+          static_cast<acc_t*>(lse.data_ptr()),
+          q.size(1),
+          q.size(2),
+          q.size(3),
+          pad_size / group_size,
+          group_size,
+          static_cast<acc_t>(scale)};
+}
+
+// Runs the own-group forward (backward = false) or backward over all (b, h, group) items.
+template <typename scalar_t, bool kUnit>
+void run_own_groups(const OwnGroups<scalar_t, kUnit>& a, int64_t batch, bool backward) {
+  const bool avx2 = cpu_has_avx2_fma();
+  at::parallel_for(0, batch * a.heads * a.groups, 1, [&](int64_t begin, int64_t end) {
+    if (backward) {
+      avx2 ? own_backward_avx2(a, begin, end) : own_backward_base(a, begin, end);
+    } else {
+      avx2 ? own_forward_avx2(a, begin, end) : own_forward_base(a, begin, end);
     }
   });
 }
@@ -90,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> dn_self_attention_cpu(const at::Tensor& q_in,
   const at::Tensor &q = q_in, &k = k_in, &v = v_in;
   const int64_t matching = q.size(2) - pad_size;
   if (q.numel() == 0) return {at::empty_like(q), lse_like(q)};
-  const Segments qs = split_seq(q, pad_size), ks = split_seq(k, pad_size), vs = split_seq(v, pad_size);
+  const Segments ks = split_seq(k, pad_size), vs = split_seq(v, pad_size);
   at::Tensor out, lse;
   if (matching > 0) {
     auto [o, l] =
@@ -99,14 +267,14 @@ std::tuple<at::Tensor, at::Tensor> dn_self_attention_cpu(const at::Tensor& q_in,
     lse = l.contiguous();
     if (pad_size == 0) return {out, lse};
   }
-  auto [own_o, own_l] =
-      at::_scaled_dot_product_flash_attention_for_cpu(by_group(qs.dn, group_size), by_group(ks.dn, group_size),
-                                                      by_group(vs.dn, group_size), 0.0, false, std::nullopt, scale);
-  const at::Tensor own_out = own_o.reshape({q.size(0), q.size(1), pad_size, q.size(3)});
-  const at::Tensor own_lse = own_l.reshape({q.size(0), q.size(1), pad_size});
-  if (matching == 0) return {at::empty_like(q).copy_(own_out), own_lse.contiguous()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "dn_self_attention_merge",
-                                  [&] { merge_segments<scalar_t>(out, lse, own_out, own_lse, pad_size); });
+  if (matching == 0) out = at::empty_like(q), lse = lse_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "dn_self_attention_own_groups", [&] {
+    dispatch_unit_stride({&q, &k, &v, &out}, [&](auto unit) {
+      auto a = own_groups<scalar_t, decltype(unit)::value>(q, k, v, out, lse, pad_size, group_size, scale);
+      a.merge = matching > 0;
+      run_own_groups(a, q.size(0), false);
+    });
+  });
   return {out, lse};
 }
 
@@ -121,41 +289,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dn_self_attention_backward_cpu(
   const at::Tensor lse = lse_in.contiguous();
   const int64_t matching = q.size(2) - pad_size;
   if (q.numel() == 0) return {grad_like(q), grad_like(k), grad_like(v)};
-  const Segments qs = split_seq(q, pad_size), ks = split_seq(k, pad_size), vs = split_seq(v, pad_size);
-  at::Tensor dq, dk_match, dv_match;
+  const Segments ks = split_seq(k, pad_size), vs = split_seq(v, pad_size);
+  at::Tensor dq, dk = grad_like(k), dv = grad_like(v);
   if (matching > 0) {
-    std::tie(dq, dk_match, dv_match) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+    auto [dq_all, dk_match, dv_match] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
         go, q, ks.match, vs.match, out, lse, 0.0, false, std::nullopt, scale);
-    if (pad_size == 0) return {dq, dk_match, dv_match};
+    if (pad_size == 0) return {dq_all, dk_match, dv_match};
+    dq = dq_all;
+    split_seq(dk, pad_size).match.copy_(dk_match);
+    split_seq(dv, pad_size).match.copy_(dv_match);
   } else {
-    dq = grad_like(q);
+    dq = grad_like(q).zero_();
   }
-  const Segments gs = split_seq(go, pad_size), os = split_seq(out, pad_size), ls = split_seq(lse, pad_size);
-  at::Tensor a, b, c;
-  std::tie(a, b, c) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-      by_group(gs.dn, group_size), by_group(qs.dn, group_size), by_group(ks.dn, group_size),
-      by_group(vs.dn, group_size), by_group(os.dn, group_size), by_group(ls.dn, group_size), 0.0, false, std::nullopt,
-      scale);
-  const Segments dqs = split_seq(dq, pad_size);
-  const auto dn_shape = dqs.dn.sizes();
-  if (matching > 0) {
-    dqs.dn.add_(a.reshape(dn_shape));
-  } else {
-    dqs.dn.copy_(a.reshape(dn_shape));
-  }
-  // Assemble dk, then dv, releasing each segment as soon as it is copied: peak memory stays below one full
-  // gradient plus the flash backward's own.
-  auto assemble = [&](const at::Tensor& like, at::Tensor& match_part, at::Tensor& dn_part) {
-    at::Tensor full = grad_like(like);
-    const Segments parts = split_seq(full, pad_size);
-    if (matching > 0) parts.match.copy_(match_part);
-    match_part.reset();
-    parts.dn.copy_(dn_part.reshape(dn_shape));
-    dn_part.reset();
-    return full;
-  };
-  at::Tensor dk = assemble(k, dk_match, b);
-  at::Tensor dv = assemble(v, dv_match, c);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "dn_self_attention_own_groups_backward", [&] {
+        dispatch_unit_stride({&go, &q, &k, &v, &out, &dq, &dk, &dv}, [&](auto unit) {
+          constexpr bool kUnit = decltype(unit)::value;
+          auto a = own_groups<scalar_t, kUnit>(q, k, v, out, lse, pad_size, group_size, scale);
+          a.go = Rows<const scalar_t, kUnit>(go);
+          a.dq = Rows<scalar_t, kUnit>(dq);
+          a.dk = Rows<scalar_t, kUnit>(dk);
+          a.dv = Rows<scalar_t, kUnit>(dv);
+          run_own_groups(a, q.size(0), true);
+        });
+      });
   return {dq, dk, dv};
 }
 
