@@ -290,16 +290,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dn_self_attention_backward_cpu(
   const int64_t matching = q.size(2) - pad_size;
   if (q.numel() == 0) return {grad_like(q), grad_like(k), grad_like(v)};
   const Segments ks = split_seq(k, pad_size), vs = split_seq(v, pad_size);
-  at::Tensor dq, dk = grad_like(k), dv = grad_like(v);
+  at::Tensor dq, dk, dv;
   if (matching > 0) {
-    auto [dq_all, dk_match, dv_match] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+    at::Tensor dk_match, dv_match;
+    std::tie(dq, dk_match, dv_match) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
         go, q, ks.match, vs.match, out, lse, 0.0, false, std::nullopt, scale);
-    if (pad_size == 0) return {dq_all, dk_match, dv_match};
-    dq = dq_all;
+    if (pad_size == 0) return {dq, dk_match, dv_match};
+    // The full dk and dv are allocated only now, each right before its matching part is released: peak memory
+    // stays that of the flash backward.
+    dk = grad_like(k);
     split_seq(dk, pad_size).match.copy_(dk_match);
+    dk_match.reset();
+    dv = grad_like(v);
     split_seq(dv, pad_size).match.copy_(dv_match);
   } else {
     dq = grad_like(q).zero_();
+    dk = grad_like(k);
+    dv = grad_like(v);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, q.scalar_type(), "dn_self_attention_own_groups_backward", [&] {
