@@ -198,24 +198,15 @@ DNOPS_ALWAYS_INLINE void own_backward_items(const OwnGroups<scalar_t, kUnit>& a,
   }
 }
 
+// The forward (backward = false) or backward items, compiled for AVX2+FMA and for the baseline ISA.
 template <typename scalar_t, bool kUnit>
-DNOPS_TARGET_AVX2 void own_forward_avx2(const OwnGroups<scalar_t, kUnit>& a, int64_t begin, int64_t end) {
-  own_forward_items(a, begin, end);
+DNOPS_TARGET_AVX2 void own_items_avx2(const OwnGroups<scalar_t, kUnit>& a, bool backward, int64_t begin, int64_t end) {
+  backward ? own_backward_items(a, begin, end) : own_forward_items(a, begin, end);
 }
 
 template <typename scalar_t, bool kUnit>
-void own_forward_base(const OwnGroups<scalar_t, kUnit>& a, int64_t begin, int64_t end) {
-  own_forward_items(a, begin, end);
-}
-
-template <typename scalar_t, bool kUnit>
-DNOPS_TARGET_AVX2 void own_backward_avx2(const OwnGroups<scalar_t, kUnit>& a, int64_t begin, int64_t end) {
-  own_backward_items(a, begin, end);
-}
-
-template <typename scalar_t, bool kUnit>
-void own_backward_base(const OwnGroups<scalar_t, kUnit>& a, int64_t begin, int64_t end) {
-  own_backward_items(a, begin, end);
+void own_items_base(const OwnGroups<scalar_t, kUnit>& a, bool backward, int64_t begin, int64_t end) {
+  backward ? own_backward_items(a, begin, end) : own_forward_items(a, begin, end);
 }
 
 template <typename scalar_t, bool kUnit>
@@ -241,11 +232,7 @@ template <typename scalar_t, bool kUnit>
 void run_own_groups(const OwnGroups<scalar_t, kUnit>& a, int64_t batch, bool backward) {
   const bool avx2 = cpu_has_avx2_fma();
   at::parallel_for(0, batch * a.heads * a.groups, 1, [&](int64_t begin, int64_t end) {
-    if (backward) {
-      avx2 ? own_backward_avx2(a, begin, end) : own_backward_base(a, begin, end);
-    } else {
-      avx2 ? own_forward_avx2(a, begin, end) : own_forward_base(a, begin, end);
-    }
+    avx2 ? own_items_avx2(a, backward, begin, end) : own_items_base(a, backward, begin, end);
   });
 }
 
