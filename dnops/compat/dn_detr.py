@@ -26,7 +26,9 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
     num_patterns = max(int(num_patterns), 1)
     device = embedweight.device
     matching = num_queries * num_patterns
-    refpoint_emb = embedweight.repeat(num_patterns, 1).expand(batch_size, -1, -1)
+    refpoint_emb = (embedweight if num_patterns == 1 else embedweight.repeat(num_patterns, 1)).expand(
+        batch_size, -1, -1
+    )
     if not training:
         tgt = label_enc.weight[num_classes].to(embedweight.dtype)
         tgt = torch.cat([tgt, tgt.new_zeros(1)]).expand(batch_size, matching, -1)
@@ -50,9 +52,12 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
     input_query_bbox = torch.cat([dn_box_queries(dn).to(embedweight.dtype), refpoint_emb], 1)
     attn_mask = dn_attn_mask(dn.pad_size, dn.group_size, matching, device=device)
 
-    # The index maps come from the host counts: plain lists, one tensor each, no device round trip.
+    # The index maps come from the host counts: plain lists, one tensor each, no device round trip. know_idx's
+    # columns are views of one arange, and the known labels / boxes one expand-and-copy each: every op here is a
+    # dispatch (a kernel launch on a GPU) on the step's critical path.
     groups = int(scalar)
     within = [j for c in counts for j in range(c)]
+    column = torch.arange(max(counts, default=0), device=device).unsqueeze(1)
     mask_dict = {
         "known_indice": torch.tensor(list(range(labels.shape[0])) * groups, dtype=torch.int64, device=device),
         "batch_idx": torch.tensor(
@@ -61,8 +66,11 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
         "map_known_indice": torch.tensor(
             [j + dn.group_size * g for g in range(groups) for j in within], dtype=torch.int64, device=device
         ),
-        "known_lbs_bboxes": (labels.repeat(groups), boxes.repeat(groups, 1)),
-        "know_idx": [torch.arange(c, device=device).unsqueeze(1) for c in counts],
+        "known_lbs_bboxes": (
+            labels.expand(groups, -1).reshape(-1),
+            boxes.expand(groups, -1, -1).reshape(-1, boxes.shape[1]),
+        ),
+        "know_idx": [column[:c] for c in counts],
         "pad_size": dn.pad_size,
     }
     return input_query_label, input_query_bbox.transpose(0, 1), attn_mask, mask_dict
