@@ -49,6 +49,12 @@ C10_HOST_DEVICE inline bool corner_inside(int k, index_t x0, index_t y0, index_t
   return x >= 0 && x < width && y >= 0 && y < height;
 }
 
+// Row-major position of corner k inside the level (meaningful when the corner is inside the map).
+template <typename index_t>
+C10_HOST_DEVICE inline index_t corner_offset(int k, index_t x0, index_t y0, index_t width) {
+  return (y0 + (k >> 1)) * width + x0 + (k & 1);
+}
+
 // Bilinear weight of corner k and its derivatives in pixel units, from the fractions of bilinear_origin.
 template <typename acc_t>
 C10_HOST_DEVICE inline void corner_weight(int k, acc_t lx, acc_t ly, acc_t& w, acc_t& dwdx, acc_t& dwdy) {
@@ -69,7 +75,7 @@ C10_HOST_DEVICE inline bool bilinear_corners(acc_t loc_x, acc_t loc_y, int64_t h
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     c.valid[k] = corner_inside(k, x0, y0, height, width);
-    c.offset[k] = c.valid[k] ? (y0 + (k >> 1)) * width + x0 + (k & 1) : 0;
+    c.offset[k] = c.valid[k] ? corner_offset(k, x0, y0, width) : 0;
     corner_weight(k, lx, ly, c.weight[k], c.dwdx[k], c.dwdy[k]);
   }
   return true;

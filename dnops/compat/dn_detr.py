@@ -26,9 +26,8 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
     num_patterns = max(int(num_patterns), 1)
     device = embedweight.device
     matching = num_queries * num_patterns
-    refpoint_emb = (embedweight if num_patterns == 1 else embedweight.repeat(num_patterns, 1)).expand(
-        batch_size, -1, -1
-    )
+    # The anchors once per pattern (a view for one pattern, a copy only for several), for every image.
+    refpoint_emb = embedweight.expand(num_patterns, -1, -1).reshape(matching, -1).expand(batch_size, -1, -1)
     if not training:
         tgt = label_enc.weight[num_classes].to(embedweight.dtype)
         tgt = torch.cat([tgt, tgt.new_zeros(1)]).expand(batch_size, matching, -1)

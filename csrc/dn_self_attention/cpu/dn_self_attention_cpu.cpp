@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "cpu_loops.h"
 #include "dn_attn_mask/dn_attn_mask_common.h"
 
 namespace dnops {
@@ -36,12 +37,9 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
   check_dn_structure(pad_size, group_size, q.size(2) - pad_size);
 }
 
-struct Segments {
-  at::Tensor dn, match;  // [0, pad) and [pad, W) along the sequence
-};
-
-Segments split_seq(const at::Tensor& t, int64_t pad_size) {
-  return {t.narrow(2, 0, pad_size), t.narrow(2, pad_size, t.size(2) - pad_size)};
+// The matching queries' rows [pad, W) along the sequence.
+at::Tensor matching_part(const at::Tensor& t, int64_t pad_size) {
+  return t.narrow(2, pad_size, t.size(2) - pad_size);
 }
 
 at::Tensor lse_like(const at::Tensor& q) {
@@ -67,27 +65,26 @@ struct Rows {
   int64_t sd() const { return kUnit ? 1 : sd_; }
 };
 
-// With unit strides the sum runs in 8 partial sums: one running sum is an in-order reduction the compiler may
-// not reassociate, so it would not vectorize.
+// dot / axpy over a row of Dh channels: the shared vectorized loops when the rows are contiguous (kUnit), else
+// strided loops.
 template <typename acc_t, bool kUnit, typename T, typename U>
-DNOPS_ALWAYS_INLINE acc_t dot(const T* x, int64_t sx, const U* y, int64_t sy, int64_t n) {
-  acc_t s = 0;
-  int64_t d = 0;
-  if (kUnit) {
-    acc_t part[8] = {};
-    for (; d + 8 <= n; d += 8) {
-      for (int64_t i = 0; i < 8; ++i) part[i] += static_cast<acc_t>(x[d + i]) * static_cast<acc_t>(y[d + i]);
-    }
-    for (int64_t i = 0; i < 8; ++i) s += part[i];
+DNOPS_ALWAYS_INLINE acc_t row_dot(const T* x, int64_t sx, const U* y, int64_t sy, int64_t n) {
+  if constexpr (kUnit) {
+    return dot<acc_t>(x, y, n);
+  } else {
+    acc_t s = 0;
+    for (int64_t d = 0; d < n; ++d) s += static_cast<acc_t>(x[d * sx]) * static_cast<acc_t>(y[d * sy]);
+    return s;
   }
-  for (; d < n; ++d) s += static_cast<acc_t>(x[d * sx]) * static_cast<acc_t>(y[d * sy]);
-  return s;
 }
 
-// y += alpha * x; the restrict-qualified parameters let GCC vectorize without a run-time alias check.
 template <bool kUnit, typename acc_t, typename T>
-DNOPS_ALWAYS_INLINE void axpy(acc_t* __restrict__ y, acc_t alpha, const T* __restrict__ x, int64_t sx, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] += alpha * static_cast<acc_t>(x[kUnit ? d : d * sx]);
+DNOPS_ALWAYS_INLINE void row_axpy(acc_t* y, acc_t alpha, const T* x, int64_t sx, int64_t n) {
+  if constexpr (kUnit) {
+    axpy(y, alpha, x, n);
+  } else {
+    for (int64_t d = 0; d < n; ++d) y[d] += alpha * static_cast<acc_t>(x[d * sx]);
+  }
 }
 
 // Calls f(std::true_type) when every tensor's last dimension is contiguous, else f(std::false_type).
@@ -128,16 +125,13 @@ DNOPS_ALWAYS_INLINE void own_forward_items(const OwnGroups<scalar_t, kUnit>& a, 
       const scalar_t* qrow = a.q.row(b, h, r);
       acc_t mx = -std::numeric_limits<acc_t>::infinity();
       for (int64_t j = 0; j < gs; ++j) {
-        p[j] = a.scale * dot<acc_t, kUnit>(qrow, a.q.sd(), a.k.row(b, h, first + j), a.k.sd(), dh);
+        p[j] = a.scale * row_dot<acc_t, kUnit>(qrow, a.q.sd(), a.k.row(b, h, first + j), a.k.sd(), dh);
         mx = std::max(mx, p[j]);
       }
       acc_t sum = 0;
       for (int64_t j = 0; j < gs; ++j) sum += (p[j] = std::exp(p[j] - mx));
       std::fill(o.begin(), o.end(), acc_t(0));
-      for (int64_t j = 0; j < gs; ++j) {
-        const scalar_t* vrow = a.v.row(b, h, first + j);
-        for (int64_t d = 0; d < dh; ++d) o[d] += p[j] * static_cast<acc_t>(vrow[d * a.v.sd()]);
-      }
+      for (int64_t j = 0; j < gs; ++j) row_axpy<kUnit>(o.data(), p[j], a.v.row(b, h, first + j), a.v.sd(), dh);
       const acc_t own = mx + std::log(sum);
       acc_t& l = a.lse[(b * a.heads + h) * a.width + r];
       scalar_t* out_row = a.out.row(b, h, r);
@@ -172,16 +166,16 @@ DNOPS_ALWAYS_INLINE void own_backward_items(const OwnGroups<scalar_t, kUnit>& a,
     std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
     for (int64_t r = first; r < first + gs; ++r) {
       const scalar_t *qrow = a.q.row(b, h, r), *grow = a.go.row(b, h, r);
-      const acc_t delta = dot<acc_t, kUnit>(grow, a.go.sd(), a.out.row(b, h, r), a.out.sd(), dh);
+      const acc_t delta = row_dot<acc_t, kUnit>(grow, a.go.sd(), a.out.row(b, h, r), a.out.sd(), dh);
       const acc_t l = a.lse[(b * a.heads + h) * a.width + r];
       std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
       for (int64_t j = 0; j < gs; ++j) {
         const scalar_t *krow = a.k.row(b, h, first + j), *vrow = a.v.row(b, h, first + j);
-        const acc_t prob = std::exp(a.scale * dot<acc_t, kUnit>(qrow, a.q.sd(), krow, a.k.sd(), dh) - l);
-        const acc_t ds = prob * (dot<acc_t, kUnit>(grow, a.go.sd(), vrow, a.v.sd(), dh) - delta) * a.scale;
-        axpy<kUnit>(dq_acc.data(), ds, krow, a.k.sd(), dh);
-        axpy<kUnit>(dk_acc.data() + j * dh, ds, qrow, a.q.sd(), dh);
-        axpy<kUnit>(dv_acc.data() + j * dh, prob, grow, a.go.sd(), dh);
+        const acc_t prob = std::exp(a.scale * row_dot<acc_t, kUnit>(qrow, a.q.sd(), krow, a.k.sd(), dh) - l);
+        const acc_t ds = prob * (row_dot<acc_t, kUnit>(grow, a.go.sd(), vrow, a.v.sd(), dh) - delta) * a.scale;
+        row_axpy<kUnit>(dq_acc.data(), ds, krow, a.k.sd(), dh);
+        row_axpy<kUnit>(dk_acc.data() + j * dh, ds, qrow, a.q.sd(), dh);
+        row_axpy<kUnit>(dv_acc.data() + j * dh, prob, grow, a.go.sd(), dh);
       }
       scalar_t* dq_row = a.dq.row(b, h, r);
       const int64_t sq = a.dq.sd();
@@ -245,16 +239,17 @@ std::tuple<at::Tensor, at::Tensor> dn_self_attention_cpu(const at::Tensor& q_in,
   const at::Tensor &q = q_in, &k = k_in, &v = v_in;
   const int64_t matching = q.size(2) - pad_size;
   if (q.numel() == 0) return {at::empty_like(q), lse_like(q)};
-  const Segments ks = split_seq(k, pad_size), vs = split_seq(v, pad_size);
+  const at::Tensor k_match = matching_part(k, pad_size), v_match = matching_part(v, pad_size);
   at::Tensor out, lse;
   if (matching > 0) {
-    auto [o, l] =
-        at::_scaled_dot_product_flash_attention_for_cpu(q, ks.match, vs.match, 0.0, false, std::nullopt, scale);
+    auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(q, k_match, v_match, 0.0, false, std::nullopt, scale);
     out = o;
     lse = l.contiguous();
     if (pad_size == 0) return {out, lse};
+  } else {
+    out = at::empty_like(q);
+    lse = lse_like(q);
   }
-  if (matching == 0) out = at::empty_like(q), lse = lse_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "dn_self_attention_own_groups", [&] {
     dispatch_unit_stride({&q, &k, &v, &out}, [&](auto unit) {
       auto a = own_groups<scalar_t, decltype(unit)::value>(q, k, v, out, lse, pad_size, group_size, scale);
@@ -276,20 +271,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dn_self_attention_backward_cpu(
   const at::Tensor lse = lse_in.contiguous();
   const int64_t matching = q.size(2) - pad_size;
   if (q.numel() == 0) return {grad_like(q), grad_like(k), grad_like(v)};
-  const Segments ks = split_seq(k, pad_size), vs = split_seq(v, pad_size);
+  const at::Tensor k_match = matching_part(k, pad_size), v_match = matching_part(v, pad_size);
   at::Tensor dq, dk, dv;
   if (matching > 0) {
     at::Tensor dk_match, dv_match;
     std::tie(dq, dk_match, dv_match) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-        go, q, ks.match, vs.match, out, lse, 0.0, false, std::nullopt, scale);
+        go, q, k_match, v_match, out, lse, 0.0, false, std::nullopt, scale);
     if (pad_size == 0) return {dq, dk_match, dv_match};
     // The full dk and dv are allocated only now, each right before its matching part is released: peak memory
     // stays that of the flash backward.
     dk = grad_like(k);
-    split_seq(dk, pad_size).match.copy_(dk_match);
+    matching_part(dk, pad_size).copy_(dk_match);
     dk_match.reset();
     dv = grad_like(v);
-    split_seq(dv, pad_size).match.copy_(dv_match);
+    matching_part(dv, pad_size).copy_(dv_match);
   } else {
     dq = grad_like(q).zero_();
     dk = grad_like(k);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "cpu_loops.h"
 #include "ms_deform_attn/ms_deform_attn.h"
 #include "ms_deform_attn/ms_deform_attn_common.h"
 
@@ -30,34 +31,6 @@ struct Args {
   const scalar_t* weights;
   bool logits;
 };
-
-// Channel loops: kD > 0 fixes the channel count at compile time for the common head dims, so the loops
-// vectorize fully and the accumulators can live in registers; kD == 0 is the any-D path.
-template <int64_t kD, typename acc_t>
-DNOPS_ALWAYS_INLINE void axpy(acc_t* __restrict__ y, acc_t a, const acc_t* __restrict__ x, int64_t n) {
-  const int64_t len = kD > 0 ? kD : n;
-  for (int64_t d = 0; d < len; ++d) y[d] += a * x[d];
-}
-
-// With kD a multiple of kLanes the sum runs in kLanes partial sums: one running sum is an in-order reduction
-// that the compiler may not reassociate, so it would add one product at a time.
-template <int64_t kD, typename scalar_t, typename acc_t>
-DNOPS_ALWAYS_INLINE acc_t dot(const acc_t* __restrict__ g, const scalar_t* __restrict__ v, int64_t n) {
-  constexpr int64_t kLanes = 8;
-  if constexpr (kD > 0 && kD % kLanes == 0) {
-    acc_t part[kLanes] = {};
-    for (int64_t d = 0; d < kD; d += kLanes) {
-      for (int64_t k = 0; k < kLanes; ++k) part[k] += g[d + k] * static_cast<acc_t>(v[d + k]);
-    }
-    acc_t s = 0;
-    for (int64_t k = 0; k < kLanes; ++k) s += part[k];
-    return s;
-  } else {
-    acc_t s = 0;
-    for (int64_t d = 0; d < n; ++d) s += g[d] * static_cast<acc_t>(v[d]);
-    return s;
-  }
-}
 
 void check_cpu_shapes(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t spatial) {
   const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
@@ -110,7 +83,7 @@ template <typename T, typename acc_t>
 DNOPS_ALWAYS_INLINE void corner_rows(const Origin<acc_t>& o, T* base, int64_t height, int64_t width, int64_t row_stride,
                                      T* outside, T* rows[4]) {
   if (o.interior) {
-    T* top_left = base + (o.y0 * width + o.x0) * row_stride;
+    T* top_left = base + msda::corner_offset(0, o.x0, o.y0, width) * row_stride;
     rows[0] = top_left;
     rows[1] = top_left + row_stride;
     rows[2] = top_left + width * row_stride;
@@ -119,11 +92,12 @@ DNOPS_ALWAYS_INLINE void corner_rows(const Origin<acc_t>& o, T* base, int64_t he
   }
   for (int k = 0; k < 4; ++k) {
     const bool valid = o.inside && msda::corner_inside<int64_t>(k, o.x0, o.y0, height, width);
-    rows[k] = valid ? base + ((o.y0 + (k >> 1)) * width + o.x0 + (k & 1)) * row_stride : outside;
+    rows[k] = valid ? base + msda::corner_offset(k, o.x0, o.y0, width) * row_stride : outside;
   }
 }
 
-// One sample's corner rows of value and their weights (bilinear weight x attention weight).
+// One sample's corner rows of value and their weights (the forward folds the attention weight into them, the
+// backward keeps the bilinear weights alone).
 template <typename scalar_t, typename acc_t>
 struct Taps {
   const scalar_t* value[4];
@@ -251,8 +225,10 @@ DNOPS_ALWAYS_INLINE void corner_grads(const acc_t* __restrict__ g, const Taps<sc
     return;
   }
 #endif
-  for (int k = 0; k < 4; ++k) gv[k] = dot<kD>(g, t.value[k], n);
-  for (int k = 0; k < 4; ++k) axpy<kD>(grad_rows[k], scale * t.weight[k], g, n);
+  // kD > 0 fixes the channel count at compile time for the common head dims, so the loops unroll fully.
+  const int64_t len = kD > 0 ? kD : n;
+  for (int k = 0; k < 4; ++k) gv[k] = dot<acc_t>(g, t.value[k], len);
+  for (int k = 0; k < 4; ++k) axpy(grad_rows[k], scale * t.weight[k], g, len);
 }
 
 // The backward's work items and the order threads claim them in. Item (n, group of heads, level) owns the slice
