@@ -7,6 +7,10 @@ from the original's torch.rand draws; the distributions are the same).
 
 from __future__ import annotations
 
+import functools
+from array import array
+from itertools import chain, repeat
+
 import torch
 import torch.nn.functional as F
 
@@ -39,32 +43,34 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
     # One lookup writes the whole sequence-first query tensor (the step's largest write): rows 0..C-1 are the
     # class embeddings with indicator 1, row C the zero padding slot, row C+1 the matching queries' embedding.
     weight = label_enc.weight.to(embedweight.dtype)
+    zero_row, indicator, matching_index = _constants(num_classes, weight.shape[1], matching, batch_size, weight)
     table = torch.cat(
-        [
-            torch.cat([weight[:num_classes], weight.new_ones(num_classes, 1)], 1),
-            weight.new_zeros(1, weight.shape[1] + 1),
-            torch.cat([weight[num_classes : num_classes + 1], weight.new_zeros(1, 1)], 1),
-        ]
+        [torch.cat([weight[:num_classes], zero_row, weight[num_classes : num_classes + 1]]), indicator], 1
     )
-    index = torch.cat([dn.labels.t(), dn.labels.new_full((matching, batch_size), num_classes + 1)])
-    input_query_label = F.embedding(index, table)
+    input_query_label = F.embedding(torch.cat([dn.labels.t(), matching_index]), table)
     input_query_bbox = torch.cat([dn_box_queries(dn).to(embedweight.dtype), refpoint_emb], 1)
     attn_mask = dn_attn_mask(dn.pad_size, dn.group_size, matching, device=device)
 
-    # The index maps come from the host counts: plain lists, one tensor each, no device round trip. know_idx's
-    # columns are views of one arange, and the known labels / boxes one expand-and-copy each: every op here is a
-    # dispatch (a kernel launch on a GPU) on the step's critical path.
-    groups = int(scalar)
-    within = [j for c in counts for j in range(c)]
+    # The index maps come from the host counts: built on the host in one buffer, one tensor (one copy to the device),
+    # no device round trip. know_idx's columns are views of one arange, and the known labels / boxes one
+    # expand-and-copy each: every op here is a dispatch (a kernel launch on a GPU) on the step's critical path.
+    groups, known = int(scalar), labels.shape[0]
+    within = list(chain.from_iterable(map(range, counts)))
+    maps = array("q", range(known))
+    maps *= groups
+    maps.extend(chain.from_iterable(repeat(b, c) for b, c in enumerate(counts)))
+    for g in range(groups):
+        maps.extend(j + dn.group_size * g for j in within)
+    known_indice, batch_idx, map_known_indice = (
+        torch.frombuffer(maps, dtype=torch.int64).to(device).split([known * groups, known, known * groups])
+        if len(maps)
+        else (torch.zeros(0, dtype=torch.int64, device=device),) * 3
+    )
     column = torch.arange(max(counts, default=0), device=device).unsqueeze(1)
     mask_dict = {
-        "known_indice": torch.tensor(list(range(labels.shape[0])) * groups, dtype=torch.int64, device=device),
-        "batch_idx": torch.tensor(
-            [b for b, c in enumerate(counts) for _ in range(c)], dtype=torch.int64, device=device
-        ),
-        "map_known_indice": torch.tensor(
-            [j + dn.group_size * g for g in range(groups) for j in within], dtype=torch.int64, device=device
-        ),
+        "known_indice": known_indice,
+        "batch_idx": batch_idx,
+        "map_known_indice": map_known_indice,
         "known_lbs_bboxes": (
             labels.expand(groups, -1).reshape(-1),
             boxes.expand(groups, -1, -1).reshape(-1, boxes.shape[1]),
@@ -73,6 +79,21 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
         "pad_size": dn.pad_size,
     }
     return input_query_label, input_query_bbox.transpose(0, 1), attn_mask, mask_dict
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_constants(num_classes, width, matching, batch_size, dtype, device):
+    zero_row = torch.zeros(1, width, dtype=dtype, device=device)
+    indicator = torch.zeros(num_classes + 2, 1, dtype=dtype, device=device)
+    indicator[:num_classes] = 1
+    matching_index = torch.full((matching, batch_size), num_classes + 1, dtype=torch.int64, device=device)
+    return zero_row, indicator, matching_index
+
+
+def _constants(num_classes, width, matching, batch_size, like):
+    """(zero row (1, width), indicator column (num_classes + 2, 1), matching rows' index (matching, B)): inputs of
+    every step's lookup that never change, made once per layout instead of three ops per step."""
+    return _cached_constants(num_classes, width, matching, batch_size, like.dtype, like.device)
 
 
 def dn_post_process(outputs_class, outputs_coord, mask_dict):
