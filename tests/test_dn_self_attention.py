@@ -134,6 +134,41 @@ def test_mha_equals_parent_with_dense_mask(layout, m, batch_first):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("sharing", ["q=k=v", "q=k", "distinct"])
+@pytest.mark.parametrize(("bias", "kdim"), [(True, None), (False, None), (True, 24)])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_mha_projections_match_parent(sharing, bias, kdim, batch_first):
+    # The fast path shares one matrix product among inputs that are the same tensor, and projects separately
+    # with kdim / vdim; each way must give the parent's output and gradients.
+    pad, group, nq, embed, heads, batch = 12, 4, 10, 16, 2, 3
+    torch.manual_seed(1)
+    kw = dict(bias=bias, kdim=kdim, vdim=kdim, batch_first=batch_first, dtype=torch.float64)
+    parent = torch.nn.MultiheadAttention(embed, heads, **kw)
+    ours = DNMultiheadAttention(embed, heads, **kw)
+    ours.load_state_dict(parent.state_dict())
+
+    def make(dim):
+        shape = (batch, pad + nq, dim) if batch_first else (pad + nq, batch, dim)
+        return torch.randn(shape, dtype=torch.float64, requires_grad=True)
+
+    q = make(embed)
+    if kdim is not None:
+        k, v = make(kdim), make(kdim)
+    else:
+        k = q if sharing != "distinct" else make(embed)
+        v = q if sharing == "q=k=v" else make(embed)
+    mask = reference.dn_attn_mask(pad, group, nq)
+    expected = parent(q, k, v, attn_mask=mask, need_weights=False)[0]
+    got = ours(q, k, v, dn=(pad, group))[0]
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    leaves = list({id(t): t for t in (q, k, v)}.values())
+    g = torch.randn_like(got)
+    want = torch.autograd.grad(expected, [*leaves, *parent.parameters()], g)
+    have = torch.autograd.grad(got, [*leaves, *ours.parameters()], g)
+    for a, b in zip(have, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_mha_takes_the_fast_path(monkeypatch):
     calls = []
     import dnops.nn.dn_mha as mod

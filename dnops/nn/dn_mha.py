@@ -116,22 +116,30 @@ class DNMultiheadAttention(nn.MultiheadAttention):
     def _dn_forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pad_size: int, group_size: int
     ) -> torch.Tensor:
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        batch, width, embed = query.shape
+        # The projections run in the caller's layout ((W, B, E) or (B, W, E): a 2D matrix product on a view) and
+        # the heads are strided views of their results; the kernel reads any strides and writes its output in q's
+        # memory order, so nothing is copied on either side of the attention. A query that is also the key (as
+        # DN-DETR and DINO call it) shares one matrix product with it, as in nn.MultiheadAttention.
+        embed = query.shape[-1]
         if self._qkv_same_embed_dim:
-            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+            w, b = self.in_proj_weight, self.in_proj_bias
+            b = [None] * 3 if b is None else [b[: 2 * embed], b[2 * embed :], b]
+            if query is key and key is value:
+                q, k, v = F.linear(query, w, b[2]).chunk(3, -1)
+            elif query is key:
+                q, k = F.linear(query, w[: 2 * embed], b[0]).chunk(2, -1)
+                v = F.linear(value, w[2 * embed :], b[1])
+            else:
+                w_q, w_k, w_v = w.chunk(3)
+                b_q, b_k, b_v = (None,) * 3 if b[2] is None else b[2].chunk(3)
+                q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
         else:
-            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        heads = self.num_heads
-
-        def split_heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, width, heads, embed // heads).transpose(1, 2)
-
-        q = split_heads(F.linear(query, w_q, b_q))
-        k = split_heads(F.linear(key, w_k, b_k))
-        v = split_heads(F.linear(value, w_v, b_v))
+            b_q, b_k, b_v = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+            q = F.linear(query, self.q_proj_weight, b_q)
+            k = F.linear(key, self.k_proj_weight, b_k)
+            v = F.linear(value, self.v_proj_weight, b_v)
+        # (B, W, E) or (W, B, E) -> (B, H, W, Dh) views, and the inverse permutation for the output
+        order, inverse = ((0, 2, 1, 3),) * 2 if self.batch_first else ((1, 2, 0, 3), (2, 0, 1, 3))
+        q, k, v = (t.unflatten(-1, (self.num_heads, embed // self.num_heads)).permute(order) for t in (q, k, v))
         out = dn_self_attention(q, k, v, pad_size, group_size)
-        out = self.out_proj(out.transpose(1, 2).reshape(batch, width, embed))
-        return out if self.batch_first else out.transpose(0, 1)
+        return self.out_proj(out.permute(inverse).flatten(-2))
