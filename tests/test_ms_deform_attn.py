@@ -131,6 +131,39 @@ def test_backward_is_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
+def test_many_queries_in_either_visiting_order():
+    # From 256 queries on, the kernel visits an image's queries cell by cell when their samples cluster (image 0:
+    # each query's samples near its own reference point, one head far off) and in their own order otherwise
+    # (image 1: uniform). Either way every output row and gradient must land where the reference puts it,
+    # whatever the thread count.
+    args = make_inputs(n=2, shapes=((12, 14), (6, 7), (3, 4)), lq=300, m=2, d=8, p=2)
+    value, shapes, starts, loc, weights = args
+    centre = torch.rand(300, 1, 1, 1, 2, dtype=loc.dtype)
+    loc[0] = centre + 0.02 * torch.randn_like(loc[0])
+    loc[0, 17, 1] = 1.5
+    args = [t.requires_grad_() if t.is_floating_point() else t for t in args]
+    assert_matches(args)
+    # A NaN query moves in the visiting order, reads zeros and changes no other row.
+    with torch.no_grad():
+        nan_loc = loc.detach().clone()
+        nan_loc[0, 5] = float("nan")
+        clean, with_nan = op(value, shapes, starts, loc, weights), op(value, shapes, starts, nan_loc, weights)
+    assert torch.equal(with_nan[0, 5], torch.zeros_like(with_nan[0, 5]))
+    with_nan[0, 5] = clean[0, 5]
+    assert torch.equal(with_nan, clean)
+    threads = torch.get_num_threads()
+    g = torch.randn(2, 300, 16, dtype=torch.float64)
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(grads(op, args, g))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
+
+
 @pytest.mark.parametrize("logits", [False, True])
 def test_opcheck(logits):
     args = make_inputs(n=1, lq=3, m=2, d=5, requires_grad=True)
