@@ -43,7 +43,9 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
     # One lookup writes the whole sequence-first query tensor (the step's largest write): rows 0..C-1 are the
     # class embeddings with indicator 1, row C the zero padding slot, row C+1 the matching queries' embedding.
     weight = label_enc.weight.to(embedweight.dtype)
-    zero_row, indicator, matching_index = _constants(num_classes, weight.shape[1], matching, batch_size, weight)
+    zero_row, indicator, matching_index = _constants(
+        num_classes, weight.shape[1], matching, batch_size, weight.dtype, weight.device
+    )
     table = torch.cat(
         [torch.cat([weight[:num_classes], zero_row, weight[num_classes : num_classes + 1]]), indicator], 1
     )
@@ -59,8 +61,8 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
     maps = array("q", range(known))
     maps *= groups
     maps.extend(chain.from_iterable(repeat(b, c) for b, c in enumerate(counts)))
-    for g in range(groups):
-        maps.extend(j + dn.group_size * g for j in within)
+    maps.extend([j + dn.group_size * g for g in range(groups) for j in within])
+    # torch.frombuffer rejects an empty buffer (no GT in the batch)
     known_indice, batch_idx, map_known_indice = (
         torch.frombuffer(maps, dtype=torch.int64).to(device).split([known * groups, known, known * groups])
         if len(maps)
@@ -82,18 +84,14 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_constants(num_classes, width, matching, batch_size, dtype, device):
+def _constants(num_classes, width, matching, batch_size, dtype, device):
+    """(zero row (1, width), indicator column (num_classes + 2, 1), matching rows' index (matching, B)): inputs of
+    every step's lookup that never change, made once per layout instead of three ops per step."""
     zero_row = torch.zeros(1, width, dtype=dtype, device=device)
     indicator = torch.zeros(num_classes + 2, 1, dtype=dtype, device=device)
     indicator[:num_classes] = 1
     matching_index = torch.full((matching, batch_size), num_classes + 1, dtype=torch.int64, device=device)
     return zero_row, indicator, matching_index
-
-
-def _constants(num_classes, width, matching, batch_size, like):
-    """(zero row (1, width), indicator column (num_classes + 2, 1), matching rows' index (matching, B)): inputs of
-    every step's lookup that never change, made once per layout instead of three ops per step."""
-    return _cached_constants(num_classes, width, matching, batch_size, like.dtype, like.device)
 
 
 def dn_post_process(outputs_class, outputs_coord, mask_dict):

@@ -122,17 +122,19 @@ class DNMultiheadAttention(nn.MultiheadAttention):
         # DN-DETR and DINO call it) shares one matrix product with it, as in nn.MultiheadAttention.
         embed = query.shape[-1]
         if self._qkv_same_embed_dim:
-            w, b = self.in_proj_weight, self.in_proj_bias
-            b = [None] * 3 if b is None else [b[: 2 * embed], b[2 * embed :], b]
+
+            def packed(x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+                # projections first..last-1 of (q, k, v), i.e. rows [first * E, last * E) of in_proj
+                rows = slice(first * embed, last * embed)
+                bias = None if self.in_proj_bias is None else self.in_proj_bias[rows]
+                return F.linear(x, self.in_proj_weight[rows], bias)
+
             if query is key and key is value:
-                q, k, v = F.linear(query, w, b[2]).chunk(3, -1)
+                q, k, v = packed(query, 0, 3).chunk(3, -1)
             elif query is key:
-                q, k = F.linear(query, w[: 2 * embed], b[0]).chunk(2, -1)
-                v = F.linear(value, w[2 * embed :], b[1])
+                (q, k), v = packed(query, 0, 2).chunk(2, -1), packed(value, 2, 3)
             else:
-                w_q, w_k, w_v = w.chunk(3)
-                b_q, b_k, b_v = (None,) * 3 if b[2] is None else b[2].chunk(3)
-                q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+                q, k, v = packed(query, 0, 1), packed(key, 1, 2), packed(value, 2, 3)
         else:
             b_q, b_k, b_v = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
             q = F.linear(query, self.q_proj_weight, b_q)

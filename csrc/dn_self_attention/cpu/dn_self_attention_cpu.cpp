@@ -142,7 +142,8 @@ DNOPS_ALWAYS_INLINE void own_forward_items(const OwnGroups<scalar_t, kUnit>& a, 
         continue;
       }
       const acc_t top = std::max(own, l);
-      const acc_t w_own = std::exp(own - top) / sum, w_cross = std::exp(l - top), total = std::exp(own - top) + w_cross;
+      const acc_t e_own = std::exp(own - top), w_cross = std::exp(l - top), total = e_own + w_cross;
+      const acc_t w_own = e_own / sum;  // o holds the own segment's unnormalized sum
       for (int64_t d = 0; d < dh; ++d) {
         out_row[d * so] = static_cast<scalar_t>((o[d] * w_own + static_cast<acc_t>(out_row[d * so]) * w_cross) / total);
       }

@@ -32,6 +32,9 @@ struct Args {
   const scalar_t* weights;
   bool logits;
   const int64_t* order;  // entry n * Lq + i: the (n * Lq + q) of image n's i-th query to visit (query_order)
+  // With logits, the backward's (max, sum of exp) of every row, computed once: its work items each see one level
+  // of a row, and would otherwise redo the row's softmax statistics once per level.
+  const at::opmath_type<scalar_t>* softmax = nullptr;
 };
 
 void check_cpu_shapes(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t spatial) {
@@ -290,8 +293,7 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, const WorkPlan&
         const scalar_t* level_value = a.value + level_offset;
         acc_t* level_grad = grad_value + level_offset;
         const scalar_t* w_row = a.weights + row * lp;
-        acc_t mx = 0, sum = 1;
-        if (a.logits) msda::softmax_stats(w_row, lp, mx, sum);
+        const acc_t mx = a.logits ? a.softmax[2 * row] : acc_t(0), sum = a.logits ? a.softmax[2 * row + 1] : acc_t(1);
         const scalar_t* g_row = grad_out + row * dm.channels;
         for (int64_t d = 0; d < channels; ++d) g[d] = static_cast<acc_t>(g_row[d]);
         for (int64_t first = l * dm.points; first < (l + 1) * dm.points; first += kMaxPrefetchSamples) {
@@ -473,7 +475,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const std::vector<int64_t> order = query_order(dm, loc.data_ptr<scalar_t>());
-      const Args<scalar_t> args = make_args<scalar_t>(dm, v, shapes, starts, loc, w, attention_logits, order.data());
+      Args<scalar_t> args = make_args<scalar_t>(dm, v, shapes, starts, loc, w, attention_logits, order.data());
+      const int64_t rows = dm.batch * dm.queries * dm.heads, lp = dm.levels * dm.points;
+      std::vector<acc_t> softmax(attention_logits ? 2 * rows : 0);
+      if (attention_logits) {
+        at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) {
+            msda::softmax_stats(args.weights + row * lp, lp, softmax[2 * row], softmax[2 * row + 1]);
+          }
+        });
+        args.softmax = softmax.data();
+      }
       const scalar_t* g_ptr = g.data_ptr<scalar_t>();
       acc_t* gv_ptr = grad_value.data_ptr<acc_t>();
       scalar_t* gl_ptr = grad_loc.data_ptr<scalar_t>();
@@ -492,11 +504,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       });
       if (attention_logits) {
         // The logits' gradient needs the whole row of weight gradients, which several items wrote.
-        const int64_t lp = dm.levels * dm.points;
-        const scalar_t* w_ptr = w.data_ptr<scalar_t>();
-        at::parallel_for(0, dm.batch * dm.queries * dm.heads, 64, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
           for (int64_t row = begin; row < end; ++row) {
-            msda::softmax_backward_inplace(w_ptr + row * lp, lp, gw_ptr + row * lp);
+            msda::softmax_backward_inplace(args.weights + row * lp, lp, gw_ptr + row * lp);
           }
         });
       }
