@@ -6,6 +6,8 @@
 
 #include <mutex>
 
+#include "compat/dn_detr.h"
+
 TORCH_LIBRARY(dnops, m) {
   m.def("dn_attn_mask(int pad_size, int group_size, int num_queries, *, Device? device=None) -> Tensor");
   m.def(
@@ -47,4 +49,6 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("draw_seed", &draw_seed, "A non-negative 62-bit seed from torch's default CPU generator.");
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled into this extension.");
+  m.def("dn_detr_prepare", &dnops::dn_detr_prepare,
+        "DN-DETR's prepare_for_dn (training) on the dnops ops, see dn_detr.h.");
 }

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from benchmarks.originals import dino_prepare_for_cdn, dn_detr_prepare_for_dn
+from dnops import _backend
 from dnops.compat import dino, dn_detr
 from dnops.dn import dn_concat, dn_loss_pairs, dn_positive_index, dn_split, inverse_sigmoid
 from dnops.ops.dn_queries import dn_queries
@@ -29,14 +30,19 @@ def modules():
 
 
 COUNTS = [[3, 0, 5], [1], [0, 0], [4, 4]]
+# prepare_for_dn's two paths: one call into the C++ extension, and the public ops (no extension, or an override)
+DN_PATHS = ["cpp", "reference"] if _backend.HAS_C else ["reference"]
 
 
+@pytest.mark.parametrize("path", DN_PATHS)
 @pytest.mark.parametrize("counts", COUNTS)
-def test_prepare_for_dn_equals_original_without_noise(counts, modules):
+def test_prepare_for_dn_equals_original_without_noise(counts, path, modules):
     label_enc, _ = modules
     embed = torch.randn(QUERIES, 4)
     args = ((targets_for(counts), 5, 0.0, 0.0, 1), embed, len(counts), True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
-    ours, theirs = dn_detr.prepare_for_dn(*args), dn_detr_prepare_for_dn(*args)
+    with _backend.forced_backend(path):
+        ours = dn_detr.prepare_for_dn(*args)
+    theirs = dn_detr_prepare_for_dn(*args)
     torch.testing.assert_close(ours[0], theirs[0])
     torch.testing.assert_close(ours[1], theirs[1])
     assert torch.equal(ours[2], theirs[2])
@@ -73,6 +79,54 @@ def test_prepare_for_dn_inference_and_noise_bounds(modules):
     gt = gt.repeat(5, 1)
     span = torch.cat([gt[:, 2:] / 2, gt[:, 2:]], 1) * 0.4
     assert ((boxes - gt).abs() <= span + 1e-4).all()
+
+
+@pytest.mark.skipif(not _backend.HAS_C, reason="needs dnops._C")
+@pytest.mark.parametrize("num_patterns", [1, 3])
+def test_prepare_for_dn_paths_agree_with_noise(num_patterns, modules):
+    # the same torch seed gives the same noise on both paths, so they must agree exactly, gradients included
+    label_enc, _ = modules
+    embed = torch.randn(QUERIES, 4, requires_grad=True)
+    # box noise 3: many noised boxes leave [0, 1] and are clamped, where inverse_sigmoid's eps decides the value
+    args = ((targets_for([3, 0, 7, 1]), 4, 0.5, 3.0, num_patterns), embed, 4, True, QUERIES, NUM_CLASSES, HIDDEN)
+    outs = []
+    for path in ("cpp", "reference"):
+        torch.manual_seed(7)
+        with _backend.forced_backend(path):
+            outs.append(dn_detr.prepare_for_dn(*args, label_enc))
+    (label, bbox, mask, meta), (label_r, bbox_r, mask_r, meta_r) = outs
+    assert bbox.shape == (meta["pad_size"] + QUERIES * num_patterns, 4, 4)
+    assert (bbox == inverse_sigmoid(torch.zeros(1))).any()
+    torch.testing.assert_close(label, label_r, rtol=0, atol=0)
+    torch.testing.assert_close(bbox, bbox_r, rtol=0, atol=1e-6)
+    assert torch.equal(mask, mask_r) and meta.keys() == meta_r.keys() and meta["pad_size"] == meta_r["pad_size"]
+    for key in ("known_indice", "batch_idx", "map_known_indice"):
+        assert torch.equal(meta[key], meta_r[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(meta["known_lbs_bboxes"], meta_r["known_lbs_bboxes"], strict=True))
+    assert [t.tolist() for t in meta["know_idx"]] == [t.tolist() for t in meta_r["know_idx"]]
+    weights = torch.randn(label.shape), torch.randn(bbox.shape)
+    grads = [
+        torch.autograd.grad((lab * weights[0]).sum() + (box * weights[1]).sum(), [label_enc.weight, embed])
+        for lab, box in ((label, bbox), (label_r, bbox_r))
+    ]
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.skipif(not _backend.HAS_C, reason="needs dnops._C")
+def test_prepare_for_dn_bad_inputs_raise(modules):
+    label_enc, _ = modules
+    embed = torch.randn(QUERIES, 4)
+    targets = targets_for([2, 1])
+    with pytest.raises(RuntimeError, match="batch_size is 3 but there are 2 targets"):
+        dn_detr.prepare_for_dn((targets, 5, 0.2, 0.4, 1), embed, 3, True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+    with pytest.raises(RuntimeError, match="label_enc needs num_classes \\+ 1 = 11 rows, has 10"):
+        dn_detr.prepare_for_dn((targets, 5, 0.2, 0.4, 1), embed, 2, True, QUERIES, 10, HIDDEN, label_enc)
+    with pytest.raises(RuntimeError, match="one labels and one boxes tensor per image"):
+        dn_detr.prepare_for_dn(([], 5, 0.2, 0.4, 1), embed, 0, True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+    targets[0]["labels"] = targets[0]["labels"] + NUM_CLASSES
+    with pytest.raises(RuntimeError, match="labels must be in \\[0, num_classes=9\\)"):
+        dn_detr.prepare_for_dn((targets, 5, 0.2, 0.4, 1), embed, 2, True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
 
 
 @pytest.mark.parametrize("counts", COUNTS)

@@ -2,7 +2,8 @@
 
 Same signatures and return structures (sequence-first query tensors, the dense bool mask, mask_dict keys), but
 device-agnostic and fused: the noise comes from dnops.dn_queries (counter-based, so the random numbers differ
-from the original's torch.rand draws; the distributions are the same).
+from the original's torch.rand draws; the distributions are the same), and with the C++ extension the whole
+training branch is one call into it (csrc/compat/dn_detr.h).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from itertools import chain, repeat
 import torch
 import torch.nn.functional as F
 
-from dnops.compat._dn_targets import queries_from_targets
+from dnops import _backend
 from dnops.dn import dn_box_queries
 from dnops.ops.dn_attn_mask import dn_attn_mask
+from dnops.ops.dn_queries import dn_queries
 
 
 def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc):
@@ -30,57 +32,92 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
     num_patterns = max(int(num_patterns), 1)
     device = embedweight.device
     matching = num_queries * num_patterns
-    # The anchors once per pattern (a view for one pattern, a copy only for several), for every image.
-    refpoint_emb = embedweight.expand(num_patterns, -1, -1).reshape(matching, -1).expand(batch_size, -1, -1)
     if not training:
         tgt = label_enc.weight[num_classes].to(embedweight.dtype)
         tgt = torch.cat([tgt, tgt.new_zeros(1)]).expand(batch_size, matching, -1)
-        return tgt.transpose(0, 1), refpoint_emb.transpose(0, 1), None, None
+        return tgt.transpose(0, 1), _anchors(embedweight, num_patterns, batch_size).transpose(0, 1), None, None
 
-    labels, boxes, counts, dn = queries_from_targets(
-        targets, "dn", num_classes, label_noise_scale, box_noise_scale, num_groups=scalar
-    )
-    # One lookup writes the whole sequence-first query tensor (the step's largest write): rows 0..C-1 are the
-    # class embeddings with indicator 1, row C the zero padding slot, row C+1 the matching queries' embedding.
-    weight = label_enc.weight.to(embedweight.dtype)
-    zero_row, indicator, matching_index = _constants(
-        num_classes, weight.shape[1], matching, batch_size, weight.dtype, weight.device
-    )
-    table = torch.cat(
-        [torch.cat([weight[:num_classes], zero_row, weight[num_classes : num_classes + 1]]), indicator], 1
-    )
-    input_query_label = F.embedding(torch.cat([dn.labels.t(), matching_index]), table)
-    input_query_bbox = torch.cat([dn_box_queries(dn).to(embedweight.dtype), refpoint_emb], 1)
-    attn_mask = dn_attn_mask(dn.pad_size, dn.group_size, matching, device=device)
-
-    # The index maps come from the host counts: built on the host in one buffer, one tensor (one copy to the device),
-    # no device round trip. know_idx's columns are views of one arange, and the known labels / boxes one
-    # expand-and-copy each: every op here is a dispatch (a kernel launch on a GPU) on the step's critical path.
-    groups, known = int(scalar), labels.shape[0]
-    within = list(chain.from_iterable(map(range, counts)))
-    maps = array("q", range(known))
-    maps *= groups
-    maps.extend(chain.from_iterable(repeat(b, c) for b, c in enumerate(counts)))
-    maps.extend([j + dn.group_size * g for g in range(groups) for j in within])
-    # torch.frombuffer rejects an empty buffer (no GT in the batch)
-    known_indice, batch_idx, map_known_indice = (
-        torch.frombuffer(maps, dtype=torch.int64).to(device).split([known * groups, known, known * groups])
-        if len(maps)
-        else (torch.zeros(0, dtype=torch.int64, device=device),) * 3
-    )
-    column = torch.arange(max(counts, default=0), device=device).unsqueeze(1)
+    groups = int(scalar)
+    labels, boxes = [t["labels"] for t in targets], [t["boxes"] for t in targets]
+    counts = [len(x) for x in labels]
+    constants = _constants(num_classes, label_enc.weight.shape[1], matching, batch_size, embedweight.dtype, device)
+    noise = max(float(label_noise_scale), 0.0), max(float(box_noise_scale), 0.0)
+    if _backend.choose("dn_queries", device) == "cpp":
+        # The adapter's cost is its ~30 dispatches and the Python between them, not arithmetic: in C++ they cost
+        # a fraction (same ops, same autograd graph, the same seed draw as dnops.dn_queries).
+        outputs = _backend._C.dn_detr_prepare(
+            labels,
+            boxes,
+            label_enc.weight,
+            embedweight,
+            *constants,
+            num_patterns,
+            num_classes,
+            groups,
+            *noise,
+            _backend.draw_seed(),
+        )
+    else:
+        outputs = _prepare_on_ops(
+            labels, boxes, counts, label_enc.weight, embedweight, constants, num_patterns, num_classes, groups, noise
+        )
+    input_query_label, input_query_bbox, attn_mask, maps, known_labels, known_boxes = outputs
+    known = sum(counts)
+    known_indice, batch_idx, map_known_indice, within = maps.split([known * groups, known, known * groups, known])
     mask_dict = {
         "known_indice": known_indice,
         "batch_idx": batch_idx,
         "map_known_indice": map_known_indice,
-        "known_lbs_bboxes": (
-            labels.expand(groups, -1).reshape(-1),
-            boxes.expand(groups, -1, -1).reshape(-1, boxes.shape[1]),
-        ),
-        "know_idx": [column[:c] for c in counts],
-        "pad_size": dn.pad_size,
+        "known_lbs_bboxes": (known_labels, known_boxes),
+        # one split of a column view rather than one slice per image: each is a dispatch on the step's critical path
+        "know_idx": list(within.unsqueeze(1).split(counts)),
+        "pad_size": groups * max(counts, default=0),
     }
-    return input_query_label, input_query_bbox.transpose(0, 1), attn_mask, mask_dict
+    return input_query_label, input_query_bbox, attn_mask, mask_dict
+
+
+def _prepare_on_ops(labels, boxes, counts, weight, anchors, constants, num_patterns, num_classes, groups, noise):
+    """What csrc/compat/dn_detr.h's dn_detr_prepare returns, on the public ops (without the C++ extension, or with
+    another DNOPS_BACKEND): (input_query_label, input_query_bbox, attn_mask, index maps, known labels, boxes)."""
+    gt_labels, gt_boxes = torch.cat(labels).long(), torch.cat(boxes)
+    dn = dn_queries(
+        gt_labels,
+        gt_boxes,
+        counts,
+        num_classes=num_classes,
+        mode="dn",
+        num_groups=groups,
+        label_noise_ratio=noise[0],
+        box_noise_scale=noise[1],
+    )
+    zero_row, indicator, matching_index = constants
+    weight = weight.to(anchors.dtype)
+    table = torch.cat(
+        [torch.cat([weight[:num_classes], zero_row, weight[num_classes : num_classes + 1]]), indicator], 1
+    )
+    input_query_label = F.embedding(torch.cat([dn.labels.t(), matching_index]), table)
+    refpoint = _anchors(anchors, num_patterns, len(counts))
+    input_query_bbox = torch.cat([dn_box_queries(dn).to(anchors.dtype), refpoint], 1).transpose(0, 1)
+    attn_mask = dn_attn_mask(dn.pad_size, dn.group_size, matching_index.shape[0], device=anchors.device)
+
+    within = list(chain.from_iterable(map(range, counts)))
+    maps = array("q", range(len(within)))
+    maps *= groups
+    maps.extend(chain.from_iterable(repeat(b, c) for b, c in enumerate(counts)))
+    maps.extend([j + dn.group_size * g for g in range(groups) for j in within])
+    maps.extend(within)
+    # torch.frombuffer rejects an empty buffer (no GT in the batch)
+    maps = (
+        torch.frombuffer(maps, dtype=torch.int64).to(anchors.device)
+        if len(maps)
+        else torch.zeros(0, dtype=torch.int64, device=anchors.device)
+    )
+    return input_query_label, input_query_bbox, attn_mask, maps, gt_labels.repeat(groups), gt_boxes.repeat(groups, 1)
+
+
+def _anchors(embedweight: torch.Tensor, num_patterns: int, batch_size: int) -> torch.Tensor:
+    """(B, num_queries * num_patterns, 4): the anchors once per pattern (a view for one pattern), for every image."""
+    return embedweight.expand(num_patterns, -1, -1).reshape(-1, embedweight.shape[1]).expand(batch_size, -1, -1)
 
 
 @functools.lru_cache(maxsize=16)
