@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -18,21 +19,27 @@ def _sync(device: torch.device) -> None:
 def median_ms_interleaved(
     fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int = 3, budget_s: float = 2.0
 ) -> dict[str, float]:
-    """Median wall time in ms of each of ``fns``, their repetitions interleaved (a, b, c, a, b, c, ...).
+    """Median wall time in ms of each of ``fns``, their repetitions interleaved (a, c, b, b, a, c, ...).
 
     On a shared machine whose load drifts, timing one implementation after the other puts them in different
     conditions; interleaving gives every implementation samples from the same stretches of time, so their
-    ratios are fair. Each gets one warm-up call, then rounds run until ``budget_s`` per implementation has
+    ratios are fair. Each round runs them in a new random order (seeded, so runs repeat): what ran just before
+    a call sets how much of its code and data is still cached (a call after the 600-op dn_queries reference took
+    ~1.2x as long as the same call after a small op), so a fixed order would favour whoever follows the
+    cheapest neighbour. Each gets one warm-up call, then rounds run until ``budget_s`` per implementation has
     passed (at least ``min_reps`` rounds, at most 200).
     """
     for fn in fns.values():
         fn()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
+    shuffle = random.Random(0).shuffle
     start_all = time.perf_counter()
     rounds = 0
     while rounds < min_reps or (time.perf_counter() - start_all < budget_s * len(fns) and rounds < 200):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name, fn in order:
             t0 = time.perf_counter()
             fn()
             _sync(device)

@@ -29,7 +29,11 @@ def dn_detr_group_mask(pad_size: int, single_pad: int, groups: int, tgt_size: in
 
 
 def dn_detr_prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc):
-    """DN-DETR's prepare_for_dn: (input_query_label (W, B, C), input_query_bbox (W, B, 4), attn_mask, mask_dict)."""
+    """DN-DETR's prepare_for_dn: (input_query_label (W, B, C), input_query_bbox (W, B, 4), attn_mask, mask_dict).
+
+    ``label_enc=None`` stops at the generation and the mask (what dnops.dn_queries + dnops.dn_attn_mask replace):
+    the noised labels and boxes are scattered into the padded layout dnops.dn_queries returns, (B, pad) and
+    (B, pad, 4) batch-first, instead of their embeddings into the query tensors."""
     device = embedweight.device
     if training:
         targets, scalar, label_noise_scale, box_noise_scale, num_patterns = dn_args
@@ -37,10 +41,11 @@ def dn_detr_prepare_for_dn(dn_args, embedweight, batch_size, training, num_queri
         num_patterns = dn_args
     if num_patterns == 0:
         num_patterns = 1
-    indicator0 = torch.zeros([num_queries * num_patterns, 1], device=device)
-    tgt = label_enc(torch.tensor(num_classes, device=device)).repeat(num_queries * num_patterns, 1)
-    tgt = torch.cat([tgt, indicator0], dim=1)
-    refpoint_emb = embedweight.repeat(num_patterns, 1)
+    if label_enc is not None:
+        indicator0 = torch.zeros([num_queries * num_patterns, 1], device=device)
+        tgt = label_enc(torch.tensor(num_classes, device=device)).repeat(num_queries * num_patterns, 1)
+        tgt = torch.cat([tgt, indicator0], dim=1)
+        refpoint_emb = embedweight.repeat(num_patterns, 1)
     if not training:
         return (
             tgt.repeat(batch_size, 1, 1).transpose(0, 1),
@@ -71,13 +76,18 @@ def dn_detr_prepare_for_dn(dn_args, embedweight, batch_size, training, num_queri
         diff[:, 2:] = noised_boxes[:, 2:]
         noised_boxes += torch.mul(torch.rand_like(noised_boxes) * 2 - 1.0, diff) * box_noise_scale
         noised_boxes = noised_boxes.clamp(min=0.0, max=1.0)
-    label_embed = label_enc(noised_labels.long())
-    label_embed = torch.cat([label_embed, torch.ones([label_embed.shape[0], 1], device=device)], dim=1)
-    bbox_embed = _inverse_sigmoid(noised_boxes)
     single_pad = int(max(known_num)) if known_num else 0
     pad_size = int(single_pad * scalar)
-    input_query_label = torch.cat([torch.zeros(pad_size, hidden_dim, device=device), tgt]).repeat(batch_size, 1, 1)
-    input_query_bbox = torch.cat([torch.zeros(pad_size, 4, device=device), refpoint_emb]).repeat(batch_size, 1, 1)
+    if label_enc is None:
+        label_embed, bbox_embed = noised_labels.long(), noised_boxes
+        input_query_label = torch.full((batch_size, pad_size), num_classes, dtype=torch.long, device=device)
+        input_query_bbox = torch.full((batch_size, pad_size, 4), 0.5, device=device)
+    else:
+        label_embed = label_enc(noised_labels.long())
+        label_embed = torch.cat([label_embed, torch.ones([label_embed.shape[0], 1], device=device)], dim=1)
+        bbox_embed = _inverse_sigmoid(noised_boxes)
+        input_query_label = torch.cat([torch.zeros(pad_size, hidden_dim, device=device), tgt]).repeat(batch_size, 1, 1)
+        input_query_bbox = torch.cat([torch.zeros(pad_size, 4, device=device), refpoint_emb]).repeat(batch_size, 1, 1)
     map_known = torch.tensor([], device=device)
     if len(known_num):
         map_known = torch.cat([torch.tensor(range(num)) for num in known_num])
@@ -95,15 +105,19 @@ def dn_detr_prepare_for_dn(dn_args, embedweight, batch_size, training, num_queri
         "know_idx": know_idx,
         "pad_size": pad_size,
     }
+    if label_enc is None:
+        return input_query_label, input_query_bbox, attn_mask, mask_dict
     return input_query_label.transpose(0, 1), input_query_bbox.transpose(0, 1), attn_mask, mask_dict
 
 
 def dino_prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim, label_enc):
-    """DINO's prepare_for_cdn: (input_query_label (B, pad, C), input_query_bbox (B, pad, 4), attn_mask, dn_meta)."""
+    """DINO's prepare_for_cdn: (input_query_label (B, pad, C), input_query_bbox (B, pad, 4), attn_mask, dn_meta).
+
+    ``label_enc=None`` stops at the generation and the mask, as in dn_detr_prepare_for_dn."""
     if not training:
         return None, None, None, None
     targets, dn_number, label_noise_ratio, box_noise_scale = dn_args
-    device = label_enc.weight.device
+    device = targets[0]["labels"].device if label_enc is None else label_enc.weight.device
     dn_number = dn_number * 2
     known = [torch.ones_like(t["labels"]) for t in targets]
     batch_size = len(known)
@@ -147,10 +161,15 @@ def dino_prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim
         xyxy = (xyxy + torch.mul(part, diff) * box_noise_scale).clamp(min=0.0, max=1.0)
         noised_boxes[:, :2] = (xyxy[:, :2] + xyxy[:, 2:]) / 2
         noised_boxes[:, 2:] = xyxy[:, 2:] - xyxy[:, :2]
-    label_embed = label_enc(noised_labels.long())
-    bbox_embed = _inverse_sigmoid(noised_boxes)
-    input_query_label = torch.zeros(pad_size, hidden_dim, device=device).repeat(batch_size, 1, 1)
-    input_query_bbox = torch.zeros(pad_size, 4, device=device).repeat(batch_size, 1, 1)
+    if label_enc is None:
+        label_embed, bbox_embed = noised_labels.long(), noised_boxes
+        input_query_label = torch.full((batch_size, pad_size), num_classes, dtype=torch.long, device=device)
+        input_query_bbox = torch.full((batch_size, pad_size, 4), 0.5, device=device)
+    else:
+        label_embed = label_enc(noised_labels.long())
+        bbox_embed = _inverse_sigmoid(noised_boxes)
+        input_query_label = torch.zeros(pad_size, hidden_dim, device=device).repeat(batch_size, 1, 1)
+        input_query_bbox = torch.zeros(pad_size, 4, device=device).repeat(batch_size, 1, 1)
     map_known = torch.tensor([], device=device)
     if len(known_num):
         map_known = torch.cat([torch.tensor(range(num)) for num in known_num])

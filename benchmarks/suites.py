@@ -75,7 +75,9 @@ def _targets(labels: torch.Tensor, boxes: torch.Tensor, counts: list[int]) -> li
 
 
 def dn_queries_benches(quick: bool = False) -> Iterator[Bench]:
-    """The fused op and the adapters vs the published DN-DETR / DINO algorithms (generation + mask + assembly).
+    """The published DN-DETR / DINO algorithms vs dnops, two ways: generation + mask (variant "gen+mask": the
+    noised GT in the padded layout and the attention mask, what dnops.dn_queries replaces) and end to end
+    (variants "dn" / "cdn": the query tensors, mask and index maps, what the adapters replace).
 
     DN: 5 groups, noise 0.2 / 0.4, 300 queries; CDN: dn_number 100, noise 0.5 / 1.0, 900 queries; 91 classes.
     """
@@ -86,41 +88,40 @@ def dn_queries_benches(quick: bool = False) -> Iterator[Bench]:
     hidden = 256
     enc_dn, enc_cdn = torch.nn.Embedding(92, hidden - 1), torch.nn.Embedding(92, hidden)
     anchors = torch.rand(300, 4)
+    fused = _backend.has_kernel("dn_queries", "cpu")
     for batch in (2, 8) if quick else (2, 8, 32):
         labels, boxes, counts = cases.dn_inputs(batch)
         targets = _targets(labels, boxes, counts)
-        dn_args = (targets, 5, 0.2, 0.4, 1)
-        bench = Bench("dn_queries", f"B={batch}", "dn", baseline="DN-DETR algorithm", count_ops=True)
-        bench.impls["DN-DETR algorithm"] = lambda a=dn_args, b=batch: originals.dn_detr_prepare_for_dn(
-            a, anchors, b, True, 300, 91, hidden, enc_dn
-        )
-        bench.impls["reference"] = lambda a=(labels, boxes, counts): _with_backend("reference", dnops.dn_queries)(
-            *a, num_classes=91, mode="dn"
-        )
-        if _backend.has_kernel("dn_queries", "cpu"):
-            bench.impls["dnops.dn_queries"] = lambda a=(labels, boxes, counts): dnops.dn_queries(
-                *a, num_classes=91, mode="dn"
+        for mode, algorithm, queries in (("dn", "DN-DETR", 300), ("cdn", "DINO", 900)):
+            if mode == "dn":
+                args = ((targets, 5, 0.2, 0.4, 1), anchors, batch, True, queries, 91, hidden)
+                original, adapter, enc = originals.dn_detr_prepare_for_dn, dn_detr.prepare_for_dn, enc_dn
+            else:
+                args = ((targets, 100, 0.5, 1.0), True, queries, 91, hidden)
+                original, adapter, enc = originals.dino_prepare_for_cdn, dino.prepare_for_cdn, enc_cdn
+            bench = Bench(
+                "dn_queries", f"B={batch}", f"{mode} gen+mask", baseline=f"{algorithm} gen+mask", count_ops=True
             )
-            bench.impls["dnops prepare_for_dn"] = lambda a=dn_args, b=batch: dn_detr.prepare_for_dn(
-                a, anchors, b, True, 300, 91, hidden, enc_dn
-            )
-        yield bench
-        cdn_args = (targets, 100, 0.5, 1.0)
-        bench = Bench("dn_queries", f"B={batch}", "cdn", baseline="DINO algorithm", count_ops=True)
-        bench.impls["DINO algorithm"] = lambda a=cdn_args: originals.dino_prepare_for_cdn(
-            a, True, 900, 91, hidden, enc_cdn
-        )
-        bench.impls["reference"] = lambda a=(labels, boxes, counts): _with_backend("reference", dnops.dn_queries)(
-            *a, num_classes=91, mode="cdn"
-        )
-        if _backend.has_kernel("dn_queries", "cpu"):
-            bench.impls["dnops.dn_queries"] = lambda a=(labels, boxes, counts): dnops.dn_queries(
-                *a, num_classes=91, mode="cdn"
-            )
-            bench.impls["dnops prepare_for_cdn"] = lambda a=cdn_args: dino.prepare_for_cdn(
-                a, True, 900, 91, hidden, enc_cdn
-            )
-        yield bench
+            bench.impls[f"{algorithm} gen+mask"] = lambda f=original, a=args: f(*a, None)
+            gen = (labels, boxes, counts, mode, queries)
+            bench.impls["reference"] = lambda a=gen: _with_backend("reference", _dn_queries_and_mask)(*a)
+            if fused:
+                # dnops' attention takes the DN structure (pad_size, group_size) instead of a mask, so the fused
+                # op alone replaces generation + mask; the dense mask is for nn.MultiheadAttention users
+                bench.impls["dnops.dn_queries"] = lambda a=gen: dnops.dn_queries(*a[:3], num_classes=91, mode=a[3])
+                bench.impls["dnops.dn_queries + dn_attn_mask"] = lambda a=gen: _dn_queries_and_mask(*a)
+            yield bench
+            bench = Bench("dn_queries", f"B={batch}", mode, baseline=f"{algorithm} algorithm", count_ops=True)
+            bench.impls[f"{algorithm} algorithm"] = lambda f=original, a=args, e=enc: f(*a, e)
+            if fused:
+                bench.impls[f"dnops {adapter.__name__}"] = lambda f=adapter, a=args, e=enc: f(*a, e)
+            yield bench
+
+
+def _dn_queries_and_mask(labels, boxes, counts, mode: str, num_queries: int) -> tuple[dnops.DNQueries, torch.Tensor]:
+    """The fused generation (DN-DETR's / DINO's default noise) and the attention mask of its layout."""
+    dn = dnops.dn_queries(labels, boxes, counts, num_classes=91, mode=mode)
+    return dn, dnops.dn_attn_mask(dn.pad_size, dn.group_size, num_queries)
 
 
 def _sdpa_dense_mask(case: cases.DNAttnCase) -> Callable[..., torch.Tensor]:

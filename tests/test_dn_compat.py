@@ -8,6 +8,7 @@ from benchmarks.originals import dino_prepare_for_cdn, dn_detr_prepare_for_dn
 from dnops import _backend
 from dnops.compat import dino, dn_detr
 from dnops.dn import dn_concat, dn_loss_pairs, dn_positive_index, dn_split, inverse_sigmoid
+from dnops.ops.dn_attn_mask import dn_attn_mask
 from dnops.ops.dn_queries import dn_queries
 from tests.dn_utils import make_gt
 
@@ -79,6 +80,28 @@ def test_prepare_for_dn_inference_and_noise_bounds(modules):
     gt = gt.repeat(5, 1)
     span = torch.cat([gt[:, 2:] / 2, gt[:, 2:]], 1) * 0.4
     assert ((boxes - gt).abs() <= span + 1e-4).all()
+
+
+@pytest.mark.parametrize("counts", COUNTS)
+@pytest.mark.parametrize("mode", ["dn", "cdn"])
+def test_originals_generation_and_mask_match_the_fused_ops(counts, mode):
+    # the "gen+mask" baseline of the dn_queries benchmarks computes what dnops.dn_queries + dn_attn_mask return
+    targets = targets_for(counts)
+    if mode == "dn":
+        args = ((targets, 5, 0.0, 0.0, 1), torch.zeros(QUERIES, 4), len(counts), True, QUERIES, NUM_CLASSES, HIDDEN)
+        labels, boxes, mask, _ = dn_detr_prepare_for_dn(*args, None)
+    else:
+        labels, boxes, mask, _ = dino_prepare_for_cdn(
+            (targets, 100, 0.0, 0.0), True, QUERIES, NUM_CLASSES, HIDDEN, None
+        )
+    gt_labels = torch.cat([t["labels"] for t in targets])
+    gt_boxes = torch.cat([t["boxes"] for t in targets])
+    dn = dn_queries(
+        gt_labels, gt_boxes, counts, num_classes=NUM_CLASSES, mode=mode, label_noise_ratio=0.0, box_noise_scale=0.0
+    )
+    assert torch.equal(labels, dn.labels)
+    torch.testing.assert_close(boxes, dn.boxes)
+    assert torch.equal(mask, dn_attn_mask(dn.pad_size, dn.group_size, QUERIES))
 
 
 @pytest.mark.skipif(not _backend.HAS_C, reason="needs dnops._C")
