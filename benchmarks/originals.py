@@ -12,6 +12,14 @@ def _inverse_sigmoid(x, eps=1e-3):
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def _padded_layout(noised_labels, noised_boxes, batch_size, pad_size, num_classes):
+    """The ending without label_enc: the noised GT and the (B, pad) / (B, pad, 4) tensors of dnops.dn_queries'
+    padded layout (padding label num_classes, box 0.5) that it is scattered into instead of the embeddings."""
+    device = noised_boxes.device
+    labels = torch.full((batch_size, pad_size), num_classes, dtype=torch.long, device=device)
+    return noised_labels.long(), noised_boxes, labels, torch.full((batch_size, pad_size, 4), 0.5, device=device)
+
+
 def dn_detr_group_mask(pad_size: int, single_pad: int, groups: int, tgt_size: int, device=None) -> torch.Tensor:
     """DN-DETR's mask: matching rows block the DN part, each group's rows block every other group."""
     mask = torch.zeros(tgt_size, tgt_size, dtype=torch.bool, device=device)
@@ -79,9 +87,9 @@ def dn_detr_prepare_for_dn(dn_args, embedweight, batch_size, training, num_queri
     single_pad = int(max(known_num)) if known_num else 0
     pad_size = int(single_pad * scalar)
     if label_enc is None:
-        label_embed, bbox_embed = noised_labels.long(), noised_boxes
-        input_query_label = torch.full((batch_size, pad_size), num_classes, dtype=torch.long, device=device)
-        input_query_bbox = torch.full((batch_size, pad_size, 4), 0.5, device=device)
+        label_embed, bbox_embed, input_query_label, input_query_bbox = _padded_layout(
+            noised_labels, noised_boxes, batch_size, pad_size, num_classes
+        )
     else:
         label_embed = label_enc(noised_labels.long())
         label_embed = torch.cat([label_embed, torch.ones([label_embed.shape[0], 1], device=device)], dim=1)
@@ -162,9 +170,9 @@ def dino_prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim
         noised_boxes[:, :2] = (xyxy[:, :2] + xyxy[:, 2:]) / 2
         noised_boxes[:, 2:] = xyxy[:, 2:] - xyxy[:, :2]
     if label_enc is None:
-        label_embed, bbox_embed = noised_labels.long(), noised_boxes
-        input_query_label = torch.full((batch_size, pad_size), num_classes, dtype=torch.long, device=device)
-        input_query_bbox = torch.full((batch_size, pad_size, 4), 0.5, device=device)
+        label_embed, bbox_embed, input_query_label, input_query_bbox = _padded_layout(
+            noised_labels, noised_boxes, batch_size, pad_size, num_classes
+        )
     else:
         label_embed = label_enc(noised_labels.long())
         bbox_embed = _inverse_sigmoid(noised_boxes)
