@@ -136,6 +136,31 @@ def test_prepare_for_dn_paths_agree_with_noise(num_patterns, modules):
         torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.cuda
+def test_prepare_for_dn_on_cuda_equals_cpu(modules):
+    # the C++ path on a GPU (dnops' CUDA kernels, the index maps copied from the host) against the CPU run
+    label_enc, _ = modules
+    embed = torch.randn(QUERIES, 4)
+    targets = targets_for([3, 0, 5])
+    args = ((targets, 5, 0.3, 0.6, 2), embed, 3, True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+    on_gpu = (
+        ([{k: v.cuda() for k, v in t.items()} for t in targets], 5, 0.3, 0.6, 2),
+        embed.cuda(),
+        *args[2:7],
+        torch.nn.Embedding.from_pretrained(label_enc.weight.detach().cuda()),
+    )
+    torch.manual_seed(3)
+    cpu = dn_detr.prepare_for_dn(*args)
+    torch.manual_seed(3)
+    gpu = dn_detr.prepare_for_dn(*on_gpu)
+    torch.testing.assert_close(cpu[0], gpu[0].cpu(), rtol=0, atol=0)
+    # boxes agree within 1e-6 across backends; inverse_sigmoid's slope (up to ~1/eps) can scale that near 0 and 1
+    torch.testing.assert_close(cpu[1], gpu[1].cpu(), rtol=1e-5, atol=1e-3)
+    assert torch.equal(cpu[2], gpu[2].cpu())
+    for key in ("known_indice", "batch_idx", "map_known_indice"):
+        assert torch.equal(cpu[3][key], gpu[3][key].cpu()), key
+
+
 @pytest.mark.skipif(not _backend.HAS_C, reason="needs dnops._C")
 def test_prepare_for_dn_bad_inputs_raise(modules):
     label_enc, _ = modules
