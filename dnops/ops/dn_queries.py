@@ -81,7 +81,8 @@ def dn_queries(
     backend = _backend.choose("dn_queries", labels.device, TRITON_OPS)
     if backend == "cpp":
         check_dn_queries_args(labels, boxes, counts, num_classes, check_values=False)
-        out = torch.ops.dnops.dn_queries(*args)
+        # the overload itself: the packet's overload resolution is ~5 us of a ~60 us call in a training step
+        out = torch.ops.dnops.dn_queries.default(*args)
     elif backend == "triton":
         from dnops.triton.dn_queries import dn_queries_triton
 

@@ -34,7 +34,7 @@ if _backend.HAS_C:
 
     def _backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.dnops._dn_self_attention_backward(grad_out, q, k, v, out, lse, *ctx.structure)
+        dq, dk, dv = torch.ops.dnops._dn_self_attention_backward.default(grad_out, q, k, v, out, lse, *ctx.structure)
         return dq, dk, dv, None, None, None
 
     torch.library.register_autograd("dnops::dn_self_attention", _backward, setup_context=_setup_context)
@@ -61,7 +61,7 @@ def dn_self_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = _backend.choose("dn_self_attention", q.device, TRITON_OPS)
     if backend == "cpp":
-        return torch.ops.dnops.dn_self_attention(q, k, v, pad_size, group_size, scale)[0]
+        return torch.ops.dnops.dn_self_attention.default(q, k, v, pad_size, group_size, scale)[0]
     if backend == "triton":
         from dnops.triton.dn_self_attention import dn_self_attention_triton
 

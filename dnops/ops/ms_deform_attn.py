@@ -29,7 +29,7 @@ if _backend.HAS_C:
         ctx.logits = logits
 
     def _backward(ctx, grad_output):
-        grads = torch.ops.dnops._ms_deform_attn_backward(grad_output, *ctx.saved_tensors, ctx.logits)
+        grads = torch.ops.dnops._ms_deform_attn_backward.default(grad_output, *ctx.saved_tensors, ctx.logits)
         return grads[0], None, None, grads[1], grads[2], None
 
     torch.library.register_autograd("dnops::ms_deform_attn", _backward, setup_context=_setup_context)
@@ -66,7 +66,7 @@ def ms_deform_attn(
     backend = _backend.choose("ms_deform_attn", value.device, TRITON_OPS)
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
     if backend == "cpp":
-        return torch.ops.dnops.ms_deform_attn(*args)
+        return torch.ops.dnops.ms_deform_attn.default(*args)
     if backend == "triton":
         from dnops.triton.ms_deform_attn import ms_deform_attn_triton
 
