@@ -162,7 +162,8 @@ def test_prepare_for_dn_on_cuda_equals_cpu(modules):
 
 
 @pytest.mark.skipif(not _backend.HAS_C, reason="needs dnops._C")
-def test_prepare_for_dn_bad_inputs_raise(modules):
+def test_prepare_for_dn_bad_inputs_raise(modules, backend_env):
+    backend_env("cpp")  # the C++ path's checks, whatever DNOPS_BACKEND the run has
     label_enc, _ = modules
     embed = torch.randn(QUERIES, 4)
     targets = targets_for([2, 1])

@@ -9,16 +9,14 @@ training branch is one call into it (csrc/compat/dn_detr.h).
 from __future__ import annotations
 
 import functools
-from array import array
-from itertools import chain, repeat
 
 import torch
 import torch.nn.functional as F
 
 from dnops import _backend
-from dnops.dn import dn_box_queries
+from dnops.compat._dn_targets import queries_from_targets
+from dnops.dn import dn_box_queries, dn_positive_index
 from dnops.ops.dn_attn_mask import dn_attn_mask
-from dnops.ops.dn_queries import dn_queries
 
 
 def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc):
@@ -59,7 +57,7 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
         )
     else:
         outputs = _prepare_on_ops(
-            labels, boxes, counts, label_enc.weight, embedweight, constants, num_patterns, num_classes, groups, noise
+            targets, label_enc.weight, embedweight, constants, num_patterns, num_classes, groups, noise
         )
     input_query_label, input_query_bbox, attn_mask, maps, known_labels, known_boxes = outputs
     known = sum(counts)
@@ -76,20 +74,10 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
     return input_query_label, input_query_bbox, attn_mask, mask_dict
 
 
-def _prepare_on_ops(labels, boxes, counts, weight, anchors, constants, num_patterns, num_classes, groups, noise):
+def _prepare_on_ops(targets, weight, anchors, constants, num_patterns, num_classes, groups, noise):
     """What csrc/compat/dn_detr.h's dn_detr_prepare returns, on the public ops (without the C++ extension, or with
     another DNOPS_BACKEND): (input_query_label, input_query_bbox, attn_mask, index maps, known labels, boxes)."""
-    gt_labels, gt_boxes = torch.cat(labels).long(), torch.cat(boxes)
-    dn = dn_queries(
-        gt_labels,
-        gt_boxes,
-        counts,
-        num_classes=num_classes,
-        mode="dn",
-        num_groups=groups,
-        label_noise_ratio=noise[0],
-        box_noise_scale=noise[1],
-    )
+    gt_labels, gt_boxes, counts, dn = queries_from_targets(targets, "dn", num_classes, *noise, num_groups=groups)
     zero_row, indicator, matching_index = constants
     weight = weight.to(anchors.dtype)
     table = torch.cat(
@@ -99,19 +87,10 @@ def _prepare_on_ops(labels, boxes, counts, weight, anchors, constants, num_patte
     refpoint = _anchors(anchors, num_patterns, len(counts))
     input_query_bbox = torch.cat([dn_box_queries(dn).to(anchors.dtype), refpoint], 1).transpose(0, 1)
     attn_mask = dn_attn_mask(dn.pad_size, dn.group_size, matching_index.shape[0], device=anchors.device)
-
-    within = list(chain.from_iterable(map(range, counts)))
-    maps = array("q", range(len(within)))
-    maps *= groups
-    maps.extend(chain.from_iterable(repeat(b, c) for b, c in enumerate(counts)))
-    maps.extend([j + dn.group_size * g for g in range(groups) for j in within])
-    maps.extend(within)
-    # torch.frombuffer rejects an empty buffer (no GT in the batch)
-    maps = (
-        torch.frombuffer(maps, dtype=torch.int64).to(anchors.device)
-        if len(maps)
-        else torch.zeros(0, dtype=torch.int64, device=anchors.device)
-    )
+    # group-major like DN-DETR's maps: the first group's entries are each GT's image and its row within the image
+    batch_idx, slot_idx, gt_idx = dn_positive_index(dn, counts, anchors.device)
+    known = len(gt_labels)
+    maps = torch.cat([gt_idx, batch_idx[:known], slot_idx, slot_idx[:known]])
     return input_query_label, input_query_bbox, attn_mask, maps, gt_labels.repeat(groups), gt_boxes.repeat(groups, 1)
 
 
