@@ -9,7 +9,7 @@ SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 CXX_FILES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 export MAX_JOBS ?= 2
 
-.PHONY: venv build test lint format bench bench-suite clean
+.PHONY: venv build test test-compat lint format bench bench-suite gpu-check clean
 
 $(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,29 @@ bench: build
 
 bench-suite: build
 	$(PY) -m pytest benchmarks --benchmark-only
+
+# The lent GPU's pair, torch 2.11 on Python 3.12: a copy of the tree built against it (the C++ kernels, and the
+# CUDA kernels for sm_90, which compile here and cannot run) and the CPU test suite run there. CI runs it after
+# `make test`; the first run downloads torch (~3 GB), later ones rebuild only what changed.
+COMPAT_TORCH ?= 2.11.0
+COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+COMPAT := .compat
+test-compat:
+	test -x $(COMPAT)/venv/bin/python || $(COMPAT_PYTHON) -m venv $(COMPAT)/venv
+	grep -v '^torch' requirements-dev.txt > $(COMPAT)/requirements.txt
+	$(COMPAT)/venv/bin/python -m pip install -q torch==$(COMPAT_TORCH) -r $(COMPAT)/requirements.txt
+	mkdir -p $(COMPAT)/src
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t $(COMPAT)/src
+	cd $(COMPAT)/src && DNOPS_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 ../venv/bin/python setup.py -q build_ext --inplace
+	cd $(COMPAT)/src && ../venv/bin/python -m dnops.info && ../venv/bin/python -m pytest -q -p no:cacheprovider tests
+
+# On a lent GPU machine (no .venv: its own python3, torch and triton) it builds the extension in place for that
+# torch and this GPU, then runs the GPU tests, compute-sanitizer and the GPU benchmark, each step time-limited:
+# build <= 180 s (~60-90 s with 16 cores, one arch), tests <= 150 s, sanitizer <= 90 s, bench <= 150 s; about
+# 6 minutes in all. Without a GPU it runs the same steps in dry mode on the CPU with the installed build.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf build $(VENV) dnops/_C*.so dnops/_build_info.py *.egg-info

@@ -151,6 +151,7 @@ class DNDETR(nn.Module):
         self.tgt_embed = nn.Embedding(cfg.num_queries, d)
         self.refpoint_embed = nn.Embedding(cfg.num_queries, 4)  # DAB anchors, inverse-sigmoid space
         self.label_enc = nn.Embedding(num_classes + 1, d)
+        self._levels: dict = {}  # (level sizes, device) -> (spatial_shapes, level_start_index), see _level_index
         self.ref_point_head = MLP([2 * d, d, d])
         self.class_embed = nn.ModuleList(nn.Linear(d, num_classes) for _ in range(cfg.dec_layers))
         self.bbox_embed = nn.ModuleList(MLP([d, d, d, 4]) for _ in range(cfg.dec_layers))
@@ -168,14 +169,23 @@ class DNDETR(nn.Module):
             anchors[:, 2:] = 0.1
             self.refpoint_embed.weight.copy_(inverse_sigmoid(anchors, 1e-5))
 
+    def _level_index(self, sizes: tuple[tuple[int, int], ...], device: torch.device):
+        """spatial_shapes (L, 2) and level_start_index (L,) of these level sizes, made once per sizes and device:
+        a tensor built from host values is a host-to-device copy, which a CUDA graph capture cannot contain."""
+        key = (sizes, device)
+        if key not in self._levels:
+            shapes = torch.tensor(sizes, dtype=torch.int64)
+            starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+            self._levels[key] = (shapes.to(device), starts.to(device))
+        return self._levels[key]
+
     def encode(self, images: torch.Tensor):
         """(memory (B, S, d), spatial_shapes (L, 2), level_start_index (L,))."""
         feats = self.backbone(images)
         srcs = [proj(f) for proj, f in zip(self.input_proj, feats, strict=False)]
         for proj in self.input_proj[len(feats) :]:
             srcs.append(proj(feats[-1] if len(srcs) == len(feats) else srcs[-1]))
-        shapes = torch.tensor([s.shape[-2:] for s in srcs], dtype=torch.int64, device=images.device)
-        starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+        shapes, starts = self._level_index(tuple(tuple(s.shape[-2:]) for s in srcs), images.device)
         flat, pos, refs = [], [], []
         for lvl, src in enumerate(srcs):
             h, w = src.shape[-2:]

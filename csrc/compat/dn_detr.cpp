@@ -31,7 +31,9 @@ at::Tensor index_maps(const std::vector<int64_t>& counts, int64_t known, int64_t
       map_known_indice[g * known + k] = within[k] + g * group_size;
     }
   }
-  return maps.to(device);
+  if (!device.is_cuda()) return maps.to(device);
+  // From pinned memory the copy is asynchronous: no sync (a copy from pageable memory waits for the stream).
+  return maps.pin_memory().to(device, /*non_blocking=*/true);
 }
 
 }  // namespace

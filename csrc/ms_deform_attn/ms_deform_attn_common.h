@@ -42,6 +42,16 @@ C10_HOST_DEVICE inline bool bilinear_origin(acc_t loc_x, acc_t loc_y, index_t he
   return true;
 }
 
+// Whether a height x width level starting at position `start` lies inside a value of `spatial` positions, without
+// forming a product that could overflow. The kernels test it before reading a level, so that inconsistent
+// spatial_shapes / level_start_index never make them read outside value (on the GPU those live in device memory
+// and are not checked on the host); such a level reads as zeros.
+template <typename index_t>
+C10_HOST_DEVICE inline bool level_fits(index_t height, index_t width, index_t start, index_t spatial) {
+  return height >= 1 && width >= 1 && start >= 0 && start <= spatial && height <= spatial - start &&
+         width <= (spatial - start) / height;
+}
+
 // Corner k of the four (0: (x0, y0), 1: (x0 + 1, y0), 2: (x0, y0 + 1), 3: (x0 + 1, y0 + 1)) lies inside the map.
 template <typename index_t>
 C10_HOST_DEVICE inline bool corner_inside(int k, index_t x0, index_t y0, index_t height, index_t width) {

@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from dnops.ops._autograd import forbid_double_backward
+
 BLOCK = 16
 
 
@@ -293,7 +295,17 @@ def _launch_args(q: torch.Tensor) -> dict:
     if dot == tl.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         dot = tl.float32  # the interpreter's tl.dot misreads bfloat16 operands (numpy has no bfloat16)
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
-    return {"ACC": acc, "PREC": "ieee", "DOT": dot, "BLOCK_M": BLOCK, "BLOCK_N": BLOCK, "BLOCK_D": block_d}
+    block = _block(block_d, q.device.type)
+    return {"ACC": acc, "PREC": "ieee", "DOT": dot, "BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d}
+
+
+def _block(block_d: int, device_type: str) -> int:
+    """Query and key block edge. On a GPU, 64 x 64 score tiles for heads up to 64 wide (DN-DETR's 32) keep a
+    warp group's tensor cores busy while the q / acc tiles stay in registers; wider heads halve it. The
+    interpreter (CPU) keeps 16: its cost grows with the tile, and DN groups are often that small."""
+    if device_type != "cuda":
+        return BLOCK
+    return 64 if block_d <= 64 else 32 if block_d <= 128 else 16
 
 
 @triton_op("dnops::_dn_self_attention_triton", mutates_args={})
@@ -308,10 +320,9 @@ def dn_self_attention_triton(
         (b, h, width), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device
     )
     if q.numel():
-        grid = (triton.cdiv(width, BLOCK), b * h)
-        wrap_triton(_fwd_kernel)[grid](
-            q, k, v, out, lse, width, pad_size, max(group_size, 1), dh, scale, **_launch_args(q)
-        )
+        args = _launch_args(q)
+        grid = (triton.cdiv(width, args["BLOCK_M"]), b * h)
+        wrap_triton(_fwd_kernel)[grid](q, k, v, out, lse, width, pad_size, max(group_size, 1), dh, scale, **args)
     return out, lse
 
 
@@ -333,10 +344,11 @@ def dn_self_attention_triton_backward(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel():
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).contiguous()
-        grid = (triton.cdiv(width, BLOCK), b * h)
+        args = _launch_args(q)
+        grid = (triton.cdiv(width, args["BLOCK_M"]), b * h)
         common = (width, pad_size, max(group_size, 1), dh, scale)
-        wrap_triton(_dkdv_kernel)[grid](q, k, v, grad_out, lse.contiguous(), delta, dk, dv, *common, **_launch_args(q))
-        wrap_triton(_dq_kernel)[grid](q, k, v, grad_out, lse.contiguous(), delta, dq, *common, **_launch_args(q))
+        wrap_triton(_dkdv_kernel)[grid](q, k, v, grad_out, lse.contiguous(), delta, dk, dv, *common, **args)
+        wrap_triton(_dq_kernel)[grid](q, k, v, grad_out, lse.contiguous(), delta, dq, *common, **args)
     return dq, dk, dv
 
 
@@ -353,3 +365,4 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 dn_self_attention_triton.register_autograd(_backward, setup_context=_setup_context)
+forbid_double_backward(dn_self_attention_triton_backward, "dn_self_attention")

@@ -17,16 +17,32 @@
 namespace dnops {
 namespace {
 
+// (start, count) of every image, passed by value when the batch fits (kernel parameters need no copy, so the
+// call stays free of host-to-device transfers and can be captured in a CUDA graph), else read from a device
+// buffer.
+constexpr int64_t kMaxInlineBatch = 64;
+
+struct Images {
+  int64_t inline_starts_counts[2 * kMaxInlineBatch];
+  const int64_t* starts_counts;  // device buffer of 2 * batch entries when the batch is larger, else null
+
+  __device__ int64_t start(int64_t b) const {
+    return starts_counts ? starts_counts[2 * b] : inline_starts_counts[2 * b];
+  }
+  __device__ int64_t count(int64_t b) const {
+    return starts_counts ? starts_counts[2 * b + 1] : inline_starts_counts[2 * b + 1];
+  }
+};
+
 template <typename scalar_t>
-__global__ void dn_queries_kernel(dnq::Layout lay, int64_t batch, const int64_t* starts_counts,
-                                  const int64_t* gt_labels, const scalar_t* gt_boxes, int64_t* out_labels,
-                                  scalar_t* out_boxes, int64_t* gt_index, bool* negative) {
+__global__ void dn_queries_kernel(dnq::Layout lay, int64_t batch, Images images, const int64_t* gt_labels,
+                                  const scalar_t* gt_boxes, int64_t* out_labels, scalar_t* out_boxes, int64_t* gt_index,
+                                  bool* negative) {
   const int64_t total = batch * lay.pad;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const int64_t b = i / lay.pad;
-    const dnq::Slot slot =
-        dnq::make_slot(lay, i % lay.pad, starts_counts[2 * b], starts_counts[2 * b + 1], gt_labels, gt_boxes);
+    const dnq::Slot slot = dnq::make_slot(lay, i % lay.pad, images.start(b), images.count(b), gt_labels, gt_boxes);
     out_labels[i] = slot.label;
     for (int c = 0; c < 4; ++c) out_boxes[4 * i + c] = static_cast<scalar_t>(slot.box[c]);
     gt_index[i] = slot.gt_index;
@@ -47,20 +63,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dn_queries_cuda(
   at::Tensor gt_index = at::empty({batch, lay.pad}, labels.options());
   at::Tensor negative = at::empty({batch, lay.pad}, labels.options().dtype(at::kBool));
   if (batch * lay.pad == 0) return {out_labels, out_boxes, gt_index, negative};
-  // (start, count) per image: the counts are host values, so this is one host-to-device copy, never a sync.
+  Images images{};
   std::vector<int64_t> host(2 * batch);
   for (int64_t b = 0, acc = 0; b < batch; acc += counts[b], ++b) {
     host[2 * b] = acc;
     host[2 * b + 1] = counts[b];
   }
-  const at::Tensor starts_counts = at::tensor(host, labels.options().device(at::kCPU)).to(labels.device(), true);
+  at::Tensor starts_counts;
+  if (batch <= kMaxInlineBatch) {
+    std::copy(host.begin(), host.end(), images.inline_starts_counts);
+  } else {
+    // From pinned memory the copy is asynchronous (from pageable memory the driver would wait for the stream).
+    starts_counts = at::tensor(host, labels.options().device(at::kCPU)).pin_memory().to(labels.device(), true);
+    images.starts_counts = starts_counts.data_ptr<int64_t>();
+  }
   constexpr int threads = 256;
   const int64_t blocks = std::min<int64_t>((batch * lay.pad + threads - 1) / threads, 65535);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "dn_queries_cuda", [&] {
     dn_queries_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        lay, batch, starts_counts.data_ptr<int64_t>(), labels.data_ptr<int64_t>(), boxes.data_ptr<scalar_t>(),
-        out_labels.data_ptr<int64_t>(), out_boxes.data_ptr<scalar_t>(), gt_index.data_ptr<int64_t>(),
-        negative.data_ptr<bool>());
+        lay, batch, images, labels.data_ptr<int64_t>(), boxes.data_ptr<scalar_t>(), out_labels.data_ptr<int64_t>(),
+        out_boxes.data_ptr<scalar_t>(), gt_index.data_ptr<int64_t>(), negative.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out_labels, out_boxes, gt_index, negative};

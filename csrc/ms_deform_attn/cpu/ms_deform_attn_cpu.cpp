@@ -42,10 +42,16 @@ void check_cpu_shapes(const at::Tensor& spatial_shapes, const at::Tensor& level_
   const int64_t* starts = level_start_index.data_ptr<int64_t>();
   int64_t total = 0;
   for (int64_t l = 0; l < spatial_shapes.size(0); ++l) {
-    TORCH_CHECK(shapes[2 * l] > 0 && shapes[2 * l + 1] > 0, "ms_deform_attn: spatial_shapes must be positive");
+    const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
+    TORCH_CHECK(height > 0 && width > 0, "ms_deform_attn: spatial_shapes[", l, "] = (", height, ", ", width,
+                ") must be positive");
     TORCH_CHECK(starts[l] == total, "ms_deform_attn: level_start_index[", l, "] = ", starts[l],
                 " but the exclusive cumsum of spatial_shapes gives ", total);
-    total += shapes[2 * l] * shapes[2 * l + 1];
+    // H * W <= S - total, tested without forming a product that could overflow
+    TORCH_CHECK(msda::level_fits(height, width, total, spatial), "ms_deform_attn: spatial_shapes[", l, "] = (", height,
+                ", ", width, ") does not fit in the ", spatial - total, " positions of value (S=", spatial,
+                ") after level_start_index[", l, "] = ", total);
+    total += height * width;
   }
   TORCH_CHECK(total == spatial, "ms_deform_attn: spatial_shapes cover ", total, " positions but value has S=", spatial);
 }

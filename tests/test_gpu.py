@@ -1,0 +1,415 @@
+"""The GPU suite (``pytest -m cuda``, run by ``make gpu-check``; skipped without a CUDA device).
+
+Every op on every GPU backend (the CUDA kernels, and the Triton kernels compiled for the GPU) against its
+reference run in float64 on the same inputs, forward and every gradient, in every dtype the backend takes; odd
+shapes, empty batches, non-contiguous inputs, locations on and outside the borders; torch.compile(fullgraph)
+of every op and module; a CUDA-graph capture of a thin DN-DETR training step; no host sync in the adapters;
+bitwise-repeatable deterministic backward. Tests whose name holds "sanitizer" are the small cases that
+gpu-check also runs under compute-sanitizer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dnops
+from dnops import _backend, reference
+from tests.msda_utils import make_inputs
+
+pytestmark = pytest.mark.cuda
+
+# ||got - want|| / ||want|| allowed per dtype: the reference runs in float64 on the same (rounded) inputs, so
+# this is the kernel's own error (accumulation order, half-type outputs rounded once).
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def assert_rel(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    got, want = got.double(), want.double()
+    scale = want.norm().item()
+    err = (got - want).norm().item() / (scale if scale > 0 else 1.0)
+    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3g} > {REL_TOL[dtype]:.0e} ({dtype})"
+
+
+def as_float64(args):
+    return [t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in args]
+
+
+def check_against_reference(fn, ref_fn, args, dtype, what):
+    """fn(*args) and every gradient against ref_fn on the same inputs in float64."""
+    ref_args = as_float64(args)
+    out, ref = fn(*args), ref_fn(*ref_args)
+    assert out.dtype == dtype
+    assert_rel(out, ref, dtype, f"{what} forward")
+    grad_in = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not grad_in or out.numel() == 0:
+        return
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, grad_in, g.to(dtype))
+    want = torch.autograd.grad(ref, [a for a in ref_args if isinstance(a, torch.Tensor) and a.requires_grad], g)
+    for i, (x, y) in enumerate(zip(got, want, strict=True)):
+        assert_rel(x, y, dtype, f"{what} grad of input {i}")
+
+
+def backend_fn(backend: str, fn):
+    def run(*args, **kw):
+        with _backend.forced_backend(backend):
+            return fn(*args, **kw)
+
+    return run
+
+
+def needs(op: str, backend: str, triton_ops: frozenset[str] = frozenset()):
+    can = _backend.available(op, "cuda", triton_ops)
+    if not can[backend]:
+        pytest.skip(f"no {backend} kernel of {op} for cuda in this build")
+
+
+# ---- ms_deform_attn ---------------------------------------------------------------------------------------------
+
+MSDA_BACKENDS = ["cpp", "triton"]
+MSDA_SHAPES = [
+    {"d": 32},
+    {"d": 1},
+    {"d": 30},
+    {"d": 71},
+    {"d": 257, "lq": 2, "m": 1},
+    {"d": 8, "shapes": ((5, 7),)},
+    {"d": 16, "p": 1},
+    {"d": 4, "shapes": ((5, 2), (1, 1), (2, 7)), "m": 3, "p": 3},
+    {"d": 64, "lq": 0},
+    {"d": 32, "n": 0},
+]
+
+
+def msda_args(dtype, **kw):
+    args = make_inputs(device="cuda", **kw)
+    return [t.to(dtype).requires_grad_() if t.is_floating_point() else t for t in args]
+
+
+def msda(backend: str, logits: bool = False):
+    from dnops.ops.ms_deform_attn import TRITON_OPS
+
+    needs("ms_deform_attn", backend, TRITON_OPS)
+    return backend_fn(backend, lambda *a: dnops.ms_deform_attn(*a, attention_logits=logits))
+
+
+@pytest.mark.parametrize("backend", MSDA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kw", MSDA_SHAPES, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+@pytest.mark.parametrize("logits", [False, True])
+def test_ms_deform_attn(backend, dtype, kw, logits):
+    fn = msda(backend, logits)
+    ref = lambda *a: reference.ms_deform_attn(*a, logits)  # noqa: E731
+    check_against_reference(fn, ref, msda_args(dtype, **kw), dtype, f"ms_deform_attn[{backend}]")
+
+
+@pytest.mark.parametrize("backend", MSDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ms_deform_attn_non_contiguous_and_borders(backend, dtype):
+    fn = msda(backend)
+    value, shapes, starts, loc, weights = make_inputs(n=2, shapes=((3, 4), (2, 2)), lq=9, m=2, d=8, p=2, device="cuda")
+    edges = torch.tensor(
+        [[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.5], [-0.5, 0.5], [1.5, 0.2], [0.125, 1 / 6], [-1 / 8, 1.0], [2, 2]]
+    )
+    loc[:, :, :, :, 0] = edges.to(loc)[None, :, None, None, :]
+    # value as a (N, M, S, D) tensor seen through a transpose, locations and weights as slices of wider tensors
+    value_t = value.transpose(1, 2).contiguous().transpose(1, 2)
+    loc_wide = torch.cat([loc, loc], -1)[..., :2]
+    weights_wide = torch.cat([weights, weights], -1)[..., : weights.shape[-1]]
+    args = [value_t, shapes, starts, loc_wide, weights_wide]
+    assert not all(t.is_contiguous() for t in args)
+    args = [t.to(dtype).requires_grad_() if t.is_floating_point() else t for t in args]
+    check_against_reference(fn, reference.ms_deform_attn, args, dtype, f"ms_deform_attn[{backend}] borders")
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_ms_deform_attn_deterministic_backward_is_bitwise_repeatable(logits):
+    fn = msda("cpp", logits)
+    args = msda_args(torch.float32, n=2, shapes=((20, 30), (10, 15)), lq=500, m=4, d=32, p=4)
+    g = torch.randn(2, 500, 128, device="cuda")
+    grads = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        for _ in range(3):
+            grads.append(torch.autograd.grad(fn(*args), [args[0], args[3], args[4]], g))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for again in grads[1:]:
+        for x, y in zip(grads[0], again, strict=True):
+            assert torch.equal(x, y)
+    atomic = torch.autograd.grad(fn(*args), [args[0], args[3], args[4]], g)
+    for x, y in zip(grads[0], atomic, strict=True):
+        assert_rel(x, y, torch.float32, "deterministic vs atomic backward")
+
+
+def test_ms_deform_attn_deterministic_matches_reference():
+    fn = msda("cpp")
+    try:
+        torch.use_deterministic_algorithms(True)
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            check_against_reference(fn, reference.ms_deform_attn, msda_args(dtype, d=30), dtype, "deterministic")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_sanitizer_ms_deform_attn():
+    for backend in MSDA_BACKENDS:
+        for dtype in (torch.float32, torch.bfloat16):
+            for kw in ({"d": 32}, {"d": 7, "p": 1}):
+                check_against_reference(msda(backend), reference.ms_deform_attn, msda_args(dtype, **kw), dtype, "san")
+    try:
+        torch.use_deterministic_algorithms(True)
+        check_against_reference(msda("cpp"), reference.ms_deform_attn, msda_args(torch.float32), torch.float32, "det")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# ---- dn_self_attention --------------------------------------------------------------------------------------------
+
+DSA_SHAPES = [(2, 3, 5, 16), (2, 4, 0, 8), (3, 5, 7, 30), (1, 8, 10, 64), (0, 1, 9, 71), (5, 1, 1, 32)]
+
+
+def dsa(backend: str):
+    from dnops.ops.dn_self_attention import TRITON_OPS
+
+    needs("dn_self_attention", backend, TRITON_OPS)
+    return backend_fn(backend, dnops.dn_self_attention)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("groups,group_size,num_queries,dh", DSA_SHAPES)
+def test_dn_self_attention(backend, dtype, groups, group_size, num_queries, dh):
+    fn = dsa(backend)
+    pad = groups * group_size
+    width = pad + num_queries
+    qkv = [torch.randn(2, 3, width, dh, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+
+    def call(f):
+        return lambda q, k, v: f(q, k, v, pad, group_size if pad else 0)
+
+    check_against_reference(call(fn), call(reference.dn_self_attention), qkv, dtype, f"dn_self_attention[{backend}]")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_dn_self_attention_non_contiguous(backend):
+    fn = dsa(backend)
+    x = torch.randn(2, 40, 3, 32, device="cuda")  # (B, W, H, Dh) seen as (B, H, W, Dh)
+    qkv = [x.transpose(1, 2).clone().transpose(1, 2).transpose(1, 2).requires_grad_() for _ in range(3)]
+    assert not qkv[0].is_contiguous()
+
+    def call(f):
+        return lambda q, k, v: f(q, k, v, 20, 5)
+
+    check_against_reference(call(fn), call(reference.dn_self_attention), qkv, torch.float32, "non-contiguous")
+
+
+# ---- dn_queries and dn_attn_mask ----------------------------------------------------------------------------------
+
+COUNT_PATTERNS = [[3, 0, 5, 1], [0, 0], [7], [2, 9, 0, 4, 4, 1, 0, 3]]
+
+
+def dnq(backend: str):
+    from dnops.ops.dn_queries import TRITON_OPS
+
+    needs("dn_queries", backend, TRITON_OPS)
+    return backend_fn(backend, dnops.dn_queries)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("mode", ["dn", "cdn"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("counts", COUNT_PATTERNS, ids=str)
+def test_dn_queries(backend, mode, dtype, counts):
+    fn = dnq(backend)
+    k = sum(counts)
+    labels = torch.randint(0, 20, (k,), device="cuda")
+    wh = 0.05 + 0.4 * torch.rand(k, 2, device="cuda")
+    boxes = torch.cat([wh / 2 + (1 - wh) * torch.rand(k, 2, device="cuda"), wh], 1).to(dtype)
+    got = fn(labels, boxes, counts, num_classes=20, mode=mode, seed=1234)
+    want = reference.dn_queries(labels.cpu(), boxes.cpu(), counts, num_classes=20, mode=mode, seed=1234)
+    assert (got.num_groups, got.group_size, got.pad_size) == (want.num_groups, want.group_size, want.pad_size)
+    assert torch.equal(got.labels.cpu(), want.labels)
+    assert torch.equal(got.gt_index.cpu(), want.gt_index)
+    assert torch.equal(got.negative.cpu(), want.negative)
+    tol = 0 if dtype in (torch.float32, torch.float64) else 1e-2
+    torch.testing.assert_close(got.boxes.cpu(), want.boxes, rtol=tol, atol=tol)
+
+
+def test_sanitizer_dn_queries_and_mask():
+    for backend in ("cpp", "triton"):
+        test_dn_queries(backend, "cdn", torch.float32, [3, 0, 5, 1])
+    for pad, group, queries in ((40, 8, 17), (0, 0, 5), (6, 3, 0)):
+        got = dnops.dn_attn_mask(pad, group, queries, device="cuda")
+        assert torch.equal(got.cpu(), reference.dn_attn_mask(pad, group, queries))
+
+
+def test_adapters_dispatch_no_host_sync():
+    from dnops.compat import dino, dn_detr
+
+    targets = [
+        {"labels": torch.randint(0, 91, (c,), device="cuda"), "boxes": torch.rand(c, 4, device="cuda") * 0.5 + 0.2}
+        for c in (3, 0, 7)
+    ]
+    anchors = torch.rand(300, 4, device="cuda")
+    enc_dn, enc_cdn = torch.nn.Embedding(92, 255).cuda(), torch.nn.Embedding(92, 256).cuda()
+    dnops.dn_queries(targets[0]["labels"], targets[0]["boxes"], [3], num_classes=91)  # warm-up: lazy inits sync
+    dn_detr.prepare_for_dn((targets, 5, 0.2, 0.4, 1), anchors, 3, True, 300, 91, 256, enc_dn)
+    dino.prepare_for_cdn((targets, 100, 0.5, 1.0), True, 900, 91, 256, enc_cdn)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dnops.dn_queries(targets[2]["labels"], targets[2]["boxes"], [7], num_classes=91, mode="cdn")
+        dn_detr.prepare_for_dn((targets, 5, 0.2, 0.4, 1), anchors, 3, True, 300, 91, 256, enc_dn)
+        dino.prepare_for_cdn((targets, 100, 0.5, 1.0), True, 900, 91, 256, enc_cdn)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+# ---- torch.compile, CUDA graphs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_compile_fullgraph_ops(backend):
+    from dnops.ops.dn_queries import TRITON_OPS as DNQ
+    from dnops.ops.dn_self_attention import TRITON_OPS as DSA
+    from dnops.ops.ms_deform_attn import TRITON_OPS as MSDA
+
+    torch._dynamo.reset()
+    args = msda_args(torch.float32, d=32)
+    if _backend.available("ms_deform_attn", "cuda", MSDA)[backend]:
+        with _backend.forced_backend(backend):
+            compiled = torch.compile(dnops.ms_deform_attn, fullgraph=True)
+            out = compiled(*args)
+        check_against_reference(lambda *a: out, reference.ms_deform_attn, args, torch.float32, "compiled msda")
+    qkv = [torch.randn(2, 3, 40, 32, device="cuda", requires_grad=True) for _ in range(3)]
+    if _backend.available("dn_self_attention", "cuda", DSA)[backend]:
+        with _backend.forced_backend(backend):
+            out = torch.compile(dnops.dn_self_attention, fullgraph=True)(*qkv, 20, 5)
+        ref = lambda q, k, v: reference.dn_self_attention(q, k, v, 20, 5)  # noqa: E731
+        check_against_reference(lambda *a: out, ref, qkv, torch.float32, "compiled dn_self_attention")
+    if _backend.available("dn_queries", "cuda", DNQ)[backend]:
+        labels, boxes = torch.randint(0, 20, (9,), device="cuda"), torch.rand(9, 4, device="cuda") * 0.5 + 0.2
+
+        def gen(labels, boxes):
+            return dnops.dn_queries(labels, boxes, [4, 5], num_classes=20, mode="cdn", seed=7)
+
+        with _backend.forced_backend(backend):
+            got = torch.compile(gen, fullgraph=True)(labels, boxes)
+            want = gen(labels, boxes)
+        assert torch.equal(got.labels, want.labels) and torch.equal(got.boxes, want.boxes)
+    mask = torch.compile(lambda: dnops.dn_attn_mask(40, 8, 17, device="cuda"), fullgraph=True)()
+    assert torch.equal(mask.cpu(), reference.dn_attn_mask(40, 8, 17))
+
+
+def test_compile_fullgraph_modules():
+    from dnops.nn import DNMultiheadAttention, MSDeformAttn
+
+    torch._dynamo.reset()
+    msda_mod = MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2).cuda()
+    shapes = torch.tensor([[8, 10], [4, 5]], device="cuda")
+    starts = torch.tensor([0, 80], device="cuda")
+    query, refs, src = torch.randn(2, 30, 64, device="cuda"), torch.rand(2, 30, 2, 2, device="cuda"), None
+    src = torch.randn(2, 100, 64, device="cuda", requires_grad=True)
+    eager = msda_mod(query, refs, src, shapes, starts)
+    compiled = torch.compile(msda_mod, fullgraph=True)(query, refs, src, shapes, starts)
+    assert_rel(compiled, eager, torch.float32, "compiled MSDeformAttn")
+    compiled.sum().backward()
+    mha = DNMultiheadAttention(64, 4).cuda()
+    x = torch.randn(50, 2, 64, device="cuda", requires_grad=True)
+    eager = mha(x, x, x, dn=(20, 5))[0]
+    compiled = torch.compile(lambda x: mha(x, x, x, dn=(20, 5))[0], fullgraph=True)(x)
+    assert_rel(compiled, eager, torch.float32, "compiled DNMultiheadAttention")
+    compiled.sum().backward()
+
+
+def test_cuda_graph_of_a_dn_detr_training_step():
+    """Forward with denoising queries, the denoising losses (no matching: DN's targets are known) and backward,
+    captured once and replayed; the replay reproduces the captured step's gradients."""
+    from models.config import Config
+    from models.model import DNDETR
+
+    cfg = Config(d_model=32, n_heads=4, enc_layers=1, dec_layers=2, ffn_dim=64, num_queries=20, image_size=64)
+    cfg.backbone_width, cfg.dn_groups = 8, 3
+    torch.manual_seed(0)
+    model = DNDETR(cfg, 10).cuda().train()
+    images = torch.rand(2, 3, 64, 64, device="cuda")
+    targets = [
+        {"labels": torch.randint(0, 10, (c,), device="cuda"), "boxes": torch.rand(c, 4, device="cuda") * 0.4 + 0.3}
+        for c in (3, 5)
+    ]
+    gt_boxes = torch.cat([t["boxes"] for t in targets])
+
+    def step():
+        out = model(images, targets)
+        dn = out["dn"]
+        # padding slots masked arithmetically: boolean indexing would read the mask on the host
+        valid = (dn.gt_index >= 0).unsqueeze(-1)
+        err = (out["dn_boxes"] - gt_boxes[dn.gt_index.clamp_min(0)]).abs() * valid
+        loss = err.mean() + out["logits"].mean()
+        loss.backward()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            model.zero_grad(set_to_none=False)
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    first = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+    graph.replay()
+    again = [p.grad for p in model.parameters() if p.grad is not None]
+    assert first and all(torch.isfinite(g).all() for g in first)
+    for x, y in zip(first, again, strict=True):
+        assert_rel(y, x, torch.float32, "replayed gradients")
+
+
+# ---- hardening on the GPU ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", MSDA_BACKENDS)
+def test_levels_outside_value_raise_or_read_nothing(backend):
+    fn = msda(backend)
+    value, _, _, loc, weights = make_inputs(n=1, shapes=((2, 3), (1, 2)), lq=2, m=1, d=2, p=1, device="cuda")
+    for rows in ([[2**32, 2**32], [1, 2]], [[2**62, 4], [1, 2]], [[2, 3], [4, 4]]):
+        shapes = torch.tensor(rows, device="cuda")
+        starts = torch.tensor([0, 6], device="cuda")
+        with pytest.raises(ValueError, match="spatial_shapes"):
+            fn(value, shapes, starts, loc, weights)
+        if backend == "cpp":  # the raw kernel, past the checks: the bad levels read as zeros, nothing out of range
+            out = torch.ops.dnops.ms_deform_attn(value, shapes, starts, loc, weights)
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_msdeformattn_under_cuda_autocast(dtype):
+    from dnops.nn import MSDeformAttn
+
+    torch.manual_seed(0)
+    mod = MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2).cuda()
+    for p in mod.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    shapes, starts = torch.tensor([[6, 8], [3, 4]], device="cuda"), torch.tensor([0, 48], device="cuda")
+    src = torch.randn(2, 60, 64, device="cuda", requires_grad=True)
+    query, refs = torch.randn(2, 11, 64, device="cuda"), torch.rand(2, 11, 2, 2, device="cuda")
+    want = mod(query, refs, src, shapes, starts)
+    (want_g,) = torch.autograd.grad(want.sum(), [src])
+    with torch.autocast("cuda", dtype=dtype):
+        got = mod(query, refs, src, shapes, starts)
+    (got_g,) = torch.autograd.grad(got.float().sum(), [src])
+    assert got.dtype == dtype
+    assert (got.float() - want).norm() / want.norm() < 2e-2
+    assert (got_g - want_g).norm() / want_g.norm() < 3e-2
