@@ -6,6 +6,7 @@ would cost a device sync elsewhere).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -70,15 +71,45 @@ def check_ms_deform_attn_args(
         _fail(op, f"sampling_locations must be (N={n}, Lq, M={m}, L={nl}, P>=1, 2), got {tuple(loc)}")
     if tuple(attention_weights.shape) != tuple(loc[:5]):
         _fail(op, f"attention_weights must be {tuple(loc[:5])}, got {tuple(attention_weights.shape)}")
-    if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling():
-        if (spatial_shapes <= 0).any():
-            _fail(op, f"spatial_shapes must be positive, got {spatial_shapes.tolist()}")
-        sizes = spatial_shapes.prod(1)
-        if int(sizes.sum()) != s:
-            _fail(op, f"spatial_shapes cover {int(sizes.sum())} positions but value has S={s}")
-        starts = torch.cumsum(sizes, 0) - sizes
-        if not torch.equal(starts, level_start_index):
-            _fail(op, f"level_start_index {level_start_index.tolist()} != exclusive cumsum {starts.tolist()}")
+    if not torch.compiler.is_compiling():
+        _check_levels(spatial_shapes, level_start_index, s, cached=spatial_shapes.device.type != "cpu")
+
+
+# spatial_shapes tensors off the CPU whose values were checked, with the state they were checked in: reading them
+# is a device sync, paid once per distinct tensor (Deformable-DETR builds one per forward and shares it between
+# its layers). The kernels also guard every level against value's extent on the device.
+# Keyed by id (tensors compare elementwise, so they cannot be dict keys); an entry leaves when its tensor dies.
+_CHECKED_LEVELS: dict[int, tuple[weakref.ref, weakref.ref, tuple[int, int, int]]] = {}
+
+
+def _read_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> tuple[list, list]:
+    # Python ints: exact, where an int64 product H * W could overflow and pass a sum check
+    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()], [int(x) for x in level_start_index.tolist()]
+
+
+def _check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int, cached: bool) -> None:
+    op = "ms_deform_attn"
+    state = (spatial_shapes._version, level_start_index._version, s)
+    if cached:
+        seen = _CHECKED_LEVELS.get(id(spatial_shapes))
+        if seen is not None and seen[0]() is spatial_shapes and seen[1]() is level_start_index and seen[2] == state:
+            return
+    shapes, starts = _read_levels(spatial_shapes, level_start_index)
+    total = 0
+    for level, ((h, w), start) in enumerate(zip(shapes, starts, strict=True)):
+        if h < 1 or w < 1:
+            _fail(op, f"spatial_shapes must be positive, got spatial_shapes[{level}] = ({h}, {w})")
+        if start != total:
+            _fail(op, f"level_start_index {starts} != exclusive cumsum of spatial_shapes at level {level}")
+        total += h * w
+        if total > s:
+            _fail(op, f"spatial_shapes cover more than the S={s} positions of value (levels 0..{level}: {total})")
+    if total != s:
+        _fail(op, f"spatial_shapes cover {total} positions but value has S={s}")
+    if cached:
+        key = id(spatial_shapes)
+        alive = weakref.ref(spatial_shapes, lambda _, key=key: _CHECKED_LEVELS.pop(key, None))
+        _CHECKED_LEVELS[key] = (alive, weakref.ref(level_start_index), state)
 
 
 def check_dn_self_attention_args(
@@ -96,6 +127,8 @@ def check_dn_self_attention_args(
         _fail(
             op, f"q, k, v must share one (B, H, W, Dh) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
+    if q.shape[3] < 1:
+        _fail(op, f"q, k, v must have a head dimension Dh >= 1, got shape {tuple(q.shape)}")
     width = q.shape[2]
     if pad_size > width:
         _fail(op, f"pad_size ({pad_size}) exceeds the sequence length W={width}")

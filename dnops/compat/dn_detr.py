@@ -33,7 +33,10 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
     if not training:
         tgt = label_enc.weight[num_classes].to(embedweight.dtype)
         tgt = torch.cat([tgt, tgt.new_zeros(1)]).expand(batch_size, matching, -1)
-        return tgt.transpose(0, 1), _anchors(embedweight, num_patterns, batch_size).transpose(0, 1), None, None
+        anchors = _anchors(embedweight, num_patterns, batch_size)
+        # fresh tensors, as the original's repeat gives: expanded views would alias the embedding weights
+        tgt, anchors = (t.clone(memory_format=torch.contiguous_format) for t in (tgt, anchors))
+        return tgt.transpose(0, 1), anchors.transpose(0, 1), None, None
 
     groups = int(scalar)
     labels, boxes = [t["labels"] for t in targets], [t["boxes"] for t in targets]

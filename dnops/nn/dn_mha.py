@@ -23,7 +23,12 @@ def _structure_of(dn: Any) -> tuple[int, int] | None:
             return pad, int(dn["group_size"])
         if "num_dn_group" in dn:  # DINO's dn_meta
             return pad, pad // max(int(dn["num_dn_group"]), 1)
-        raise ValueError("dn dict needs pad_size and group_size (or DINO's num_dn_group)")
+        if "known_indice" in dn and "batch_idx" in dn:  # DN-DETR's mask_dict: groups x known GT, from shapes only
+            groups = dn["known_indice"].numel() // max(dn["batch_idx"].numel(), 1)
+            return pad, pad // groups if groups else 0
+        raise ValueError(
+            "dn dict needs pad_size and group_size (or DINO's num_dn_group, or DN-DETR's known_indice and batch_idx)"
+        )
     return int(dn.pad_size), int(dn.group_size)
 
 
@@ -56,10 +61,19 @@ class DNMultiheadAttention(nn.MultiheadAttention):
     weights. Attention dropout in training, key_padding_mask and need_weights=True fall back to the parent with
     the dense mask, so every call gives what nn.MultiheadAttention gives.
 
+    An ``attn_mask`` always decides what is attended: given with ``dn=``, it must be that structure's mask to take
+    the fast path, and any other mask runs the parent's dense path with it. Under torch.compile a mask is not
+    inspected (that would read its values while tracing): pass ``dn=`` without ``attn_mask`` for the fast path.
+
     Unlike the parent, ``need_weights`` defaults to False: True forces nn.MultiheadAttention's slow path.
     """
 
     _mask_cache: tuple[weakref.ref, int, tuple[int, int] | None] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_mask_cache", None)  # a weak reference cannot be pickled; the cache refills on the next call
+        return state
 
     def _mask_structure(self, mask: torch.Tensor) -> tuple[int, int] | None:
         cached = self._mask_cache
@@ -83,8 +97,8 @@ class DNMultiheadAttention(nn.MultiheadAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Shapes as nn.MultiheadAttention: (L, B, E) or, with batch_first, (B, L, E); returns (out, weights)."""
         structure = _structure_of(dn)
-        if structure is None and attn_mask is not None:
-            structure = self._mask_structure(attn_mask)
+        if attn_mask is not None:
+            structure = None if torch.compiler.is_compiling() else self._mask_structure(attn_mask)
         seq_dim = 1 if self.batch_first else 0
         fast = (
             structure is not None

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 from dnops import _backend, reference
+from dnops.ops._autograd import forbid_double_backward
 from dnops.validation import check_dn_self_attention_args
 
 # Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
@@ -38,6 +39,7 @@ if _backend.HAS_C:
         return dq, dk, dv, None, None, None
 
     torch.library.register_autograd("dnops::dn_self_attention", _backward, setup_context=_setup_context)
+    forbid_double_backward("dnops::_dn_self_attention_backward", "dn_self_attention")
 
 
 def dn_self_attention(

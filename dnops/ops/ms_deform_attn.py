@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 from dnops import _backend, reference
+from dnops.ops._autograd import forbid_double_backward
 from dnops.validation import check_ms_deform_attn_args
 
 # Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
@@ -33,11 +34,23 @@ if _backend.HAS_C:
         return grads[0], None, None, grads[1], grads[2], None
 
     torch.library.register_autograd("dnops::ms_deform_attn", _backward, setup_context=_setup_context)
+    forbid_double_backward("dnops::_ms_deform_attn_backward", "ms_deform_attn")
 
     # Under autocast the op runs in float32, as grid_sample does: sampling locations in bfloat16 would be off by
     # a third of a pixel on a 167-pixel-wide map.
     for _device in ("cpu", "cuda"):
         torch.library.register_autocast("dnops::ms_deform_attn", _device, torch.float32)
+
+
+def _autocast_float32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast every backend runs in float32, as the compiled op's registered autocast rule does: the inputs
+    come in mixed dtypes there (value from a half-precision projection, locations and softmax in float32), and
+    the checks below would otherwise reject them before that rule applies. float64 stays float64, as autocast
+    leaves it."""
+    return tuple(
+        t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
 
 
 def ms_deform_attn(
@@ -60,8 +73,11 @@ def ms_deform_attn(
             runs inside the kernel (as DCNv4 fuses it), gradient included.
 
     Returns:
-        (N, Lq, M * D) in value's dtype (float16 / bfloat16 accumulate in float32).
+        (N, Lq, M * D) in value's dtype (float16 / bfloat16 accumulate in float32); under torch.autocast the
+        floating inputs are cast to float32 and so is the output, whatever the autocast dtype.
     """
+    if isinstance(value, torch.Tensor) and torch.is_autocast_enabled(value.device.type):
+        value, sampling_locations, attention_weights = _autocast_float32(value, sampling_locations, attention_weights)
     check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     backend = _backend.choose("ms_deform_attn", value.device, TRITON_OPS)
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
