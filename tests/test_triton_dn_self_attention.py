@@ -52,3 +52,19 @@ def test_public_function_routes_to_triton(backend_env):
     backend_env("triton")
     q, k, v = [torch.randn(1, 2, 13, 8, dtype=torch.float64) for _ in range(3)]
     torch.testing.assert_close(dnops.dn_self_attention(q, k, v, 8, 4), reference.dn_self_attention_dense(q, k, v, 8, 4))
+
+
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("pad_size,group_size,nq,dh", [(15, 5, 70, 16), (80, 40, 30, 32), (0, 0, 90, 64)])
+def test_gpu_block_sizes(tri, monkeypatch, block, pad_size, group_size, nq, dh):
+    """The block edges a GPU gets (the interpreter runs 16), checked here where the kernels can run."""
+    from dnops.triton import dn_self_attention as module
+
+    monkeypatch.setattr(module, "_block", lambda block_d, device_type: block)
+    q, k, v = [torch.randn(2, 2, pad_size + nq, dh, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    out = tri(q, k, v, pad_size, group_size, dh**-0.5)[0]
+    ref = reference.dn_self_attention(q, k, v, pad_size, group_size)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    for x, y in zip(torch.autograd.grad(out, [q, k, v], g), torch.autograd.grad(ref, [q, k, v], g), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
