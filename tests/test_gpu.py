@@ -328,8 +328,9 @@ def test_compile_fullgraph_modules():
 
 
 def test_cuda_graph_of_a_dn_detr_training_step():
-    """Forward with denoising queries, the denoising losses (no matching: DN's targets are known) and backward,
-    captured once and replayed; the replay reproduces the captured step's gradients."""
+    """Forward with denoising queries, the denoising losses (no matching: DN's targets are known), backward and a
+    capturable AdamW step, captured once; replays from the same parameters and optimizer state give the same
+    gradients, and each replay moves the parameters."""
     from models.config import Config
     from models.model import DNDETR
 
@@ -337,6 +338,7 @@ def test_cuda_graph_of_a_dn_detr_training_step():
     cfg.backbone_width, cfg.dn_groups = 8, 3
     torch.manual_seed(0)
     model = DNDETR(cfg, 10).cuda().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
     images = torch.rand(2, 3, 64, 64, device="cuda")
     targets = [
         {"labels": torch.randint(0, 10, (c,), device="cuda"), "boxes": torch.rand(c, 4, device="cuda") * 0.4 + 0.3}
@@ -350,29 +352,38 @@ def test_cuda_graph_of_a_dn_detr_training_step():
         # padding slots masked arithmetically: boolean indexing would read the mask on the host
         valid = (dn.gt_index >= 0).unsqueeze(-1)
         err = (out["dn_boxes"] - gt_boxes[dn.gt_index.clamp_min(0)]).abs() * valid
-        loss = err.mean() + out["logits"].mean()
+        loss = err.mean() + out["logits"].sigmoid().mean()
         loss.backward()
+        optimizer.step()
+        return loss
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            model.zero_grad(set_to_none=False)
+            optimizer.zero_grad(set_to_none=True)
             step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    model.zero_grad(set_to_none=False)
+    optimizer.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    first = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.zero_()
-    graph.replay()
-    again = [p.grad for p in model.parameters() if p.grad is not None]
-    assert first and all(torch.isfinite(g).all() for g in first)
-    for x, y in zip(first, again, strict=True):
+        static_loss = step()
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    state = [t for p in params for t in optimizer.state[p].values() if isinstance(t, torch.Tensor)]
+    saved = [t.detach().clone() for t in params + state]
+    grads = []
+    for _ in range(2):
+        with torch.no_grad():
+            for t, v in zip(params + state, saved, strict=True):
+                t.copy_(v)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.isfinite(static_loss)
+        grads.append([p.grad.clone() for p in params])
+        assert any(not torch.equal(p, v) for p, v in zip(params, saved, strict=False))
+    assert params and all(torch.isfinite(g).all() for g in grads[0])
+    for x, y in zip(grads[0], grads[1], strict=True):
         assert_rel(y, x, torch.float32, "replayed gradients")
 
 
