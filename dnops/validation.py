@@ -6,6 +6,7 @@ would cost a device sync elsewhere).
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from collections.abc import Sequence
 
@@ -35,7 +36,10 @@ def check_ms_deform_attn_args(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    values_when_compiling: bool = False,
 ) -> None:
+    """``values_when_compiling``: check spatial_shapes / level_start_index values under torch.compile too, for
+    callers that read them anyway (the reference splits value by them, a graph break either way)."""
     op = "ms_deform_attn"
     named = {
         "value": (value, 4, "(N, S, M, D)"),
@@ -71,7 +75,7 @@ def check_ms_deform_attn_args(
         _fail(op, f"sampling_locations must be (N={n}, Lq, M={m}, L={nl}, P>=1, 2), got {tuple(loc)}")
     if tuple(attention_weights.shape) != tuple(loc[:5]):
         _fail(op, f"attention_weights must be {tuple(loc[:5])}, got {tuple(attention_weights.shape)}")
-    if not torch.compiler.is_compiling():
+    if values_when_compiling or not torch.compiler.is_compiling():
         _check_levels(spatial_shapes, level_start_index, s, cached=spatial_shapes.device.type != "cpu")
 
 
@@ -135,10 +139,26 @@ def check_dn_self_attention_args(
     check_dn_structure(pad_size, group_size, width - pad_size, op)
 
 
+def check_counts(counts: object) -> list[int]:
+    """``counts`` as a list of Python ints: a 1-D integer tensor or a sequence of ints (no floats, no nesting)."""
+    op = "dn_queries"
+    if isinstance(counts, torch.Tensor):
+        if counts.dim() != 1 or counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+            _fail(op, f"counts must be a 1-D integer tensor, got {counts.dtype} of shape {tuple(counts.shape)}")
+        return [int(c) for c in counts.tolist()]
+    if isinstance(counts, str | bytes) or not isinstance(counts, Sequence):
+        _fail(op, f"counts must be a 1-D sequence of ints, got {type(counts).__name__}")
+    bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, numbers.Integral)]
+    if bad:
+        _fail(op, f"counts must be a 1-D sequence of ints, got {bad[0]!r} ({type(bad[0]).__name__}) in {list(counts)}")
+    return [int(c) for c in counts]
+
+
 def check_dn_queries_args(
     labels: torch.Tensor, boxes: torch.Tensor, counts: Sequence[int], num_classes: int, check_values: bool = True
 ) -> None:
-    """``check_values=False`` skips the label range check (the C++ kernel does it while reading the labels)."""
+    """``check_values=False`` skips the label range and box finiteness checks (the C++ kernel makes them while it
+    reads the inputs)."""
     op = "dn_queries"
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
         _fail(
@@ -164,3 +184,7 @@ def check_dn_queries_args(
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             _fail(op, f"labels must be in [0, num_classes={num_classes}), got values in [{lo}, {hi}]")
+        # one rule for every backend: a NaN or infinite box is a data error (on a GPU, where reading the values
+        # would cost a sync, its slots come out non-finite instead)
+        if not bool(torch.isfinite(boxes).all()):
+            _fail(op, "boxes must be finite, got NaN or infinite values")

@@ -161,20 +161,22 @@ def test_prepare_for_dn_on_cuda_equals_cpu(modules):
         assert torch.equal(cpu[3][key], gpu[3][key].cpu()), key
 
 
-@pytest.mark.skipif(not _backend.HAS_C, reason="needs dnops._C")
-def test_prepare_for_dn_bad_inputs_raise(modules, backend_env):
-    backend_env("cpp")  # the C++ path's checks, whatever DNOPS_BACKEND the run has
+@pytest.mark.parametrize("backend", ["cpp", "reference"])  # the C++ path and the Python path raise alike
+def test_prepare_for_dn_bad_inputs_raise(modules, backend_env, backend):
+    if backend == "cpp" and not _backend.HAS_C:
+        pytest.skip("needs dnops._C")
+    backend_env(backend)
     label_enc, _ = modules
     embed = torch.randn(QUERIES, 4)
     targets = targets_for([2, 1])
-    with pytest.raises(RuntimeError, match="batch_size is 3 but there are 2 targets"):
+    with pytest.raises(ValueError, match="batch_size is 3 but there are 2 targets"):
         dn_detr.prepare_for_dn((targets, 5, 0.2, 0.4, 1), embed, 3, True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
-    with pytest.raises(RuntimeError, match="label_enc needs num_classes \\+ 1 = 11 rows, has 10"):
+    with pytest.raises(ValueError, match="label_enc needs num_classes \\+ 1 = 11 rows, has 10"):
         dn_detr.prepare_for_dn((targets, 5, 0.2, 0.4, 1), embed, 2, True, QUERIES, 10, HIDDEN, label_enc)
-    with pytest.raises(RuntimeError, match="one labels and one boxes tensor per image"):
+    with pytest.raises(ValueError, match="one labels and one boxes tensor per image"):
         dn_detr.prepare_for_dn(([], 5, 0.2, 0.4, 1), embed, 0, True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
     targets[0]["labels"] = targets[0]["labels"] + NUM_CLASSES
-    with pytest.raises(RuntimeError, match="labels must be in \\[0, num_classes=9\\)"):
+    with pytest.raises(ValueError, match="labels must be in \\[0, num_classes=9\\)"):
         dn_detr.prepare_for_dn((targets, 5, 0.2, 0.4, 1), embed, 2, True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
 
 

@@ -71,8 +71,11 @@ def test_public_function_uses_cpp_and_matches_reference(backend_env):
 def test_cpp_rejects_bad_labels():
     labels, boxes, counts = make_gt([3], num_classes=5)
     labels[1] = 5
-    with pytest.raises(RuntimeError, match="labels must be in"):
+    with pytest.raises(ValueError, match="labels must be in"):
         torch.ops.dnops.dn_queries(labels, boxes, counts, 2, 3, False, 5, 0.2, 0.4, 0)
+    boxes[0, 2] = float("nan")
+    with pytest.raises(ValueError, match="boxes must be finite"):
+        torch.ops.dnops.dn_queries(labels.clamp(max=4), boxes, counts, 2, 3, False, 5, 0.2, 0.4, 0)
     with pytest.raises(RuntimeError, match="counts sum"):
         torch.ops.dnops.dn_queries(labels.clamp(max=4), boxes, [2], 2, 3, False, 5, 0.2, 0.4, 0)
 

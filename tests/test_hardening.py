@@ -167,3 +167,103 @@ def test_prepare_for_dn_inference_returns_fresh_tensors():
             bbox.add_(1.0)
         assert torch.equal(embed.weight, before[0]) and torch.equal(enc.weight, before[1])
         assert 0 not in label.stride() and 0 not in bbox.stride()
+
+
+# ---- dn_queries arguments: one rule on every backend -------------------------------------------------------------
+
+DNQ_BACKENDS = ["cpp", "reference"] + (["triton"] if _backend.triton_available() else [])
+
+
+def _gt():
+    labels = torch.tensor([1, 2, 0, 4])
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2]] * 4)
+    return labels, boxes, [3, 1]
+
+
+@pytest.mark.parametrize("backend", DNQ_BACKENDS)
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"box_noise_scale": float("nan")}, "box_noise_scale"),
+        ({"box_noise_scale": float("inf")}, "box_noise_scale"),
+        ({"label_noise_ratio": float("nan")}, "label_noise_ratio"),
+        ({"counts": [1.5, 2.5]}, "counts"),
+        ({"counts": [[3], [1]]}, "counts"),
+        ({"counts": torch.tensor([[3, 1]])}, "counts"),
+        ({"counts": torch.tensor([3.0, 1.0])}, "counts"),
+        ({"counts": "31"}, "counts"),
+        ({"num_groups": 2**40}, "2\\*\\*31"),
+        ({"mode": "cdn", "dn_number": 2**40}, "2\\*\\*31"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"nan_box": True}, "boxes must be finite"),
+        ({"mode": "cdn", "nan_box": True}, "boxes must be finite"),
+        ({"bad_label": True}, "labels must be in"),
+    ],
+    ids=str,
+)
+def test_dn_queries_rejects_bad_arguments_alike(backend, backend_env, change, match):
+    backend_env(backend)
+    labels, boxes, counts = _gt()
+    change = dict(change)
+    if change.pop("nan_box", False):
+        boxes[2, 1] = float("nan")
+    if change.pop("bad_label", False):
+        labels[3] = 91
+    kw = {"num_classes": 91, "counts": counts, **change}
+    with pytest.raises(ValueError, match=match):
+        dnops.dn_queries(labels, boxes, kw.pop("counts"), **kw)
+
+
+def test_dn_queries_backends_agree_on_large_seeds():
+    labels, boxes, counts = _gt()
+    outs = []
+    for backend in DNQ_BACKENDS:
+        with _backend.forced_backend(backend):
+            outs.append(dnops.dn_queries(labels, boxes, counts, num_classes=91, mode="cdn", seed=2**63 - 1))
+    for other in outs[1:]:
+        assert torch.equal(other.labels, outs[0].labels)
+        torch.testing.assert_close(other.boxes, outs[0].boxes, rtol=0, atol=1e-6)
+
+
+# ---- the reference meets the kernels' contract ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_non_finite_and_huge_locations_read_zero(backend, backend_env):
+    backend_env(backend)
+    value, shapes, starts, loc, weights = make_inputs(n=1, lq=5, m=1, p=1, requires_grad=False)
+    for q, x in enumerate([float("nan"), float("inf"), -float("inf"), 3e38, -3e38]):
+        loc[0, q] = x
+    loc.requires_grad_()
+    value.requires_grad_()
+    out = dnops.ms_deform_attn(value, shapes, starts, loc, weights)
+    assert torch.equal(out, torch.zeros_like(out))
+    g_value, g_loc = torch.autograd.grad(out.sum(), [value, loc])
+    assert torch.equal(g_loc, torch.zeros_like(g_loc)) and torch.equal(g_value, torch.zeros_like(g_value))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_reference_checks_levels(dynamic):
+    from dnops import reference
+
+    torch._dynamo.reset()
+    compiled = torch.compile(reference.ms_deform_attn, dynamic=dynamic)
+    value, shapes, starts, loc, weights = make_inputs(dtype=torch.float32)
+    torch.testing.assert_close(compiled(value, shapes, starts, loc, weights), reference.ms_deform_attn(
+        value, shapes, starts, loc, weights))  # fmt: skip
+    with pytest.raises(ValueError, match="level_start_index"):
+        compiled(value, shapes, torch.tensor([0, 7]), loc, weights)
+    with pytest.raises(ValueError, match="S=26"):
+        compiled(value, torch.tensor([[4, 5], [2, 2]]), torch.tensor([0, 20]), loc, weights)
+
+
+def test_msdeformattn_rejects_more_levels_than_built_for():
+    from dnops.nn import MSDeformAttn
+
+    mod = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    shapes = torch.tensor([[4, 4], [2, 2], [1, 1]])
+    starts = torch.tensor([0, 16, 20])
+    with pytest.raises(ValueError, match="n_levels=2"):
+        mod(torch.randn(1, 3, 16), torch.rand(1, 3, 3, 2), torch.randn(1, 21, 16), shapes, starts)

@@ -53,13 +53,14 @@ std::vector<at::Tensor> dn_detr_prepare(const std::vector<at::Tensor>& labels, c
                                     .findSchemaOrThrow("dnops::dn_attn_mask", "")
                                     .typed<at::Tensor(int64_t, int64_t, int64_t, std::optional<at::Device>)>();
   const int64_t batch = static_cast<int64_t>(labels.size());
-  TORCH_CHECK(batch > 0 && boxes.size() == labels.size(),
-              "prepare_for_dn: need one labels and one boxes tensor per image, got ", labels.size(), " and ",
-              boxes.size());
-  TORCH_CHECK(matching_index.dim() == 2 && matching_index.size(1) == batch, "prepare_for_dn: batch_size is ",
-              matching_index.size(1), " but there are ", batch, " targets");
-  TORCH_CHECK(label_weight.size(0) > num_classes, "prepare_for_dn: label_enc needs num_classes + 1 = ", num_classes + 1,
-              " rows, has ", label_weight.size(0));
+  TORCH_CHECK_VALUE(batch > 0 && boxes.size() == labels.size(),
+                    "prepare_for_dn: need one labels and one boxes tensor per image, got ", labels.size(), " and ",
+                    boxes.size());
+  TORCH_CHECK_VALUE(matching_index.dim() == 2 && matching_index.size(1) == batch, "prepare_for_dn: batch_size is ",
+                    matching_index.size(1), " but there are ", batch, " targets");
+  TORCH_CHECK_VALUE(label_weight.size(0) > num_classes,
+                    "prepare_for_dn: label_enc needs num_classes + 1 = ", num_classes + 1, " rows, has ",
+                    label_weight.size(0));
   std::vector<int64_t> counts(batch);
   int64_t known = 0;
   for (int64_t b = 0; b < batch; ++b) {

@@ -39,6 +39,15 @@ def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_
         return tgt.transpose(0, 1), anchors.transpose(0, 1), None, None
 
     groups = int(scalar)
+    # the C++ path checks the same, with the same words; checked here first so that both paths raise alike
+    if not targets:
+        raise ValueError("prepare_for_dn: need one labels and one boxes tensor per image, got no targets")
+    if batch_size != len(targets):
+        raise ValueError(f"prepare_for_dn: batch_size is {batch_size} but there are {len(targets)} targets")
+    if label_enc.weight.shape[0] <= num_classes:
+        raise ValueError(
+            f"prepare_for_dn: label_enc needs num_classes + 1 = {num_classes + 1} rows, has {label_enc.weight.shape[0]}"
+        )
     labels, boxes = [t["labels"] for t in targets], [t["boxes"] for t in targets]
     counts = [len(x) for x in labels]
     constants = _constants(num_classes, label_enc.weight.shape[1], matching, batch_size, embedweight.dtype, device)

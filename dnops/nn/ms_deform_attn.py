@@ -71,6 +71,12 @@ class MSDeformAttn(nn.Module):
         """
         n, lq, _ = query.shape
         s = input_flatten.shape[1]
+        levels = input_spatial_shapes.shape[0]
+        if levels != self.n_levels or reference_points.shape[2] != self.n_levels:
+            raise ValueError(
+                f"MSDeformAttn: built for n_levels={self.n_levels}, got input_spatial_shapes with {levels} levels and "
+                f"reference_points of shape {tuple(reference_points.shape)} (N, Lq, n_levels, 2 or 4)"
+            )
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)

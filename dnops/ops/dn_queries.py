@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
 from dnops import _backend, reference
 from dnops.reference.dn_queries import DNQueries, dn_layout
-from dnops.validation import check_dn_queries_args
+from dnops.validation import check_counts, check_dn_queries_args
 
 # Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
 TRITON_OPS: frozenset[str] = frozenset({"dn_queries"})
@@ -64,33 +66,38 @@ def dn_queries(
     """
     if mode not in MODES:
         raise ValueError(f"dnops.dn_queries: mode must be one of {MODES}, got {mode!r}")
-    if isinstance(counts, torch.Tensor):
-        counts = counts.tolist()
-    counts = [int(c) for c in counts]
+    counts = check_counts(counts)
     ratio = DEFAULT_LABEL_NOISE[mode] if label_noise_ratio is None else float(label_noise_ratio)
     scale = DEFAULT_BOX_NOISE[mode] if box_noise_scale is None else float(box_noise_scale)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"dnops.dn_queries: label_noise_ratio must be in [0, 1], got {ratio}")
-    if scale < 0.0:
-        raise ValueError(f"dnops.dn_queries: box_noise_scale must be >= 0, got {scale}")
+    if not (math.isfinite(scale) and scale >= 0.0):
+        raise ValueError(f"dnops.dn_queries: box_noise_scale must be finite and >= 0, got {scale}")
+    if seed is not None and not (isinstance(seed, numbers.Integral) and 0 <= seed < 2**63):
+        raise ValueError(f"dnops.dn_queries: seed must be an int in [0, 2**63), got {seed!r}")
     contrastive = mode == "cdn"
     flip = ratio * 0.5 if contrastive else ratio
     groups, max_gt = dn_layout(counts, contrastive, num_groups, dn_number, max_dn_queries)
+    group_size = max_gt * (2 if contrastive else 1)
+    if len(counts) * groups * group_size >= 2**31:
+        raise ValueError(
+            f"dnops.dn_queries: {len(counts)} images x {groups} groups x {group_size} slots is more than 2**31 "
+            "DN queries: lower num_groups / dn_number, or cap them with max_dn_queries"
+        )
     seed = _backend.draw_seed() if seed is None else int(seed)
     args = (labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, seed)
     backend = _backend.choose("dn_queries", labels.device, TRITON_OPS)
+    # the C++ kernel range-checks the labels while it reads them
+    check_dn_queries_args(labels, boxes, counts, num_classes, check_values=backend != "cpp")
     if backend == "cpp":
-        check_dn_queries_args(labels, boxes, counts, num_classes, check_values=False)
         # the overload itself: the packet's overload resolution is ~5 us of a ~60 us call in a training step
         out = torch.ops.dnops.dn_queries.default(*args)
     elif backend == "triton":
         from dnops.triton.dn_queries import dn_queries_triton
 
-        check_dn_queries_args(labels, boxes, counts, num_classes)
         out = dn_queries_triton(*args)
     else:
         out = reference.dn_queries_kernel(*args)
-    group_size = max_gt * (2 if contrastive else 1)
     return DNQueries(
         *out, num_groups=groups, group_size=group_size, pad_size=groups * group_size, contrastive=contrastive
     )

@@ -29,7 +29,9 @@ def ms_deform_attn(
     Returns:
         (N, Lq, M * D). float16 / bfloat16 are computed in float32 and rounded once at the end.
     """
-    check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_ms_deform_attn_args(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, values_when_compiling=True
+    )
     out_dtype = value.dtype
     if out_dtype in (torch.float16, torch.bfloat16):
         value, sampling_locations, attention_weights = (
@@ -41,6 +43,10 @@ def ms_deform_attn(
         attention_weights = attention_weights.flatten(-2).softmax(-1).view_as(attention_weights)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     value_levels = value.split([h * w for h, w in shapes], dim=1)
+    # Locations past [-1, 2] read nothing (no corner of any level lies there), as NaN ones do in the kernels;
+    # grid_sample would turn them into NaN (inf, and 3e38 doubled) and NaN would spread. Clamping moves them to
+    # equally empty places with a zero gradient, as the kernels give.
+    sampling_locations = torch.where(sampling_locations.isnan(), -1.0, sampling_locations).clamp(-1.0, 2.0)
     # grid_sample(align_corners=False) maps -1 / +1 to the outer pixel edges: exactly x * W - 0.5 in pixels.
     grids = 2 * sampling_locations - 1
     sampled = []

@@ -3,6 +3,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "dn_queries/dn_queries.h"
@@ -17,9 +18,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dn_queries_cpu(
                                                 num_classes, label_noise_ratio, box_noise_scale, seed);
   const at::Tensor labels = labels_in.contiguous(), boxes = boxes_in.contiguous();
   const int64_t* gt_labels = labels.data_ptr<int64_t>();
+  // Value errors (Python ValueError), as the Python-side checks of the other backends raise for the same inputs.
   for (int64_t k = 0; k < labels.size(0); ++k) {
-    TORCH_CHECK(gt_labels[k] >= 0 && gt_labels[k] < num_classes,
-                "dn_queries: labels must be in [0, num_classes=", num_classes, "), got ", gt_labels[k]);
+    TORCH_CHECK_VALUE(gt_labels[k] >= 0 && gt_labels[k] < num_classes,
+                      "dnops.dn_queries: labels must be in [0, num_classes=", num_classes, "), got ", gt_labels[k]);
   }
   const int64_t batch = static_cast<int64_t>(counts.size());
   std::vector<int64_t> starts(batch);
@@ -31,6 +33,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dn_queries_cpu(
   if (batch * lay.pad == 0) return {out_labels, out_boxes, gt_index, negative};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "dn_queries_cpu", [&] {
     const scalar_t* gt_boxes = boxes.data_ptr<scalar_t>();
+    for (int64_t e = 0; e < boxes.numel(); ++e) {
+      TORCH_CHECK_VALUE(std::isfinite(static_cast<double>(gt_boxes[e])),
+                        "dnops.dn_queries: boxes must be finite, got NaN or infinite values");
+    }
     int64_t* ol = out_labels.data_ptr<int64_t>();
     scalar_t* ob = out_boxes.data_ptr<scalar_t>();
     int64_t* oi = gt_index.data_ptr<int64_t>();
