@@ -20,8 +20,11 @@ class Config:
     train_images: str = ""
     val_json: str = ""
     val_images: str = ""
-    num_train: int = field(default=2000, metadata={"help": "images of the generated dataset's train split"})
-    num_val: int = 400
+    num_train: int | None = field(
+        default=None,
+        metadata={"help": "images of the generated train split (2000 for a new dataset; a different size regenerates)"},
+    )
+    num_val: int | None = field(default=None, metadata={"help": "likewise for the val split (400 for a new dataset)"})
     image_size: int = 128
     # model
     d_model: int = 128
@@ -86,10 +89,12 @@ def parser(defaults: Config | None = None) -> argparse.ArgumentParser:
             else:
                 p.add_argument(f"--{flag}", dest=f.name, action="store_true", help=help_text)
             continue
+        # an optional field (default None) takes the type its annotation names, e.g. "int | None"
+        kind = type(default) if default is not None else {"int | None": int, "float | None": float}[f.type]
         p.add_argument(
             f"--{flag}",
             dest=f.name,
-            type=type(default),
+            type=kind,
             default=default,
             choices=f.metadata.get("choices"),
             help=help_text,

@@ -8,8 +8,11 @@ written as PNG images with COCO json train / val splits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
+import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +71,10 @@ def _scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, cfg
     return canvas.astype(np.uint8), boxes, classes
 
 
+class DataError(ValueError):
+    """A dataset that cannot be trained on, with what is wrong and in which file."""
+
+
 def make_digits_dataset(
     root: str | Path, num_train: int = 2000, num_val: int = 400, cfg: DigitsConfig = DigitsConfig()
 ):
@@ -84,7 +91,8 @@ def make_digits_dataset(
     paths = {}
     ann_id = 1
     for split, count in (("train", num_train), ("val", num_val)):
-        (root / split).mkdir(exist_ok=True)
+        shutil.rmtree(root / split, ignore_errors=True)  # no images of an earlier, larger generation stay behind
+        (root / split).mkdir()
         coco = {
             "images": [],
             "annotations": [],
@@ -111,16 +119,71 @@ def make_digits_dataset(
                 ann_id += 1
         paths[split] = root / "annotations" / f"{split}.json"
         paths[split].write_text(json.dumps(coco))
+    _params_path(root).write_text(json.dumps(_params(num_train, num_val, cfg)))
     return paths
 
 
-def ensure_digits_dataset(root: str | Path, **kwargs) -> dict[str, Path]:
-    """The embedded dataset under ``root``, generated on first use."""
+def _params_path(root: Path) -> Path:
+    return root / "annotations" / "params.json"
+
+
+def _params(num_train: int, num_val: int, cfg: DigitsConfig) -> dict:
+    return {"num_train": num_train, "num_val": num_val, "cfg": dataclasses.asdict(cfg)}
+
+
+def ensure_digits_dataset(
+    root: str | Path, num_train: int | None = None, num_val: int | None = None, cfg: DigitsConfig | None = None
+) -> dict[str, Path]:
+    """The embedded dataset under ``root``: generated on first use (with ``cfg``), and again when a split size given
+    differs from the one it was made with. Sizes not given take what is there (2000 / 400 for a new one)."""
     root = Path(root)
     paths = {split: root / "annotations" / f"{split}.json" for split in ("train", "val")}
-    if not all(p.exists() for p in paths.values()):
-        paths = make_digits_dataset(root, **kwargs)
-    return paths
+    given = {k: v for k, v in (("num_train", num_train), ("num_val", num_val)) if v is not None}
+    made_with = {}
+    if all(p.exists() for p in paths.values()):
+        try:
+            made_with = json.loads(_params_path(root).read_text())
+        except (OSError, ValueError):
+            made_with = {}
+        if all(made_with.get(k) == v for k, v in given.items()):
+            return paths
+    sizes = {k: made_with[k] for k in ("num_train", "num_val") if k in made_with} | given
+    return make_digits_dataset(root, **sizes, **({} if cfg is None else {"cfg": cfg}))
+
+
+def check_coco(path: str | Path) -> None:
+    """Raises DataError naming ``path`` and the entry when a COCO json cannot be trained on: unreadable, missing
+    or empty sections, annotations of unknown images or categories, boxes that are not 4 finite numbers."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise DataError(f"{path}: needs a '{key}' list (COCO format)")
+    if not data["categories"]:
+        raise DataError(f"{path}: 'categories' is empty")
+    if any(not isinstance(c, dict) or "id" not in c for c in data["categories"]):
+        raise DataError(f"{path}: every category needs an 'id'")
+    if any(not isinstance(i, dict) or "id" not in i or "file_name" not in i for i in data["images"]):
+        raise DataError(f"{path}: every image needs an 'id' and a 'file_name'")
+    images = {i["id"] for i in data["images"]}
+    categories = {c["id"] for c in data["categories"]}
+    for n, ann in enumerate(data["annotations"]):
+        where = f"{path}: annotation {ann.get('id', f'#{n}') if isinstance(ann, dict) else f'#{n}'}"
+        if not isinstance(ann, dict):
+            raise DataError(f"{where}: must be an object")
+        if ann.get("image_id") not in images:
+            raise DataError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
+        if ann.get("category_id") not in categories:
+            raise DataError(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'")
+        bbox = ann.get("bbox")
+        numbers = isinstance(bbox, list) and len(bbox) == 4 and all(type(v) in (int, float) for v in bbox)
+        if not numbers or not all(math.isfinite(v) for v in bbox):
+            raise DataError(f"{where}: bbox must be 4 finite numbers [x, y, width, height], got {bbox!r}")
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -136,6 +199,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(self, images: str | Path, annotations: str | Path, size: int | None = None) -> None:
         from pycocotools.coco import COCO
 
+        check_coco(annotations)
         self.images = Path(images)
         self.size = size
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools reports its progress on stdout

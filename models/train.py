@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from models.config import Config, parse
 from models.criterion import Criterion
-from models.data import CocoDetection, DigitsConfig, collate, ensure_digits_dataset
+from models.data import CocoDetection, DataError, DigitsConfig, collate, ensure_digits_dataset
 from models.engine import evaluate, instability, matching_assignment, train_one_epoch
 from models.model import DNDETR
 
@@ -36,7 +36,14 @@ def atomic_write(path: Path, write) -> None:
 
 
 def datasets(cfg: Config, rank: int) -> tuple[CocoDetection, CocoDetection]:
-    if cfg.train_json:
+    """(train, val) sets; raises DataError, before any training, for a dataset that cannot be trained on."""
+    if cfg.train_json or cfg.val_json:
+        missing = [flag for flag in ("train_json", "train_images", "val_json", "val_images") if not getattr(cfg, flag)]
+        if missing:
+            flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+            raise DataError(
+                f"a COCO dataset needs --train-json, --train-images, --val-json and --val-images; {flags} missing"
+            )
         size = cfg.image_size
         return (
             CocoDetection(cfg.train_images, cfg.train_json, size),
@@ -44,7 +51,7 @@ def datasets(cfg: Config, rank: int) -> tuple[CocoDetection, CocoDetection]:
         )
     root = Path(cfg.data)
     if rank == 0:
-        ensure_digits_dataset(root, num_train=cfg.num_train, num_val=cfg.num_val, cfg=DigitsConfig(cfg.image_size))
+        ensure_digits_dataset(root, cfg.num_train, cfg.num_val, cfg=DigitsConfig(cfg.image_size))
     if dist.is_initialized():
         dist.barrier()
     paths = ensure_digits_dataset(root)
@@ -73,7 +80,13 @@ def train(cfg: Config) -> list[dict]:
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        # temp files of a write that was killed: the write is redone whole, they are never read
+        for stale in out.glob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
     train_set, val_set = datasets(cfg, rank)
+    if len(train_set) == 0:
+        raise DataError(f"the training set ({cfg.train_json or cfg.data}) has no images")
     model, criterion = build(cfg, train_set.num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     log: list[dict] = []
@@ -155,7 +168,11 @@ def load(checkpoint: str | Path) -> tuple[DNDETR, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(parse(argv))
+    try:
+        train(parse(argv))
+    except DataError as exc:
+        print(f"models.train: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

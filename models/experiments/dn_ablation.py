@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     # generate the dataset once, before the runs race for it
     from models.data import DigitsConfig, ensure_digits_dataset
 
-    ensure_digits_dataset(cfg.data, num_train=cfg.num_train, num_val=cfg.num_val, cfg=DigitsConfig(cfg.image_size))
+    ensure_digits_dataset(cfg.data, cfg.num_train, cfg.num_val, cfg=DigitsConfig(cfg.image_size))
     start = time.time()
     procs = []
     for seed in args.seeds:
