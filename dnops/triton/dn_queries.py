@@ -1,5 +1,9 @@
 """Denoising-query generation in Triton: one program per block of output slots, noise from tl.randint4x with
-the counter layout of dnops/reference/dn_queries.py (so every backend draws the same numbers)."""
+the counter layout of dnops/reference/dn_queries.py (so every backend draws the same numbers).
+
+What bounds it: a few kB in and out (B=32, 5 groups of 30 slots: 4,800 slots x ~60 bytes = 0.3 MB, under 0.1 us of
+HBM time) and a few Philox rounds per slot: one kernel launch (~5 us with its Python around it) is the cost.
+"""
 
 from __future__ import annotations
 

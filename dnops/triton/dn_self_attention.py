@@ -3,6 +3,11 @@
 A query block iterates only over the key blocks its rows may see: the DN groups its DN rows belong to, then the
 matching keys. The dK/dV pass iterates, for a key block, only over the query blocks that see it. Visibility
 inside a block comes from indices (the DN structure), never from a mask tensor.
+
+What bounds it at the dino shape (B=2, H=8, W=200 DN + 900 matching, Dh=32) on an H200: 15.9 M visible
+(query, key) pairs (of 19.4 M dense), 2.0 GFLOP forward in exact float32 dots (no TF32: "ieee"), ~30 us at
+67 TFLOP/s; q, k, v and out are 4.5 MB, 1 us at 4.3 TB/s. With 64-row blocks the forward launches only
+18 x 16 = 288 programs, about two per SM: at this size latency and occupancy, not the roofline, set the time.
 """
 
 from __future__ import annotations

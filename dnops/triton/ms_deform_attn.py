@@ -1,5 +1,11 @@
 """Multi-scale deformable attention in Triton: the same per-sample math as csrc/ms_deform_attn (grid_sample's
-align_corners=False convention, zero padding, optional in-kernel softmax of the weights)."""
+align_corners=False convention, zero padding, optional in-kernel softmax of the weights).
+
+What bounds it at enc800 (N=1, S=Lq=22,223, M=8, D=32, L=P=4) on an H200: the same bytes as the CUDA kernel
+(80 MB of HBM traffic forward, 19 us at 4.3 TB/s; 1.46 GB of L2 gathers, ~150 us); each program gathers a
+[rows, D] tile per corner, so loads are as wide as D's contiguous channels. The backward adds one float atomic
+per channel and corner (364 M), which should bound it; its programs own one sample each.
+"""
 
 from __future__ import annotations
 

@@ -1,3 +1,5 @@
+// CUDA kernel of dn_attn_mask. What bounds it: it writes W * W bytes (1.2 MB at W = 1,100, 0.3 us at 4.3 TB/s),
+// so its launch is the cost.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
