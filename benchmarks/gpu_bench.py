@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import dnops
 from benchmarks import cases
 from benchmarks.harness import count_dispatched_ops, peak_bytes
+from benchmarks.suites import _targets, _with_backend
 from dnops import _backend, reference
 
 Impl = Callable[[int], object]  # called with the index of the input set to use
@@ -98,14 +99,6 @@ def _skip_reason(backend: str, op: str, device: torch.device, triton_ops: frozen
     if not can[backend]:
         return f"skipped: no {backend} kernel of {op} for cuda"
     return None
-
-
-def _with_backend(name: str, fn: Callable[..., object]) -> Callable[..., object]:
-    def run(*args, **kw):
-        with _backend.forced_backend(name):
-            return fn(*args, **kw)
-
-    return run
 
 
 def _fwd_or_fwd_bwd(fn: Callable[..., torch.Tensor], sets: list[list], passes: str) -> Impl:
@@ -226,7 +219,6 @@ def dn_attention_cases(device: torch.device, dry: bool, sets: int) -> Iterator[C
 
 def dn_queries_cases(device: torch.device, dry: bool, sets: int) -> Iterator[Case]:
     from benchmarks import originals
-    from benchmarks.suites import _targets
     from dnops.ops.dn_queries import TRITON_OPS
 
     for batch in (2,) if dry else (2, 8, 32):

@@ -116,19 +116,40 @@ __device__ __forceinline__ void row_softmax_stats(const Group& g, const scalar_t
   sum = g.sum(s);
 }
 
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ Geo<acc_t> sample_geo(const Dims& dm, int i, const scalar_t* loc_row, const scalar_t* w_row,
-                                                 const int64_t* shapes, const int64_t* starts, bool logits, acc_t mx,
-                                                 acc_t sum, int32_t& height) {
+// What every kernel of a row needs first: where its locations and weights are, its image and head, and with
+// logits the softmax statistics of its weights.
+template <typename scalar_t>
+struct Row {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t n, m;
+  int lp;
+  const scalar_t* loc;
+  const scalar_t* weights;
+  acc_t mx = 0, sum = 1;
+
+  __device__ Row(const Group& g, const Dims& dm, int64_t row, const scalar_t* loc_all, const scalar_t* weights_all,
+                 bool logits)
+      : n(row / (dm.heads * dm.queries)),
+        m(row % dm.heads),
+        lp(static_cast<int>(dm.levels * dm.points)),
+        loc(loc_all + row * lp * 2),
+        weights(weights_all + row * lp) {
+    if (logits) row_softmax_stats(g, weights, lp, mx, sum);
+  }
+};
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+__device__ __forceinline__ Geo<acc_t> sample_geo(const Dims& dm, int i, const Row<scalar_t>& r, const int64_t* shapes,
+                                                 const int64_t* starts, bool logits, int32_t& height) {
   const int l = i / static_cast<int>(dm.points);
   const int64_t h = shapes[2 * l], w = shapes[2 * l + 1];
-  Geo<acc_t> s{0, 0, msda::row_weight(w_row, i, logits, mx, sum), 0, static_cast<int32_t>(w), 0};
+  Geo<acc_t> s{0, 0, msda::row_weight(r.weights, i, logits, r.mx, r.sum), 0, static_cast<int32_t>(w), 0};
   height = static_cast<int32_t>(h);
   const int64_t start = starts[l];
   int64_t x0, y0;
   if (msda::level_fits(h, w, start, dm.spatial) &&
-      msda::bilinear_origin(static_cast<acc_t>(loc_row[2 * i]), static_cast<acc_t>(loc_row[2 * i + 1]), h, w, x0, y0,
-                            s.lx, s.ly)) {
+      msda::bilinear_origin(static_cast<acc_t>(r.loc[2 * i]), static_cast<acc_t>(r.loc[2 * i + 1]), h, w, x0, y0, s.lx,
+                            s.ly)) {
     s.pos0 = static_cast<int32_t>(start + msda::corner_offset<int64_t>(0, x0, y0, w));
 #pragma unroll
     for (int k = 0; k < 4; ++k) s.inside |= msda::corner_inside<int64_t>(k, x0, y0, h, w) << k;
@@ -177,14 +198,10 @@ __global__ void __launch_bounds__(kThreads)
   const Group g(tpr);
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / tpr;
   if (row >= dm.batch * dm.queries * dm.heads) return;
-  const int lp = static_cast<int>(dm.levels * dm.points);
-  const scalar_t* loc_row = loc + row * lp * 2;
-  const scalar_t* w_row = weights + row * lp;
-  acc_t mx = 0, sum = 1;
-  if (logits) row_softmax_stats(g, w_row, lp, mx, sum);
-  const int64_t m = row % dm.heads, n = row / (dm.heads * dm.queries);
+  const Row<scalar_t> r(g, dm, row, loc, weights, logits);
+  const int lp = r.lp;
   const int64_t pos_stride = dm.heads * dm.channels;
-  const scalar_t* head_value = value + (n * dm.spatial * dm.heads + m) * dm.channels;
+  const scalar_t* head_value = value + (r.n * dm.spatial * dm.heads + r.m) * dm.channels;
   for (int64_t c0 = 0; c0 < dm.channels; c0 += static_cast<int64_t>(tpr) * VEC) {
     const int64_t c = c0 + g.lane * VEC;
     const bool active = c < dm.channels;
@@ -192,8 +209,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int base = 0; base < lp; base += tpr) {
       Geo<acc_t> mine{};
       int32_t height;
-      if (base + g.lane < lp)
-        mine = sample_geo(dm, base + g.lane, loc_row, w_row, shapes, starts, logits, mx, sum, height);
+      if (base + g.lane < lp) mine = sample_geo(dm, base + g.lane, r, shapes, starts, logits, height);
       const int count = min(tpr, lp - base);
       for (int t = 0; t < count; ++t) {
         const Geo<acc_t> s = share(g, mine, t);
@@ -231,12 +247,11 @@ __global__ void __launch_bounds__(kThreads)
   const Group g(tpr);
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / tpr;
   if (row >= dm.batch * dm.queries * dm.heads) return;
-  const int lp = static_cast<int>(dm.levels * dm.points);
-  const scalar_t* loc_row = loc + row * lp * 2;
-  const scalar_t* w_row = weights + row * lp;
-  acc_t mx = 0, sum = 1;
-  if (logits) row_softmax_stats(g, w_row, lp, mx, sum);
-  const int64_t m = row % dm.heads, n = row / (dm.heads * dm.queries);
+  const Row<scalar_t> r(g, dm, row, loc, weights, logits);
+  const int lp = r.lp;
+  const int64_t n = r.n, m = r.m;
+  const acc_t mx = r.mx, sum = r.sum;
+  const scalar_t* w_row = r.weights;
   const int64_t pos_stride = dm.heads * dm.channels;
   const int64_t head_offset = (n * dm.spatial * dm.heads + m) * dm.channels;
   const scalar_t* g_row = grad_out + row * dm.channels;
@@ -244,7 +259,7 @@ __global__ void __launch_bounds__(kThreads)
     const int i = base + g.lane;
     Geo<acc_t> mine{};
     int32_t height = 0;
-    if (i < lp) mine = sample_geo(dm, i, loc_row, w_row, shapes, starts, logits, mx, sum, height);
+    if (i < lp) mine = sample_geo(dm, i, r, shapes, starts, logits, height);
     acc_t my_ga = 0, my_gx = 0, my_gy = 0;
     const int count = min(tpr, lp - base);
     for (int t = 0; t < count; ++t) {
