@@ -2,6 +2,8 @@
 
 Environment:
   DNOPS_CUDA=0|1         skip / force the CUDA kernels (default: build when torch is a CUDA build and nvcc matches)
+  DNOPS_DEBUG=1          keep debug information in the extension (stripped by default)
+  DNOPS_ALLOW_TORCH_MISMATCH=1  build even when the build's torch differs from the installed one
   TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0")
   MAX_JOBS               parallel compile jobs (honoured by torch's ninja build)
 """
@@ -32,8 +34,14 @@ def _toolkit_root() -> str | None:
 if not os.environ.get("CUDA_HOME") and _toolkit_root():
     os.environ["CUDA_HOME"] = _toolkit_root()
 
-import torch  # noqa: E402
-from torch.utils import cpp_extension  # noqa: E402
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ModuleNotFoundError as exc:
+    raise SystemExit(
+        "dnops builds against the installed PyTorch: install torch first (pip install torch), then build dnops "
+        "without build isolation (pip install --no-build-isolation .), so that it compiles against that torch"
+    ) from exc
 
 
 def _log(msg: str) -> None:
@@ -90,16 +98,53 @@ BUILD_INFO: dict[str, str] = {"torch": torch.__version__}
 
 class BuildExt(cpp_extension.BuildExtension):
     """Keeps objects under build/ (pip's editable build would use a fresh temp dir and recompile everything)
-    and records what was built in dnops/_build_info.py for ``python -m dnops.info``."""
+    and records what was built in dnops/_build_info.py for ``python -m dnops.info``: in the source tree (in-place
+    and editable builds) and in the build directory a wheel is made from."""
 
     def finalize_options(self):
         super().finalize_options()
         self.build_temp = os.path.join(HERE, "build", "temp")
 
     def run(self):
-        with open(os.path.join(HERE, "dnops", "_build_info.py"), "w") as f:
-            f.write(f"# Written by setup.py at build time.\nBUILD = {BUILD_INFO!r}\n")
+        text = f"# Written by setup.py at build time.\nBUILD = {BUILD_INFO!r}\n"
+        targets = [os.path.join(HERE, "dnops")]
+        if not self.inplace:
+            targets.append(os.path.join(self.build_lib, "dnops"))
+        for folder in targets:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "_build_info.py"), "w") as f:
+                f.write(text)
         super().run()
+
+
+def _installed_torch() -> str | None:
+    """The torch version of the environment being installed into, seen from outside a build-isolation overlay
+    (pip's isolated build puts its own torch first on the path); None when it cannot be told."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-S", "-c", "import site, sys; site.main(); import torch; print(torch.__version__)"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _check_build_torch() -> None:
+    installed = _installed_torch()
+    if installed and installed.split("+")[0] != torch.__version__.split("+")[0]:
+        msg = (
+            f"building against torch {torch.__version__}, but the environment has torch {installed}: the extension "
+            "would not load there and every op would fall back to its reference. Build with "
+            "`pip install --no-build-isolation .` so that dnops compiles against the installed torch"
+        )
+        if os.environ.get("DNOPS_ALLOW_TORCH_MISMATCH") != "1":
+            raise SystemExit(msg + " (or set DNOPS_ALLOW_TORCH_MISMATCH=1 to build anyway).")
+        _log(msg)
 
 
 def _extension():
@@ -111,6 +156,8 @@ def _extension():
     )
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*", "cuda", "*.cu")))
     cxx_flags = ["-O3", "-fopenmp"]
+    # release builds drop the debug sections (most of the library's size); DNOPS_DEBUG=1 keeps them
+    link_flags = ["-fopenmp"] + ([] if os.environ.get("DNOPS_DEBUG") == "1" else ["-Wl,--strip-debug"])
     if _cxx_is_gcc():
         # GCC's -O3 unroll-and-jam fuses the deformable-attention sample loop with its channel loop and then gives
         # up vectorizing the channels (a scalar loop, twice as slow). Clang has no such flag.
@@ -119,7 +166,7 @@ def _extension():
     common = dict(
         name="dnops._C",
         include_dirs=[os.path.join(here, "csrc")],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -141,8 +188,12 @@ def _extension():
     )
 
 
+_check_build_torch()
+_major, _minor = torch.__version__.split(".")[:2]
+
 setup(
     packages=find_packages(include=["dnops", "dnops.*"]),
+    install_requires=[f"torch=={_major}.{_minor}.*"],
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExt},
 )

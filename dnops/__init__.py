@@ -5,7 +5,7 @@ Ops: ``ms_deform_attn`` (multi-scale deformable attention), ``dn_queries`` (deno
 reference in ``dnops.reference`` and C++/CUDA/Triton kernels where built; ``python -m dnops.info`` shows which.
 """
 
-from dnops import _backend
+from dnops import _backend, compat, nn  # noqa: F401  (dnops.nn and dnops.compat reachable after `import dnops`)
 from dnops.compat import MSDeformAttnFunction, multi_scale_deformable_attn_pytorch
 from dnops.ops import DNQueries, dn_attn_mask, dn_queries, dn_self_attention, ms_deform_attn
 
