@@ -25,9 +25,16 @@ try:
 except (ImportError, OSError) as exc:
     _C = None
     C_ERROR = f"{type(exc).__name__}: {exc}"
+    try:
+        from dnops._build_info import BUILD as _BUILD
+
+        _built_for = f"built for torch {_BUILD.get('torch', '?')}"
+    except ImportError:
+        _built_for = "no build found"
     warnings.warn(
-        f"dnops._C could not be loaded ({C_ERROR}); every dnops op falls back to its pure-PyTorch reference. "
-        "Build the kernels with `pip install --no-build-isolation -e .`.",
+        f"dnops._C could not be loaded ({C_ERROR}; {_built_for}, this is torch {torch.__version__}); every dnops "
+        "op falls back to its pure-PyTorch reference. Rebuild the kernels against this torch: "
+        "`pip install --no-build-isolation .` (or `-e .` in a checkout).",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -52,3 +52,16 @@ def test_subpackages_are_attributes_after_import_dnops():
     code = "import dnops; dnops.nn.MSDeformAttn; dnops.nn.DNMultiheadAttention; dnops.compat.dn_detr.prepare_for_dn"
     done = subprocess.run([sys.executable, "-c", code + "; dnops.compat.dino.prepare_for_cdn"], capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+def test_load_failure_warning_names_both_torches_and_the_fix():
+    code = (
+        "import sys, warnings; sys.modules['dnops._C'] = None; warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    import dnops\n"
+        "print(str(caught[0].message)); assert not dnops.HAS_C"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"this is torch {torch.__version__}" in done.stdout and "built for torch" in done.stdout
+    assert "pip install --no-build-isolation" in done.stdout
