@@ -424,3 +424,19 @@ def test_msdeformattn_under_cuda_autocast(dtype):
     assert got.dtype == dtype
     assert (got.float() - want).norm() / want.norm() < 2e-2
     assert (got_g - want_g).norm() / want_g.norm() < 3e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_multi_scale_deformable_attention_module_interface(dtype):
+    from dnops.compat import multi_scale_deformable_attention as msda
+
+    args = msda_args(dtype, d=32)
+    out = msda.ms_deform_attn_forward(*args, 64)
+    ref_args = as_float64(args)
+    ref = reference.ms_deform_attn(*ref_args)
+    assert_rel(out, ref, dtype, "MSDA.ms_deform_attn_forward")
+    g = torch.randn_like(ref)
+    got = msda.ms_deform_attn_backward(*args, g.to(dtype), 64)
+    want = torch.autograd.grad(ref, [ref_args[0], ref_args[3], ref_args[4]], g)
+    for i, (x, y) in enumerate(zip(got, want, strict=True)):
+        assert_rel(x, y, dtype, f"MSDA.ms_deform_attn_backward grad {i}")

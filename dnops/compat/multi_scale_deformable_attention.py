@@ -1,0 +1,111 @@
+"""The interface of the compiled ``MultiScaleDeformableAttention`` extension that Deformable-DETR, DINO, DN-DETR
+and their descendants build and import (``import MultiScaleDeformableAttention as MSDA``), on dnops kernels:
+every device and dtype dnops runs, no CUDA build of the original.
+
+Use it with no edit to a model file: ``python -m dnops.compat.multi_scale_deformable_attention install`` puts a
+one-line ``MultiScaleDeformableAttention`` module into site-packages that re-exports this one (``uninstall``
+removes it; ``--target DIR`` writes it elsewhere). Or, in code: ``sys.modules["MultiScaleDeformableAttention"]
+= dnops.compat.multi_scale_deformable_attention`` before the model is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from dnops import _backend
+from dnops.ops.ms_deform_attn import ms_deform_attn
+
+SHIM = "MultiScaleDeformableAttention.py"
+SHIM_TEXT = (
+    '"""Written by `python -m dnops.compat.multi_scale_deformable_attention install`: the compiled extension\'s\n'
+    'interface on dnops kernels."""\n'
+    "from dnops.compat.multi_scale_deformable_attention import (  # noqa: F401\n"
+    "    ms_deform_attn_backward,\n"
+    "    ms_deform_attn_forward,\n"
+    ")\n"
+)
+
+
+def ms_deform_attn_forward(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_loc: torch.Tensor,
+    attn_weight: torch.Tensor,
+    im2col_step: int,
+) -> torch.Tensor:
+    """(N, Lq, M * D) from value (N, S, M, D), sampling_loc (N, Lq, M, L, P, 2), attn_weight (N, Lq, M, L, P);
+    im2col_step is accepted and ignored (the kernels have no batch-chunking limit). No autograd graph: the
+    caller's autograd Function calls ms_deform_attn_backward, as with the original."""
+    with torch.no_grad():
+        return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_loc, attn_weight)
+
+
+def ms_deform_attn_backward(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_loc: torch.Tensor,
+    attn_weight: torch.Tensor,
+    grad_output: torch.Tensor,
+    im2col_step: int,
+) -> list[torch.Tensor]:
+    """[grad_value, grad_sampling_loc, grad_attn_weight], shaped as value, sampling_loc and attn_weight."""
+    args = (value, spatial_shapes, level_start_index, sampling_loc, attn_weight)
+    if _backend.choose("ms_deform_attn", value.device) == "cpp":
+        grads = torch.ops.dnops._ms_deform_attn_backward.default(grad_output.contiguous(), *args, False)
+        return list(grads)
+    # elsewhere (another backend, a device without dnops kernels): the gradients of the public op
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (value, sampling_loc, attn_weight)]
+        out = ms_deform_attn(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2])
+        return list(torch.autograd.grad(out, inputs, grad_output))
+
+
+def _site_packages() -> Path:
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def install(target: Path | None = None, force: bool = False) -> Path:
+    """Writes the MultiScaleDeformableAttention shim into ``target`` (default: site-packages); returns its path.
+    Refuses to shadow another MultiScaleDeformableAttention (a compiled original) unless ``force``."""
+    folder = Path(target) if target is not None else _site_packages()
+    path = folder / SHIM
+    found = importlib.util.find_spec("MultiScaleDeformableAttention") if target is None else None
+    if found is not None and found.origin and Path(found.origin) != path and not force:
+        raise SystemExit(f"a MultiScaleDeformableAttention is already installed at {found.origin}; use --force")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(SHIM_TEXT)
+    return path
+
+
+def uninstall(target: Path | None = None) -> Path | None:
+    path = (Path(target) if target is not None else _site_packages()) / SHIM
+    if path.exists() and path.read_text() == SHIM_TEXT:
+        path.unlink()
+        return path
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["install", "uninstall"])
+    parser.add_argument("--target", type=Path, help="folder to write the module to (default: site-packages)")
+    parser.add_argument("--force", action="store_true", help="shadow an installed MultiScaleDeformableAttention")
+    args = parser.parse_args(argv)
+    if args.action == "install":
+        print(f"wrote {install(args.target, args.force)}")
+    else:
+        removed = uninstall(args.target)
+        print(f"removed {removed}" if removed else "no dnops MultiScaleDeformableAttention shim found")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
