@@ -236,7 +236,7 @@ def test_dn_queries(backend, mode, dtype, counts):
     assert torch.equal(got.labels.cpu(), want.labels)
     assert torch.equal(got.gt_index.cpu(), want.gt_index)
     assert torch.equal(got.negative.cpu(), want.negative)
-    tol = 0 if dtype in (torch.float32, torch.float64) else 1e-2
+    tol = 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2  # FMA contraction on the GPU may move the last bit
     torch.testing.assert_close(got.boxes.cpu(), want.boxes, rtol=tol, atol=tol)
 
 
@@ -280,6 +280,11 @@ def test_compile_fullgraph_ops(backend):
     from dnops.ops.ms_deform_attn import TRITON_OPS as MSDA
 
     torch._dynamo.reset()
+    if backend == "triton" and _backend.triton_available():
+        # imported before tracing: the public functions import their Triton module on first use
+        import dnops.triton.dn_queries
+        import dnops.triton.dn_self_attention
+        import dnops.triton.ms_deform_attn  # noqa: F401
     args = msda_args(torch.float32, d=32)
     if _backend.available("ms_deform_attn", "cuda", MSDA)[backend]:
         with _backend.forced_backend(backend):
@@ -313,7 +318,7 @@ def test_compile_fullgraph_modules():
     msda_mod = MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2).cuda()
     shapes = torch.tensor([[8, 10], [4, 5]], device="cuda")
     starts = torch.tensor([0, 80], device="cuda")
-    query, refs, src = torch.randn(2, 30, 64, device="cuda"), torch.rand(2, 30, 2, 2, device="cuda"), None
+    query, refs = torch.randn(2, 30, 64, device="cuda"), torch.rand(2, 30, 2, 2, device="cuda")
     src = torch.randn(2, 100, 64, device="cuda", requires_grad=True)
     eager = msda_mod(query, refs, src, shapes, starts)
     compiled = torch.compile(msda_mod, fullgraph=True)(query, refs, src, shapes, starts)
