@@ -1,6 +1,7 @@
 """``make gpu-check``'s dry mode: the script a lent GPU runs is exercised on every CI run, so it cannot rot."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,15 @@ FILES = {"env.txt", "build.log", "tests.log", "sanitizer.log", "bench.log", "rep
 
 
 def test_dry_mode_runs_every_step_and_writes_every_file(tmp_path):
-    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--results", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    results, fetched = tmp_path / "results", tmp_path / "OUT"
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--results", str(results)]
+    env = dict(os.environ, OUT=str(fetched))  # where the lent machine's tool collects files
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    (out,) = tmp_path.iterdir()
+    (out,) = results.iterdir()
     assert out.name.endswith("-dry-cpu")
     assert {p.name for p in out.iterdir()} == FILES
+    assert {p.name for p in (fetched / out.name).iterdir()} == FILES
     assert "| op | case |" in done.stdout.splitlines()[-1] or "| op | case |" in done.stdout
 
     tests_log = (out / "tests.log").read_text()
