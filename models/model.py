@@ -173,6 +173,9 @@ class DNDETR(nn.Module):
         """spatial_shapes (L, 2) and level_start_index (L,) of these level sizes, made once per sizes and device:
         a tensor built from host values is a host-to-device copy, which a CUDA graph capture cannot contain."""
         key = (sizes, device)
+        if torch.compiler.is_compiling():  # traced sizes may be symbolic: build them in the graph, cache nothing
+            shapes = torch.tensor(sizes, dtype=torch.int64, device=device)
+            return shapes, torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
         if key not in self._levels:
             shapes = torch.tensor(sizes, dtype=torch.int64)
             starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])

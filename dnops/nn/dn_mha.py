@@ -98,7 +98,9 @@ class DNMultiheadAttention(nn.MultiheadAttention):
         """Shapes as nn.MultiheadAttention: (L, B, E) or, with batch_first, (B, L, E); returns (out, weights)."""
         structure = _structure_of(dn)
         if attn_mask is not None:
-            structure = None if torch.compiler.is_compiling() else self._mask_structure(attn_mask)
+            # not inspected while tracing (compile, export): the parent's dense path honours any mask
+            tracing = torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+            structure = None if tracing else self._mask_structure(attn_mask)
         seq_dim = 1 if self.batch_first else 0
         fast = (
             structure is not None

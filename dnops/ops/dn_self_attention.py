@@ -59,6 +59,11 @@ def dn_self_attention(
     Returns:
         (B, H, W, Dh).
     """
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        raise RuntimeError(
+            "dnops.dn_self_attention is not exported: DN structure exists in training only. Export the model in "
+            "eval mode, without dn= or DN queries (DNMultiheadAttention then exports as nn.MultiheadAttention)"
+        )
     check_dn_self_attention_args(q, k, v, pad_size, group_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = _backend.choose("dn_self_attention", q.device, TRITON_OPS)

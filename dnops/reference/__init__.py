@@ -2,7 +2,7 @@
 
 from dnops.reference.dn_attention import dn_attn_mask, dn_self_attention, dn_self_attention_dense
 from dnops.reference.dn_queries import DNQueries, dn_layout, dn_queries_kernel
-from dnops.reference.ms_deform_attn import ms_deform_attn
+from dnops.reference.ms_deform_attn import ms_deform_attn, ms_deform_attn_gather
 
 __all__ = [
     "DNQueries",
@@ -12,4 +12,5 @@ __all__ = [
     "dn_self_attention",
     "dn_self_attention_dense",
     "ms_deform_attn",
+    "ms_deform_attn_gather",
 ]

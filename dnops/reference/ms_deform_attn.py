@@ -58,3 +58,45 @@ def ms_deform_attn(
     weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels * p)
     out = (stacked * weights).sum(-1).view(n, m * d, lq)
     return out.transpose(1, 2).contiguous().to(out_dtype)
+
+
+def ms_deform_attn_gather(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    attention_logits: bool = False,
+) -> torch.Tensor:
+    """The same op written with one gather of corner rows instead of a grid_sample per level: every size it needs
+    (H_l, W_l, level starts) is read from the tensors as data, never as Python numbers, so a traced or exported
+    graph stays correct for any spatial_shapes given as its input (ONNX export uses it). Shapes and result as
+    ``ms_deform_attn``; it holds the (N, M, Lq * L * P * 4, D) gathered corners in memory."""
+    out_dtype = value.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):
+        value, sampling_locations, attention_weights = (
+            t.float() for t in (value, sampling_locations, attention_weights)
+        )
+    n, _, m, d = value.shape
+    _, lq, _, num_levels, p, _ = sampling_locations.shape
+    if attention_logits:
+        attention_weights = attention_weights.flatten(-2).softmax(-1).view_as(attention_weights)
+    size = spatial_shapes.flip(-1).to(sampling_locations.dtype).view(num_levels, 1, 2)  # (W_l, H_l)
+    pixel = sampling_locations * size - 0.5  # (N, Lq, M, L, P, 2)
+    origin = pixel.floor()
+    frac = pixel - origin
+    corner = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]], dtype=pixel.dtype, device=pixel.device)
+    xy = origin.unsqueeze(-2) + corner  # (N, Lq, M, L, P, 4, 2)
+    limit = size.view(num_levels, 1, 1, 2)
+    inside = ((xy >= 0) & (xy < limit)).all(-1)  # NaN locations compare False: outside
+    bilinear = torch.where(corner.bool(), frac.unsqueeze(-2), 1 - frac.unsqueeze(-2)).prod(-1)
+    weight = torch.where(inside, bilinear * attention_weights.unsqueeze(-1), torch.zeros_like(bilinear))
+    start = level_start_index.to(pixel.dtype).view(num_levels, 1, 1)
+    row = torch.where(inside, start + xy[..., 1] * limit[..., 0] + xy[..., 0], torch.zeros_like(bilinear))
+    # (N, M, Lq * L * P * 4) row indices into each (image, head)'s (S, D) values
+    corners = num_levels * p * 4
+    index = row.to(torch.int64).permute(0, 2, 1, 3, 4, 5).reshape(n, m, lq * corners)
+    rows = torch.gather(value.transpose(1, 2), 2, index.unsqueeze(-1).expand(-1, -1, -1, d))
+    weight = weight.permute(0, 2, 1, 3, 4, 5).reshape(n, m, lq, corners, 1)
+    out = (rows.view(n, m, lq, corners, d) * weight).sum(3)  # (N, M, Lq, D)
+    return out.permute(0, 2, 1, 3).reshape(n, lq, m * d).to(out_dtype)

@@ -1,0 +1,101 @@
+"""ONNX export with both exporters: the deformable attention as standard ops that onnxruntime runs, correct for
+any spatial_shapes fed as a graph input; DNMultiheadAttention without DN structure as plain attention; the
+training-time DN path refused with a clear error."""
+
+import warnings
+
+import pytest
+import torch
+
+import dnops
+from dnops import reference
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+EXPORTERS = ["dynamo", "legacy"]
+
+
+def export(module, args, path, exporter, names):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' notes on tracing, not the test's concern
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=exporter == "dynamo",
+            input_names=names,
+            output_names=["out"],
+            opset_version=18,
+        )
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run(session, names, tensors):
+    feeds = {n: t.detach().numpy() for n, t in zip(names, tensors, strict=True)}
+    return torch.from_numpy(session.run(None, feeds)[0])
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_msdeformattn_exports_and_follows_spatial_shapes_given_as_input(tmp_path, exporter):
+    torch.manual_seed(0)
+    module = dnops.nn.MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2).eval()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    query, refs, src = torch.randn(2, 7, 32), torch.rand(2, 7, 2, 2), torch.randn(2, 39, 32)
+    shapes, starts = torch.tensor([[5, 6], [3, 3]]), torch.tensor([0, 30])
+    names = ["query", "refs", "src", "shapes", "starts"]
+    session = export(module, (query, refs, src, shapes, starts), tmp_path / "msda.onnx", exporter, names)
+    # the traced shapes, then others covering the same S = 39: a graph that baked the shapes in would be wrong
+    for other_shapes, other_starts in (
+        ([[5, 6], [3, 3]], [0, 30]),
+        ([[6, 5], [1, 9]], [0, 30]),
+        ([[3, 12], [1, 3]], [0, 36]),
+    ):
+        feed = (query, refs, src, torch.tensor(other_shapes), torch.tensor(other_starts))
+        with dnops._backend.forced_backend("reference"):
+            want = module(*feed)
+        torch.testing.assert_close(run(session, names, feed), want, rtol=1e-4, atol=1e-5)
+
+
+def test_gather_formulation_equals_the_reference():
+    from tests.msda_utils import make_inputs
+
+    for kw in ({}, {"d": 1, "p": 1}, {"shapes": ((5, 2), (1, 1), (2, 7)), "m": 3, "d": 3, "p": 3}, {"n": 0}):
+        args = make_inputs(requires_grad=True, **kw)
+        for logits in (False, True):
+            got, want = reference.ms_deform_attn_gather(*args, logits), reference.ms_deform_attn(*args, logits)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            if got.numel():
+                g = torch.randn_like(got)
+                inputs = [args[0], args[3], args[4]]
+                for x, y in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g), strict=True):
+                    torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, dn=None, mask=None):
+        super().__init__()
+        self.mha = dnops.nn.DNMultiheadAttention(16, 2)
+        self.dn, self.mask = dn, mask
+
+    def forward(self, x):
+        return self.mha(x, x, x, attn_mask=self.mask, dn=self.dn)[0]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_dn_mha_without_dn_structure_exports_as_plain_attention(tmp_path, exporter):
+    torch.manual_seed(0)
+    for mask in (None, dnops.dn_attn_mask(12, 4, 15)):
+        module = Attention(mask=mask).eval()
+        x = torch.randn(27, 2, 16)
+        session = export(module, (x,), tmp_path / "mha.onnx", exporter, ["x"])
+        torch.testing.assert_close(run(session, ["x"], (x,)), module(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_exporting_the_dn_path_raises_a_clear_error(tmp_path, exporter):
+    module = Attention(dn=(12, 4)).eval()
+    with pytest.raises(Exception, match="dnops.dn_self_attention is not exported"):
+        export(module, (torch.randn(27, 2, 16),), tmp_path / "dn.onnx", exporter, ["x"])
