@@ -1,1 +1,2 @@
-"""A thin DN-DETR on dnops (issue #6, in progress): so far the embedded COCO-format digits dataset and loader."""
+"""A thin DN-DETR on dnops: the model, its training, evaluation, export and prediction commands, and an embedded
+COCO-format digits dataset with its loader."""

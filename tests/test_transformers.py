@@ -10,6 +10,18 @@ transformers = pytest.importorskip("transformers")
 
 from dnops.compat.transformers import MultiScaleDeformableAttention, use_dnops  # noqa: E402
 
+# the transformer sizes of the small Deformable DETR and Grounding DINO configs
+SMALL = dict(
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    num_queries=10,
+)
+
 
 def _resnet(config_cls, **kw):
     return config_cls(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], **kw)
@@ -20,14 +32,7 @@ def deformable_detr():
         use_timm_backbone=False,
         use_pretrained_backbone=False,
         backbone_config=_resnet(transformers.ResNetConfig, out_features=["stage2", "stage3", "stage4"]),
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        num_queries=10,
+        **SMALL,
     )
     return transformers.DeformableDetrModel(cfg), {"pixel_values": torch.rand(2, 3, 96, 96)}
 
@@ -60,14 +65,7 @@ def grounding_dino():
         use_pretrained_backbone=False,
         backbone_config=_resnet(transformers.ResNetConfig, out_features=["stage2", "stage3", "stage4"]),
         text_config=text,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        num_queries=10,
+        **SMALL,
         max_text_len=16,
     )
     ids = torch.randint(1, 50, (2, 7))

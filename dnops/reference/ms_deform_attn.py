@@ -8,6 +8,16 @@ import torch.nn.functional as F
 from dnops.validation import check_ms_deform_attn_args
 
 
+def _in_float(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """float16 / bfloat16 computed in float32 (the result is rounded once at the end); other dtypes as they are."""
+    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
+
+
+def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """The softmax over the L * P weights of each (query, head) of (N, Lq, M, L, P) logits."""
+    return logits.flatten(-2).softmax(-1).view_as(logits)
+
+
 def ms_deform_attn(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -33,14 +43,11 @@ def ms_deform_attn(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, values_when_compiling=True
     )
     out_dtype = value.dtype
-    if out_dtype in (torch.float16, torch.bfloat16):
-        value, sampling_locations, attention_weights = (
-            t.float() for t in (value, sampling_locations, attention_weights)
-        )
+    value, sampling_locations, attention_weights = _in_float(value, sampling_locations, attention_weights)
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
     if attention_logits:
-        attention_weights = attention_weights.flatten(-2).softmax(-1).view_as(attention_weights)
+        attention_weights = _softmax_rows(attention_weights)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     value_levels = value.split([h * w for h, w in shapes], dim=1)
     # Locations past [-1, 2] read nothing (no corner of any level lies there), as NaN ones do in the kernels;
@@ -73,14 +80,11 @@ def ms_deform_attn_gather(
     graph stays correct for any spatial_shapes given as its input (ONNX export uses it). Shapes and result as
     ``ms_deform_attn``; it holds the (N, M, Lq * L * P * 4, D) gathered corners in memory."""
     out_dtype = value.dtype
-    if out_dtype in (torch.float16, torch.bfloat16):
-        value, sampling_locations, attention_weights = (
-            t.float() for t in (value, sampling_locations, attention_weights)
-        )
+    value, sampling_locations, attention_weights = _in_float(value, sampling_locations, attention_weights)
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
     if attention_logits:
-        attention_weights = attention_weights.flatten(-2).softmax(-1).view_as(attention_weights)
+        attention_weights = _softmax_rows(attention_weights)
     size = spatial_shapes.flip(-1).to(sampling_locations.dtype).view(num_levels, 1, 2)  # (W_l, H_l)
     pixel = sampling_locations * size - 0.5  # (N, Lq, M, L, P, 2)
     origin = pixel.floor()
