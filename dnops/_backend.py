@@ -132,6 +132,20 @@ def choose(op: str, device: torch.device, triton_ops: frozenset[str] = frozenset
     return "reference"
 
 
+# torch.compiler.is_exporting() is also True under plain torch.compile before torch 2.14 (seen on 2.11); there only
+# the non-strict export (the ONNX exporter's first strategy), which Dynamo does not trace, can be told apart.
+_EXPORT_FLAG_EXACT = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+
+
+def exporting() -> bool:
+    """Whether torch.onnx.export (either exporter) or torch.export is tracing the caller."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    if not torch.compiler.is_exporting():
+        return False
+    return _EXPORT_FLAG_EXACT or not torch.compiler.is_dynamo_compiling()
+
+
 def draw_seed() -> int:
     """A non-negative seed from torch's default CPU generator (so torch.manual_seed reproduces a run)."""
     if HAS_C:

@@ -1,9 +1,11 @@
 """The compiled MultiScaleDeformableAttention module's interface on dnops, used as Deformable-DETR / DINO /
 DN-DETR use it: `import MultiScaleDeformableAttention as MSDA` inside their autograd Function, unmodified."""
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ import torch
 from dnops import reference
 from dnops.compat import multi_scale_deformable_attention as shim
 from tests.msda_utils import make_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # A transcription of the pattern in Deformable-DETR's models/ops/functions/ms_deform_attn_func.py (written here,
 # not copied): the Function the model files call, importing the compiled module by its name.
@@ -94,7 +98,8 @@ def test_install_command_and_uninstall(tmp_path):
     done = subprocess.run([*run, "install", "--target", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0 and (tmp_path / "MultiScaleDeformableAttention.py").exists(), done.stderr
     code = "import MultiScaleDeformableAttention as M; print(M.ms_deform_attn_forward.__module__)"
-    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))  # dnops as the tests import it
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert imported.stdout.strip() == "dnops.compat.multi_scale_deformable_attention", imported.stderr
     done = subprocess.run([*run, "uninstall", "--target", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0 and not (tmp_path / "MultiScaleDeformableAttention.py").exists()

@@ -64,7 +64,7 @@ def dn_queries(
     Returns:
         DNQueries with (B, pad) labels / gt_index / negative and (B, pad, 4) boxes, batch-first.
     """
-    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+    if _backend.exporting():
         raise RuntimeError("dnops.dn_queries is not exported: denoising queries are a training-time input")
     if mode not in MODES:
         raise ValueError(f"dnops.dn_queries: mode must be one of {MODES}, got {mode!r}")

@@ -59,7 +59,7 @@ def dn_self_attention(
     Returns:
         (B, H, W, Dh).
     """
-    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+    if _backend.exporting():
         raise RuntimeError(
             "dnops.dn_self_attention is not exported: DN structure exists in training only. Export the model in "
             "eval mode, without dn= or DN queries (DNMultiheadAttention then exports as nn.MultiheadAttention)"

@@ -81,7 +81,7 @@ def ms_deform_attn(
         value, sampling_locations, attention_weights = _autocast_float32(value, sampling_locations, attention_weights)
     check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
-    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+    if _backend.exporting():
         # a graph of standard ops that reads the level sizes as data: correct for any spatial_shapes input
         return reference.ms_deform_attn_gather(*args)
     backend = _backend.choose("ms_deform_attn", value.device, TRITON_OPS)
