@@ -139,11 +139,9 @@ _EXPORT_FLAG_EXACT = tuple(int(x) for x in torch.__version__.split("+")[0].split
 
 def exporting() -> bool:
     """Whether torch.onnx.export (either exporter) or torch.export is tracing the caller."""
-    if torch.onnx.is_in_onnx_export():
-        return True
-    if not torch.compiler.is_exporting():
-        return False
-    return _EXPORT_FLAG_EXACT or not torch.compiler.is_dynamo_compiling()
+    if torch.compiler.is_exporting():
+        return _EXPORT_FLAG_EXACT or not torch.compiler.is_dynamo_compiling()
+    return torch.onnx.is_in_onnx_export()
 
 
 def draw_seed() -> int:
