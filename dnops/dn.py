@@ -64,12 +64,14 @@ def dn_positive_index(dn: DNQueries, counts: Sequence[int], device: torch.device
     Computed from the host ``counts``, so it costs no device sync (boolean indexing on gt_index would).
     Order: group, then image, then GT, as DN-DETR's known_bid / map_known_indice.
     """
-    counts = [int(c) for c in counts]
-    used = torch.tensor([min(c, dn.max_gt) for c in counts], dtype=torch.int64)
+    # Python (or, under torch.compile, symbolic) ints: every size below is known without reading a tensor
+    used_n = [min(c, dn.max_gt) for c in counts]
+    total = sum(used_n)
+    used = torch.tensor(used_n, dtype=torch.int64)
     starts = torch.tensor(list(itertools.accumulate(counts, initial=0))[:-1], dtype=torch.int64)
-    image = torch.repeat_interleave(torch.arange(len(counts)), used)
-    within = torch.arange(int(used.sum())) - torch.repeat_interleave(torch.cumsum(used, 0) - used, used)
-    groups = torch.arange(dn.num_groups).repeat_interleave(image.numel())
+    image = torch.repeat_interleave(torch.arange(len(counts)), used, output_size=total)
+    within = torch.arange(total) - torch.repeat_interleave(torch.cumsum(used, 0) - used, used, output_size=total)
+    groups = torch.arange(dn.num_groups).repeat_interleave(total)
     batch_idx = image.repeat(dn.num_groups)
     j = within.repeat(dn.num_groups)
     slot_idx = groups * dn.group_size + j

@@ -144,6 +144,10 @@ def check_counts(counts: object) -> list[int]:
     op = "dn_queries"
     if type(counts) in (list, tuple) and all(type(c) is int for c in counts):
         return list(counts)  # the common case, without the abstract-class checks (~1 us each) below
+    if torch.compiler.is_compiling() and isinstance(counts, list | tuple):
+        # under torch.compile the counts of a dynamic batch are SymInts: kept symbolic, int() would specialize them
+        if all(isinstance(c, int | torch.SymInt) and not isinstance(c, bool) for c in counts):
+            return list(counts)
     if isinstance(counts, torch.Tensor):
         if counts.dim() != 1 or counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
             _fail(op, f"counts must be a 1-D integer tensor, got {counts.dtype} of shape {tuple(counts.shape)}")

@@ -1,12 +1,24 @@
 #pragma once
 // Host-side argument checks and layout of dn_queries, shared by the CPU and CUDA entry points.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include <mutex>
 
 #include "dn_queries/dn_queries_common.h"
 
 namespace dnops {
 namespace dnq {
+
+// A non-negative 62-bit key from torch's default CPU generator, drawn without dispatching an aten op (no kernel
+// launch, no device sync); torch.manual_seed reproduces it.
+inline int64_t draw_seed() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return static_cast<int64_t>(gen.get<at::CPUGeneratorImpl>()->random64() >> 2);
+}
 
 inline Layout check_and_layout(const at::Tensor& labels, const at::Tensor& boxes, at::IntArrayRef counts,
                                int64_t num_groups, int64_t max_gt, bool contrastive, int64_t num_classes,
@@ -26,7 +38,8 @@ inline Layout check_and_layout(const at::Tensor& labels, const at::Tensor& boxes
               " GT rows");
   TORCH_CHECK(num_groups >= 1 && max_gt >= 0, "dn_queries: need num_groups >= 1 and max_gt >= 0");
   TORCH_CHECK(num_classes >= 1, "dn_queries: num_classes must be >= 1");
-  TORCH_CHECK(seed >= 0, "dn_queries: seed must be >= 0");
+  TORCH_CHECK(seed >= -1, "dn_queries: seed must be >= 0, or -1 to draw one");
+  if (seed == -1) seed = draw_seed();
   const int64_t group_size = max_gt * (contrastive ? 2 : 1);
   return {num_groups * group_size,
           group_size,

@@ -11,16 +11,21 @@ from dnops.ops.dn_attn_mask import dn_attn_mask
 from dnops.ops.dn_self_attention import dn_self_attention
 
 
+def _size(x: Any) -> int:
+    # a SymInt (a per-batch size under torch.compile) stays symbolic: int() would specialize the graph on it
+    return x if isinstance(x, torch.SymInt) else int(x)
+
+
 def _structure_of(dn: Any) -> tuple[int, int] | None:
     """(pad_size, group_size) from a DNQueries, a DN-DETR mask_dict / DINO dn_meta, or a plain pair."""
     if dn is None:
         return None
     if isinstance(dn, tuple | list) and len(dn) == 2:
-        return int(dn[0]), int(dn[1])
+        return _size(dn[0]), _size(dn[1])
     if isinstance(dn, dict):
-        pad = int(dn["pad_size"])
+        pad = _size(dn["pad_size"])
         if "group_size" in dn:
-            return pad, int(dn["group_size"])
+            return pad, _size(dn["group_size"])
         if "num_dn_group" in dn:  # DINO's dn_meta
             return pad, pad // max(int(dn["num_dn_group"]), 1)
         if "known_indice" in dn and "batch_idx" in dn:  # DN-DETR's mask_dict: groups x known GT, from shapes only
@@ -29,7 +34,7 @@ def _structure_of(dn: Any) -> tuple[int, int] | None:
         raise ValueError(
             "dn dict needs pad_size and group_size (or DINO's num_dn_group, or DN-DETR's known_indice and batch_idx)"
         )
-    return int(dn.pad_size), int(dn.group_size)
+    return _size(dn.pad_size), _size(dn.group_size)
 
 
 def recognise_dn_mask(mask: torch.Tensor) -> tuple[int, int] | None:

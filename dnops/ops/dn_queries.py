@@ -86,9 +86,11 @@ def dn_queries(
             f"dnops.dn_queries: {len(counts)} images x {groups} groups x {group_size} slots is more than 2**31 "
             "DN queries: lower num_groups / dn_number, or cap them with max_dn_queries"
         )
-    seed = _backend.draw_seed() if seed is None else int(seed)
-    args = (labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, seed)
     backend = _backend.choose("dn_queries", labels.device, TRITON_OPS)
+    if seed is None:
+        # the C++ op draws its own key (-1): under torch.compile it is drawn per call, not frozen while tracing
+        seed = -1 if backend == "cpp" else _backend.draw_seed()
+    args = (labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, int(seed))
     # the C++ kernel range-checks the labels while it reads them
     check_dn_queries_args(labels, boxes, counts, num_classes, check_values=backend != "cpp")
     if backend == "cpp":
