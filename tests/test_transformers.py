@@ -8,7 +8,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from dnops.compat.transformers import MultiScaleDeformableAttention, use_dnops  # noqa: E402
+import dnops  # noqa: E402
+from dnops.compat import transformers as compat  # noqa: E402
+from dnops.compat.transformers import use_dnops  # noqa: E402
 
 # the transformer sizes of the small Deformable DETR and Grounding DINO configs
 SMALL = dict(
@@ -37,9 +39,9 @@ def deformable_detr():
     return transformers.DeformableDetrModel(cfg), {"pixel_values": torch.rand(2, 3, 96, 96)}
 
 
-def rt_detr():
+def _rt_detr(config_cls, model_cls, **kw):
     backbone = _resnet(transformers.RTDetrResNetConfig, out_features=["stage2", "stage3", "stage4"])
-    cfg = transformers.RTDetrConfig(
+    cfg = config_cls(
         backbone_config=backbone,
         encoder_in_channels=[16, 16, 16],
         decoder_in_channels=[32, 32, 32],
@@ -52,8 +54,22 @@ def rt_detr():
         encoder_attention_heads=4,
         decoder_attention_heads=4,
         num_queries=10,
+        **kw,
     )
-    return transformers.RTDetrModel(cfg), {"pixel_values": torch.rand(2, 3, 96, 96)}
+    return model_cls(cfg), {"pixel_values": torch.rand(2, 3, 96, 96)}
+
+
+def rt_detr():
+    return _rt_detr(transformers.RTDetrConfig, transformers.RTDetrModel)
+
+
+def rt_detr_v2():
+    return _rt_detr(transformers.RTDetrV2Config, transformers.RTDetrV2Model)
+
+
+def rt_detr_v2_discrete():
+    # "discrete" sampling (nearest pixel) has no dnops kernel: those modules keep calling the original function
+    return _rt_detr(transformers.RTDetrV2Config, transformers.RTDetrV2Model, decoder_method="discrete")
 
 
 def grounding_dino():
@@ -72,8 +88,10 @@ def grounding_dino():
     return transformers.GroundingDinoModel(cfg), {"pixel_values": torch.rand(2, 3, 96, 96), "input_ids": ids}
 
 
-@pytest.mark.parametrize("build", [deformable_detr, rt_detr, grounding_dino], ids=lambda f: f.__name__)
-def test_use_dnops_gives_the_models_own_outputs_and_gradients(build):
+@pytest.mark.parametrize(
+    "build", [deformable_detr, rt_detr, rt_detr_v2, rt_detr_v2_discrete, grounding_dino], ids=lambda f: f.__name__
+)
+def test_use_dnops_gives_the_models_own_outputs_and_gradients(build, monkeypatch):
     torch.manual_seed(0)
     theirs, inputs = build()
     theirs = theirs.double().eval()
@@ -86,14 +104,17 @@ def test_use_dnops_gives_the_models_own_outputs_and_gradients(build):
     inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     ours = copy.deepcopy(theirs)
     assert use_dnops(ours) > 0 and use_dnops(ours) == 0  # idempotent
-    assert any(isinstance(m, MultiScaleDeformableAttention) for m in ours.modules())
     assert list(ours.state_dict()) == list(theirs.state_dict())
+    calls = []
+    monkeypatch.setattr(compat, "ms_deform_attn", lambda *args: calls.append(1) or dnops.ms_deform_attn(*args))
     results = []
     for model in (theirs, ours):
         out = model(**inputs).last_hidden_state
         params = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True)
         results.append((out, grads))
+    # each model's decoder runs its deformable attention (the encoder too, but for RT-DETR's)
+    assert (len(calls) == 0) if build is rt_detr_v2_discrete else (len(calls) >= 1)
     (want, want_grads), (got, got_grads) = results
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     for g, w in zip(got_grads, want_grads, strict=True):

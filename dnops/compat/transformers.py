@@ -4,11 +4,17 @@ Deformable DETR, RT-DETR, Grounding DINO (and the other transformers models buil
 DINO, OmDet-Turbo, LW-DETR, ...) compute their deformable attention in a ``MultiScaleDeformableAttention``
 submodule (grid_sample in PyTorch, or a kernel from the hub). ``use_dnops`` replaces each of them in a loaded
 model with one that calls ``dnops.ms_deform_attn``: same inputs, same outputs, no parameters (so state_dicts are
-unchanged). RT-DETR v2 computes its attention in a function instead (``multi_scale_deformable_attention_v2``,
-with a point count per level and an optional "discrete" sampling): its modules keep their own path.
+unchanged). RT-DETR v2 computes its attention in a module-level function instead
+(``multi_scale_deformable_attention_v2``, a point count per level and an optional "discrete" sampling): its
+attention modules get a subclass whose forward is the original's code reading that name from dnops, which runs
+``dnops.ms_deform_attn`` for the default sampling with one point count for all levels (transformers' only
+layout) and the original function otherwise.
 """
 
 from __future__ import annotations
+
+import types
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,17 +40,91 @@ class MultiScaleDeformableAttention(nn.Module):
         return ms_deform_attn(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
+_V2_FUNCTION = "multi_scale_deformable_attention_v2"
+_V2_CLASSES: dict[type, type] = {}
+_LEVELS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _level_tensors(sizes: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """spatial_shapes (L, 2) and level_start_index (L,) of a list of (H, W), made once per sizes and device (a
+    tensor from host values is a host-to-device copy); built in the graph under torch.compile."""
+    sizes = tuple((int(h), int(w)) for h, w in sizes) if not torch.compiler.is_compiling() else sizes
+    key = (sizes, device)
+    if torch.compiler.is_compiling() or key not in _LEVELS:
+        shapes = torch.tensor(sizes, dtype=torch.int64, device=device)
+        starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+        if torch.compiler.is_compiling():
+            return shapes, starts
+        _LEVELS[key] = (shapes, starts)
+    return _LEVELS[key]
+
+
+def _v2_on_dnops(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def multi_scale_deformable_attention_v2(
+        value: torch.Tensor,
+        value_spatial_shapes: Sequence[Sequence[int]],
+        sampling_locations: torch.Tensor,
+        attention_weights: torch.Tensor,
+        num_points_list: list[int],
+        method: str = "default",
+    ) -> torch.Tensor:
+        """value (N, S, M, D), sampling_locations (N, Lq, M, L * P, 2), attention_weights (N, Lq, M, L * P),
+        level-major -> (N, Lq, M * D)."""
+        points = set(num_points_list)
+        if method != "default" or len(points) != 1:
+            return original(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method)
+        n, lq, m = sampling_locations.shape[:3]
+        levels, p = len(num_points_list), points.pop()
+        shapes, starts = _level_tensors(value_spatial_shapes, value.device)
+        loc = sampling_locations.reshape(n, lq, m, levels, p, 2)
+        return ms_deform_attn(value, shapes, starts, loc, attention_weights.reshape(n, lq, m, levels, p))
+
+    return multi_scale_deformable_attention_v2
+
+
+def _v2_class(cls: type) -> type:
+    """A subclass of an RT-DETR v2 attention class whose forward is the parent's code with
+    ``multi_scale_deformable_attention_v2`` read from dnops: nothing of the parent's forward is rewritten here."""
+    if cls not in _V2_CLASSES:
+        parent = cls.forward
+        scope = dict(parent.__globals__)
+        scope[_V2_FUNCTION] = _v2_on_dnops(parent.__globals__[_V2_FUNCTION])
+        forward = types.FunctionType(parent.__code__, scope, parent.__name__, parent.__defaults__, parent.__closure__)
+        forward.__kwdefaults__ = parent.__kwdefaults__
+        forward.__doc__ = parent.__doc__
+        _V2_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return _V2_CLASSES[cls]
+
+
+def _is_transformers(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("transformers.")
+
+
+def _calls_v2_function(module: nn.Module) -> bool:
+    code = getattr(getattr(type(module), "forward", None), "__code__", None)
+    return code is not None and _V2_FUNCTION in code.co_names
+
+
 def use_dnops(model: nn.Module) -> int:
-    """Routes every transformers ``MultiScaleDeformableAttention`` submodule of ``model`` to dnops, in place;
-    returns how many were replaced (0: the model has none, e.g. RT-DETR v2)."""
+    """Routes the deformable attention of a transformers model to dnops, in place: every
+    ``MultiScaleDeformableAttention`` submodule is replaced, every RT-DETR v2 attention module takes the dnops
+    function (see the module docstring). Parameters and state_dict keys are unchanged. Returns how many modules
+    were routed (0: none, or already routed)."""
     swaps = [
         (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
         if type(child).__name__ == "MultiScaleDeformableAttention"
-        and type(child).__module__.startswith("transformers.")
+        and _is_transformers(child)
         and not isinstance(child, MultiScaleDeformableAttention)
     ]
     for parent, name in swaps:
         setattr(parent, name, MultiScaleDeformableAttention())
-    return len(swaps)
+    v2 = [
+        module
+        for module in model.modules()
+        if _is_transformers(module) and type(module) not in _V2_CLASSES.values() and _calls_v2_function(module)
+    ]
+    for module in v2:
+        module.__class__ = _v2_class(type(module))
+    return len(swaps) + len(v2)
