@@ -60,7 +60,7 @@ def dn_layout(
     pad_size: first by dropping groups, and if one group is still too large, by reconstructing only the first
     max_gt GT of each image.
     """
-    mx = max(counts, default=0)
+    mx = max(counts) if counts else 0  # not max(..., default=): torch 2.11's Dynamo cannot trace that form
     per = 2 if contrastive else 1
     if contrastive:
         d = 2 * dn_number
