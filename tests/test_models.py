@@ -15,6 +15,7 @@ from dnops.nn import MSDeformAttn
 from models.config import Config, parse
 from models.criterion import Criterion
 from models.data import DigitsConfig, collate, ensure_digits_dataset
+from models.evaluate import main as evaluate_main
 from models.model import DNDETR
 from models.train import CocoDetection, load, train
 from tests.conftest import requires_cpp
@@ -178,6 +179,18 @@ def test_training_smoke_eval_and_resume(digits, tmp_path):
     b = torch.load(cut / "checkpoint.pth", weights_only=False)
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_evaluate_command_gives_the_logged_ap(digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    log = train(parse(_args(digits, run, "--epochs=1", "--max-steps=2")))
+    assert evaluate_main([str(run / "checkpoint.pth")]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got == {k: log[-1][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+    checkpoint, ann = str(run / "checkpoint.pth"), str(digits / "annotations" / "val.json")
+    assert evaluate_main([checkpoint, "--val-json", ann, "--val-images", str(digits / "val")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == got
+    assert evaluate_main([checkpoint, "--val-json", ann]) == 2
 
 
 def test_torchrun_two_processes(digits, tmp_path):
