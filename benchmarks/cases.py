@@ -1,4 +1,4 @@
-"""Benchmark shapes and input builders (issue shapes; 2 threads on this machine)."""
+"""Benchmark shapes and input builders: Deformable-DETR, DN-DETR and DINO training shapes (docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ benchmark gets at most what is left of 480 s, and every step's files reach $OUT 
   bench      <= 150  ``python -m benchmarks.gpu_bench``
 Everything goes to ``<results>/<UTC date>-<device>/`` (env.txt, build.log, tests.log, sanitizer.log, bench.log,
 report.json, report.md) and, when $OUT is set, to ``$OUT/<same name>/``. The short table is printed last.
+Committed under benchmarks/results/gpu/, the latest result is the README's GPU table after
+``python -m benchmarks.report --render``.
 
 Without a CUDA device (or with ``--dry``) the same steps run on the CPU: the tests are collected and skipped,
 the sanitizer is skipped with its reason, and the benchmark runs tiny shapes; CI runs this dry mode.

@@ -19,7 +19,14 @@ def _sync(device: torch.device) -> None:
 def median_ms_interleaved(
     fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int = 3, budget_s: float = 2.0
 ) -> dict[str, float]:
-    """Median wall time in ms of each of ``fns``, their repetitions interleaved (a, c, b, b, a, c, ...).
+    """Median wall time in ms of each of ``fns`` (see ``times_ms_interleaved``)."""
+    return {name: statistics.median(ts) for name, ts in times_ms_interleaved(fns, device, min_reps, budget_s).items()}
+
+
+def times_ms_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int = 3, budget_s: float = 2.0
+) -> dict[str, list[float]]:
+    """Wall times in ms of every repetition of each of ``fns``, the repetitions interleaved (a, c, b, b, a, c, ...).
 
     On a shared machine whose load drifts, timing one implementation after the other puts them in different
     conditions; interleaving gives every implementation samples from the same stretches of time, so their
@@ -45,7 +52,7 @@ def median_ms_interleaved(
             _sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:

@@ -1,8 +1,12 @@
 """``python -m benchmarks.report``: every op's implementations timed side by side in one process.
 
-Prints median time, speed-up against each case's baseline (baseline time / implementation time, so > 1 is
-faster; the baseline is the PyTorch reference, or what DN-DETR / DINO run where the issue's bar names it) and
-peak tensor memory, and writes benchmarks/results/report.json and report.png.
+Prints median time (with the min and max of its repetitions), speed-up against each case's baseline (baseline
+time / implementation time, so > 1 is faster; the baseline is the PyTorch reference, or what DN-DETR / DINO run)
+and peak tensor memory, and writes benchmarks/results/report.json and report.png.
+
+``--publish`` also copies both to docs/results/ and rewrites the generated blocks of README.md and
+docs/benchmarks.md from them; ``--render`` rewrites those blocks from the published files without measuring.
+A test holds the blocks equal to what the published files render, so a published number changes only here.
 """
 
 from __future__ import annotations
@@ -11,15 +15,22 @@ import argparse
 import json
 import os
 import platform
+import re
+import shutil
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import count_dispatched_ops, median_ms_interleaved, peak_bytes
+from benchmarks.harness import count_dispatched_ops, peak_bytes, times_ms_interleaved
 from benchmarks.suites import SUITES
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PUBLISHED = ROOT / "docs" / "results"
+GPU_RESULTS = RESULTS / "gpu"
+ABLATION = ROOT / "models" / "experiments" / "dn_ablation.json"
 
 
 def machine() -> str:
@@ -39,8 +50,10 @@ def run(ops: list[str], quick: bool, budget_s: float) -> list[dict]:
     device = torch.device("cpu")
     for op in ops:
         for bench in SUITES[op](quick=quick):
-            times = median_ms_interleaved(bench.impls, device, budget_s=budget_s)
-            measured = {impl: (times[impl], peak_bytes(fn, device)) for impl, fn in bench.impls.items()}
+            times = times_ms_interleaved(bench.impls, device, budget_s=budget_s)
+            measured = {
+                impl: (statistics.median(times[impl]), peak_bytes(fn, device)) for impl, fn in bench.impls.items()
+            }
             base_ms, base_peak = measured[bench.baseline]
             for impl, (ms, peak) in measured.items():
                 row = {
@@ -50,6 +63,9 @@ def run(ops: list[str], quick: bool, budget_s: float) -> list[dict]:
                     "impl": impl,
                     "baseline": bench.baseline,
                     "median_ms": round(ms, 4),
+                    "min_ms": round(min(times[impl]), 4),
+                    "max_ms": round(max(times[impl]), 4),
+                    "reps": len(times[impl]),
                     "speedup": round(base_ms / ms, 3),
                     "peak_mb": round(peak / 2**20, 3),
                     "peak_vs_baseline": round(peak / base_peak, 4) if base_peak else None,
@@ -79,27 +95,135 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def chart(rows: list[dict], path: Path) -> None:
+def chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    others = [r for r in rows if r["impl"] != r["baseline"]]
-    if not others:
-        others = rows
-    labels = [f"{r['op']} {r['case']} {r['variant']} [{r['impl']}]" for r in others]
-    fig, ax = plt.subplots(figsize=(10, 0.3 * len(labels) + 1.5))
-    ax.barh(range(len(labels)), [r["speedup"] for r in others], color="tab:blue")
+    others = [r for r in rows if is_dnops(r)] or rows
+    impl = {"dnops": "", "DNMultiheadAttention": ""}
+    labels = [
+        f"{r['op']} {r['case']} {r['variant']}"
+        + (f" [{r['impl'].removeprefix('dnops').strip(' .')}]" if impl.get(r["impl"], r["impl"]) else "")
+        for r in others
+    ]
+    colours = {op: f"C{i}" for i, op in enumerate(dict.fromkeys(r["op"] for r in others))}
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), [r["speedup"] for r in others], color=[colours[r["op"]] for r in others])
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("speed-up vs the row's baseline (log scale)")
-    ax.set_title(machine(), fontsize=8)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def is_dnops(row: dict) -> bool:
+    """The rows of dnops' own implementations (the others are baselines and other libraries' paths)."""
+    return row["impl"].startswith("dnops") or row["impl"] == "DNMultiheadAttention"
+
+
+def _ms(value: float) -> str:
+    """Milliseconds with 3 significant digits at most, never in exponent form."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """One line per dnops implementation and case: its baseline's time, its own (median, min-max of the
+    repetitions), the speed-up and the peak memory against the baseline's. Building the dense mask (dn_attn_mask,
+    and dn_queries + dn_attn_mask) is left to the full table."""
+    lines = [
+        "| op | case | variant | baseline | baseline ms | dnops | ms (min-max) | speed-up | peak mem vs baseline |",
+        "|" + "---|" * 9,
+    ]
+    base = {(r["op"], r["case"], r["variant"]): r for r in rows if r["impl"] == r["baseline"]}
+    for r in rows:
+        if not is_dnops(r) or r["op"] == "dn_attn_mask" or "dn_attn_mask" in r["impl"]:
+            continue
+        b = base[(r["op"], r["case"], r["variant"])]
+        spread = f"{_ms(r['median_ms'])} ({_ms(r['min_ms'])}-{_ms(r['max_ms'])})"
+        peak = "-" if r["peak_vs_baseline"] is None else f"{r['peak_vs_baseline']:.0%}"
+        lines.append(
+            f"| {r['op']} | {r['case']} | {r['variant']} | {b['impl']} | {_ms(b['median_ms'])} | {r['impl']} | "
+            f"{spread} | **{r['speedup']:.2f}x** | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def _latest_gpu_report() -> Path | None:
+    reports = sorted(GPU_RESULTS.glob("*/report.json"))
+    return reports[-1] if reports else None
+
+
+def gpu_block() -> str:
+    """The GPU table of the latest committed ``make gpu-check`` result, or a line saying there is none."""
+    path = _latest_gpu_report()
+    if path is None:
+        return (
+            "No `make gpu-check` result is published yet: the GPU kernels are compiled and CPU-tested (Triton in "
+            "its interpreter), and have not been timed on a GPU."
+        )
+    from benchmarks.gpu_bench import table as gpu_table
+
+    report = json.loads(path.read_text())
+    meta = report["meta"]
+    where = path.parent.relative_to(ROOT)
+    return f"{meta['device']}, torch {meta['torch']} (`{where}`):\n\n{gpu_table(report['rows'])}"
+
+
+def ablation_table(path: Path = ABLATION) -> str:
+    """The DN ablation's table (val COCO AP, mean of the seeds, each seed in brackets) from its json."""
+    result = json.loads(path.read_text())
+    runs, summary = result["runs"], result["summary"]
+    last = len(runs["dn"]["epoch"]) - 1
+    picks = [i for i in (1, 3) if i < last] + [last]
+    head = " | ".join(f"AP epoch {runs['dn']['epoch'][i]}" for i in picks)
+    lines = [f"| arm | {head} | mean IS, epochs 2-{runs['dn']['epoch'][last]} |", "|" + "---|" * (len(picks) + 2)]
+    for name, arm in runs.items():
+        cells = [f"{arm['AP'][i]:.3f}" for i in picks[:-1]]
+        seeds = ", ".join(f"{ap:.3f}" for ap in summary["final_AP_per_seed"][name])
+        cells.append(f"{arm['AP'][last]:.3f} ({seeds})")
+        lines.append(f"| {name} | {' | '.join(cells)} | {summary['mean_IS'][name]:.3f} |")
+    return "\n".join(lines)
+
+
+def blocks(published: Path = PUBLISHED) -> dict[str, str]:
+    """Every generated block of README.md and docs/benchmarks.md, rendered from the published files."""
+    report = json.loads((published / "report.json").read_text())
+    meta = report["meta"]
+    cpu_head = f"Measured by `make bench` on {meta['machine']}, float32 unless stated."
+    return {
+        "cpu": f"{cpu_head}\n\n{summary_table(report['rows'])}",
+        "cpu-full": f"{cpu_head}\n\n{table(report['rows'])}",
+        "gpu": gpu_block(),
+        "ablation": ablation_table(),
+    }
+
+
+def rewrite(text: str, rendered: dict[str, str]) -> str:
+    """``text`` with each ``<!-- begin NAME -->`` ... ``<!-- end NAME -->`` block replaced by ``rendered[NAME]``."""
+
+    def fill(match: re.Match) -> str:
+        name = match.group(1)
+        return f"<!-- begin {name} -->\n{rendered[name]}\n<!-- end {name} -->"
+
+    return re.sub(r"<!-- begin ([\w-]+) -->\n.*?<!-- end \1 -->", fill, text, flags=re.S)
+
+
+DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "benchmarks.md")
+
+
+def render_documents() -> None:
+    """Rewrites the generated blocks of the documents, and redraws the published chart, from docs/results/."""
+    report = json.loads((PUBLISHED / "report.json").read_text())
+    chart(report["rows"], PUBLISHED / "report.png", report["meta"]["machine"])
+    rendered = blocks()
+    for doc in DOCUMENTS:
+        doc.write_text(rewrite(doc.read_text(), rendered))
 
 
 def main() -> None:
@@ -109,7 +233,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of repetitions per measurement")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--publish", action="store_true", help="copy to docs/results/, rewrite README / docs")
+    parser.add_argument("--render", action="store_true", help="only rewrite README / docs from docs/results/")
     args = parser.parse_args()
+    if args.render:
+        render_documents()
+        return
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     start = time.time()
@@ -117,10 +246,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine(), "quick": args.quick, "seconds": round(time.time() - start, 1)}
     (args.out / "report.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    chart(rows, args.out / "report.png")
+    chart(rows, args.out / "report.png", meta["machine"])
     print()
     print(table(rows))
     print(f"\nwrote {args.out / 'report.json'} and {args.out / 'report.png'} in {meta['seconds']} s")
+    if args.publish:
+        PUBLISHED.mkdir(parents=True, exist_ok=True)
+        for name in ("report.json", "report.png"):
+            shutil.copyfile(args.out / name, PUBLISHED / name)
+        render_documents()
+        print(f"published to {PUBLISHED} and rewrote {', '.join(str(d.relative_to(ROOT)) for d in DOCUMENTS)}")
 
 
 if __name__ == "__main__":
