@@ -102,3 +102,35 @@ def test_exporting_the_dn_path_raises_a_clear_error(tmp_path, exporter):
     clear = exporter == "legacy" or dnops._backend._EXPORT_FLAG_EXACT
     with pytest.raises(Exception, match="dnops.dn_self_attention is not exported" if clear else None):
         export(module, (torch.randn(27, 2, 16),), tmp_path / "dn.onnx", exporter, ["x"])
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_tensorrt_plugin_node_behind_its_flag(tmp_path, exporter):
+    import onnx
+
+    from dnops.compat import tensorrt
+
+    module = dnops.nn.MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2).eval()
+    args = (torch.randn(2, 7, 32), torch.rand(2, 7, 2, 2), torch.randn(2, 39, 32))
+    args += (torch.tensor([[5, 6], [3, 3]]), torch.tensor([0, 30]))
+    extra = {"custom_translation_table": tensorrt.translation_table()} if exporter == "dynamo" else {}
+    path = tmp_path / "trt.onnx"
+    with tensorrt.plugin_export(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=exporter == "dynamo", opset_version=18, **extra)
+    assert not tensorrt.enabled()
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    produced = {out: node for node in model.graph.node for out in node.output}
+    plugins = [n for n in model.graph.node if n.op_type == tensorrt.PLUGIN]
+    assert len(plugins) == 1 and plugins[0].domain == tensorrt.DOMAIN and len(plugins[0].input) == 5
+    for name in plugins[0].input[1:3]:  # spatial_shapes and level_start_index, as int32
+        cast = produced[name]
+        assert cast.op_type == "Cast" and onnx.helper.get_attribute_value(cast.attribute[0]) == onnx.TensorProto.INT32
+    # the weights reach the plugin normalized: MSDeformAttn's logits go through a Softmax first
+    assert any(n.op_type == "Softmax" for n in model.graph.node)
+    # without the flag the same export has no plugin node
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=exporter == "dynamo", opset_version=18)
+    assert not any(n.op_type == tensorrt.PLUGIN for n in onnx.load(str(path)).graph.node)

@@ -75,13 +75,20 @@ def ms_deform_attn(
     Returns:
         (N, Lq, M * D) in value's dtype (float16 / bfloat16 accumulate in float32); under torch.autocast the
         floating inputs are cast to float32 and so is the output, whatever the autocast dtype. Exported
-        (torch.export, torch.onnx.export) it becomes ``reference.ms_deform_attn_gather``'s standard ops.
+        (torch.export, torch.onnx.export) it becomes ``reference.ms_deform_attn_gather``'s standard ops, or, inside
+        ``dnops.compat.tensorrt.plugin_export()``, TensorRT's plugin node.
     """
     if isinstance(value, torch.Tensor) and torch.is_autocast_enabled(value.device.type):
         value, sampling_locations, attention_weights = _autocast_float32(value, sampling_locations, attention_weights)
     check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
     if _backend.exporting():
+        from dnops.compat import tensorrt
+
+        if tensorrt.enabled():
+            if attention_logits:
+                weights = attention_weights.flatten(-2).softmax(-1).view_as(attention_weights)
+            return tensorrt.ms_deform_attn_trt(*args[:4], weights if attention_logits else attention_weights)
         # a graph of standard ops that reads the level sizes as data: correct for any spatial_shapes input
         return reference.ms_deform_attn_gather(*args)
     backend = _backend.choose("ms_deform_attn", value.device, TRITON_OPS)
