@@ -3,6 +3,7 @@ every code block in the README runs here or names the tests that exercise it, an
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -42,17 +43,25 @@ def test_rewrite_replaces_only_the_marked_blocks():
     assert got == "a\n<!-- begin x -->\nnew\n<!-- end x -->\nb\n<!-- begin y -->\n| t |\n<!-- end y -->\n"
 
 
-def test_summary_table_pairs_each_dnops_row_with_its_baseline():
+def test_summary_table_puts_forward_and_backward_of_a_dnops_row_side_by_side():
+    def row(variant, impl, ms, speedup, peak):
+        return {"op": "o", "case": "c", "variant": variant, "impl": impl, "baseline": "ref", "median_ms": ms,
+                "min_ms": ms * 0.9, "max_ms": ms * 1.2, "speedup": speedup, "peak_vs_baseline": peak}  # fmt: skip
+
     rows = [
-        {"op": "o", "case": "c", "variant": "v", "impl": "ref", "baseline": "ref", "median_ms": 10.0, "min_ms": 9.0,
-         "max_ms": 12.0, "speedup": 1.0, "peak_vs_baseline": 1.0},
-        {"op": "o", "case": "c", "variant": "v", "impl": "dnops", "baseline": "ref", "median_ms": 2.0, "min_ms": 1.5,
-         "max_ms": 2.5, "speedup": 5.0, "peak_vs_baseline": 0.25},
-        {"op": "o", "case": "c", "variant": "v", "impl": "flex", "baseline": "ref", "median_ms": 20.0,
-         "min_ms": 19.0, "max_ms": 21.0, "speedup": 0.5, "peak_vs_baseline": 2.0},
-    ]  # fmt: skip
+        row("f32 fwd", "ref", 10.0, 1.0, 1.0),
+        row("f32 fwd", "dnops", 2.0, 5.0, 0.25),
+        row("f32 fwd", "flex", 20.0, 0.5, 2.0),
+        row("f32 fwd+bwd", "ref", 30.0, 1.0, 1.0),
+        row("f32 fwd+bwd", "dnops", 10.0, 3.0, 0.5),
+        row("step", "ref", 100.0, 1.0, 1.0),
+        row("step", "dnops", 50.0, 2.0, None),
+    ]
     lines = report.summary_table(rows).splitlines()
-    assert len(lines) == 3 and lines[2] == "| o | c | v | ref | 10 | dnops | 2 (1.5-2.5) | **5.00x** | 25% |"
+    assert lines[2:] == [
+        "| o | c | f32 | ref | dnops | **5.00x** 2 ms (1.8-2.4) | **3.00x** 10 ms (9-12) | 25% / 50% |",
+        "| o | c | step | ref | dnops | **2.00x** 50 ms (45-60) | - | - |",
+    ]
 
 
 def test_no_development_diary_in_the_user_docs():
@@ -93,3 +102,20 @@ def test_readme_quickstart_runs():
     for marker, _, code in _blocks(README.read_text()):
         if marker == "run":
             exec(compile(code, "README.md", "exec"), scope)  # noqa: S102
+
+
+def test_gpu_blocks_render_the_latest_committed_gpu_result(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "GPU_RESULTS", tmp_path)
+    assert "no dnops kernel has run on a GPU yet" in report.gpu_status()
+    assert "No `make gpu-check` result" in report.gpu_block()
+    row = {"op": "ms_deform_attn", "case": "enc800", "variant": "fwd", "impl": "cuda", "status": "ok",
+           "median_ms": 0.2, "speedup": 40.0, "baseline": "reference", "peak_mb": 21.7}  # fmt: skip
+    for day, device in (("2026-01-01", "old"), ("2026-02-01", "NVIDIA H200")):
+        (tmp_path / f"{day}-x").mkdir()
+        meta = {"device": device, "torch": "2.11.0"}
+        (tmp_path / f"{day}-x" / "report.json").write_text(json.dumps({"meta": meta, "rows": [row]}))
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    assert report.gpu_status().startswith("**GPU status: run on NVIDIA H200**")
+    assert "ms_deform_attn (cuda)" in report.gpu_status()
+    block = report.gpu_block()
+    assert block.startswith("NVIDIA H200, torch 2.11.0 (`2026-02-01-x`)") and "| ms_deform_attn | enc800 |" in block
