@@ -23,6 +23,7 @@ from dnops import reference
 
 PLUGIN = "MultiscaleDeformableAttnPlugin_TRT"
 DOMAIN = "trt"
+_INT32 = 6  # onnx.TensorProto.INT32: the plugin reads the level sizes and starts as int32
 _ENABLED = [False]
 
 
@@ -39,7 +40,9 @@ def ms_deform_attn_trt(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """The plugin's computation (weights already normalized), a graph node of its own while exporting."""
+    """The plugin's computation, a graph node of its own while exporting: value (N, S, M, D), spatial_shapes
+    (L, 2), level_start_index (L,), sampling_locations (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P)
+    already normalized -> (N, Lq, M * D)."""
     return reference.ms_deform_attn_gather(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
@@ -52,9 +55,8 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
 
 
 def _legacy_symbolic(g, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    int32 = 6  # TensorProto.INT32: the plugin reads the level sizes and starts as int32
-    shapes = g.op("Cast", spatial_shapes, to_i=int32)
-    starts = g.op("Cast", level_start_index, to_i=int32)
+    shapes = g.op("Cast", spatial_shapes, to_i=_INT32)
+    starts = g.op("Cast", level_start_index, to_i=_INT32)
     out = g.op(f"{DOMAIN}::{PLUGIN}", value, shapes, starts, sampling_locations, attention_weights)
     # the output's type for the exporter's shape inference, which knows nothing of the plugin: (N, Lq, M * D)
     v, loc = value.type().varyingSizes(), sampling_locations.type().varyingSizes()
@@ -93,8 +95,7 @@ def translation_table() -> dict:
     plugin = Op(Opset(DOMAIN, 1), PLUGIN, _plugin_schema())
 
     def translate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        int32 = 6  # TensorProto.INT32: the plugin reads the level sizes and starts as int32
-        shapes, starts = op.Cast(spatial_shapes, to=int32), op.Cast(level_start_index, to=int32)
+        shapes, starts = op.Cast(spatial_shapes, to=_INT32), op.Cast(level_start_index, to=_INT32)
         return plugin(value, shapes, starts, sampling_locations, attention_weights)
 
     return {torch.ops.dnops._ms_deform_attn_trt.default: translate}

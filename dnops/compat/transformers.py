@@ -47,15 +47,17 @@ _LEVELS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _level_tensors(sizes: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """spatial_shapes (L, 2) and level_start_index (L,) of a list of (H, W), made once per sizes and device (a
-    tensor from host values is a host-to-device copy); built in the graph under torch.compile."""
-    sizes = tuple((int(h), int(w)) for h, w in sizes) if not torch.compiler.is_compiling() else sizes
-    key = (sizes, device)
-    if torch.compiler.is_compiling() or key not in _LEVELS:
+    tensor from host values is a host-to-device copy); built in the graph, uncached, under torch.compile."""
+
+    def build(sizes) -> tuple[torch.Tensor, torch.Tensor]:
         shapes = torch.tensor(sizes, dtype=torch.int64, device=device)
-        starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
-        if torch.compiler.is_compiling():
-            return shapes, starts
-        _LEVELS[key] = (shapes, starts)
+        return shapes, torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+
+    if torch.compiler.is_compiling():
+        return build(sizes)
+    key = (tuple((int(h), int(w)) for h, w in sizes), device)
+    if key not in _LEVELS:
+        _LEVELS[key] = build(key[0])
     return _LEVELS[key]
 
 
