@@ -105,4 +105,7 @@ def test_inductor_dn_step(device):
     # cores. It sizes the code around the dnops ops from their fake kernels, and fuses and reorders the float math
     # around them, hence the looser tolerance. Not under backed_size_oblivious: with inductor, torch 2.14 gave the
     # backward stale sizes there.
-    _run("cdn", [2, 4, 3, 2, 6, 5, 2, 3, 7, 4], device=device, backend="inductor", tol=1e-4)
+    # No FX graph cache: on torch 2.11 a cached graph brought back a guard on which image has more GT (a third
+    # compilation).
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _run("cdn", [2, 4, 3, 2, 6, 5, 2, 3, 7, 4], device=device, backend="inductor", tol=1e-4)
