@@ -107,12 +107,13 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     others = [r for r in rows if is_dnops(r)] or rows
-    impl = {"dnops": "", "DNMultiheadAttention": ""}
-    labels = [
-        f"{r['op']} {r['case']} {r['variant']}"
-        + (f" [{r['impl'].removeprefix('dnops').strip(' .')}]" if impl.get(r["impl"], r["impl"]) else "")
-        for r in others
-    ]
+
+    def label(r: dict) -> str:
+        # named only where a case has several dnops implementations ("dn_queries", "prepare_for_dn", ...)
+        impl = "" if r["impl"] in ("dnops", "DNMultiheadAttention") else r["impl"].removeprefix("dnops").strip(" .")
+        return f"{r['op']} {r['case']} {r['variant']}" + (f" [{impl}]" if impl else "")
+
+    labels = [label(r) for r in others]
     colours = {op: f"C{i}" for i, op in enumerate(dict.fromkeys(r["op"] for r in others))}
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(labels) + 1.5))
     ax.barh(range(len(labels)), [r["speedup"] for r in others], color=[colours[r["op"]] for r in others])
@@ -205,8 +206,9 @@ def gpu_status() -> str:
             "Triton kernels are tested against the reference in Triton's interpreter. `make gpu-check` runs the GPU "
             "test suite and benchmark in one command on a GPU machine."
         )
-    meta = json.loads(path.read_text())["meta"]
-    ran = sorted({f"{r['op']} ({r['impl']})" for r in json.loads(path.read_text())["rows"] if r["status"] == "ok"})
+    report = json.loads(path.read_text())
+    meta = report["meta"]
+    ran = sorted({f"{r['op']} ({r['impl']})" for r in report["rows"] if r["status"] == "ok"})
     return (
         f"**GPU status: run on {meta['device']}** (torch {meta['torch']}, `{path.parent.name}`): "
         f"{', '.join(ran)}; its tests and timings are in the performance section."

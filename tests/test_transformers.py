@@ -12,7 +12,7 @@ import dnops  # noqa: E402
 from dnops.compat import transformers as compat  # noqa: E402
 from dnops.compat.transformers import use_dnops  # noqa: E402
 
-# the transformer sizes of the small Deformable DETR and Grounding DINO configs
+# the transformer sizes of every small config
 SMALL = dict(
     d_model=32,
     encoder_layers=1,
@@ -45,15 +45,8 @@ def _rt_detr(config_cls, model_cls, **kw):
         backbone_config=backbone,
         encoder_in_channels=[16, 16, 16],
         decoder_in_channels=[32, 32, 32],
-        d_model=32,
         encoder_hidden_dim=32,
-        encoder_ffn_dim=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        decoder_ffn_dim=32,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        num_queries=10,
+        **SMALL,
         **kw,
     )
     return model_cls(cfg), {"pixel_values": torch.rand(2, 3, 96, 96)}

@@ -27,7 +27,7 @@ def _structure_of(dn: Any) -> tuple[int, int] | None:
         if "group_size" in dn:
             return pad, _size(dn["group_size"])
         if "num_dn_group" in dn:  # DINO's dn_meta
-            return pad, pad // max(int(dn["num_dn_group"]), 1)
+            return pad, pad // max(_size(dn["num_dn_group"]), 1)
         if "known_indice" in dn and "batch_idx" in dn:  # DN-DETR's mask_dict: groups x known GT, from shapes only
             groups = dn["known_indice"].numel() // max(dn["batch_idx"].numel(), 1)
             return pad, pad // groups if groups else 0

@@ -4,6 +4,7 @@ import torch
 
 from dnops import _backend, reference
 from dnops.ops._autograd import forbid_double_backward
+from dnops.reference.ms_deform_attn import softmax_rows
 from dnops.validation import check_ms_deform_attn_args
 
 # Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
@@ -85,10 +86,9 @@ def ms_deform_attn(
     if _backend.exporting():
         from dnops.compat import tensorrt
 
-        if tensorrt.enabled():
-            if attention_logits:
-                weights = attention_weights.flatten(-2).softmax(-1).view_as(attention_weights)
-            return tensorrt.ms_deform_attn_trt(*args[:4], weights if attention_logits else attention_weights)
+        if tensorrt.enabled():  # the plugin takes normalized weights
+            weights = softmax_rows(attention_weights) if attention_logits else attention_weights
+            return tensorrt.ms_deform_attn_trt(*args[:4], weights)
         # a graph of standard ops that reads the level sizes as data: correct for any spatial_shapes input
         return reference.ms_deform_attn_gather(*args)
     backend = _backend.choose("ms_deform_attn", value.device, TRITON_OPS)

@@ -13,7 +13,7 @@ def _in_float(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
 
 
-def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """The softmax over the L * P weights of each (query, head) of (N, Lq, M, L, P) logits."""
     return logits.flatten(-2).softmax(-1).view_as(logits)
 
@@ -47,7 +47,7 @@ def ms_deform_attn(
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
     if attention_logits:
-        attention_weights = _softmax_rows(attention_weights)
+        attention_weights = softmax_rows(attention_weights)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     value_levels = value.split([h * w for h, w in shapes], dim=1)
     # Locations past [-1, 2] read nothing (no corner of any level lies there), as NaN ones do in the kernels;
@@ -84,7 +84,7 @@ def ms_deform_attn_gather(
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
     if attention_logits:
-        attention_weights = _softmax_rows(attention_weights)
+        attention_weights = softmax_rows(attention_weights)
     size = spatial_shapes.flip(-1).to(sampling_locations.dtype).view(num_levels, 1, 2)  # (W_l, H_l)
     pixel = sampling_locations * size - 0.5  # (N, Lq, M, L, P, 2)
     origin = pixel.floor()
