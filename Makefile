@@ -6,10 +6,10 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
-CXX_FILES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+CXX_FILES := $(shell find csrc tests/cuda_emulator -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 export MAX_JOBS ?= 2
 
-.PHONY: venv build test test-compat lint format bench bench-suite gpu-check clean
+.PHONY: venv build test test-cuda-emulated cuda-counts test-compat lint format bench bench-suite gpu-check clean
 
 $(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,17 @@ test: build lint
 	$(PY) -m dnops.info
 	$(PY) -m pytest -q tests
 	DNOPS_BENCH_QUICK=1 $(PY) -m pytest -q benchmarks --benchmark-disable
+	$(MAKE) test-cuda-emulated
+
+# The CUDA kernels executed on the CPU: the unmodified .cu files through the emulator's source step, built at -O2
+# and under ASan + UBSan (cached outside the checkout, ~2 min to build from an empty cache on 2 cores), then the
+# emulated tests in four runs of two lane orders each (tests/cuda_emulator/run.py; ~4 min).
+test-cuda-emulated: build
+	$(PY) -m tests.cuda_emulator.run
+
+# The coalescing model of the CUDA kernels on the benchmark shapes (docs/results/cuda_counts.json, docs/kernels.md).
+cuda-counts: build
+	$(PY) -m tests.cuda_emulator.counts
 
 bench: build
 	$(PY) -m dnops.info

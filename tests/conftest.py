@@ -37,6 +37,8 @@ def _interpreter_skip_reason() -> str | None:
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    skip_emulated = pytest.mark.skip(reason="DNOPS_CUDA_EMULATOR is not set (make test-cuda-emulated sets it)")
+    emulator = bool(os.environ.get("DNOPS_CUDA_EMULATOR"))
     triton_reason = None
     if any(item.get_closest_marker("triton") for item in items):
         triton_reason = _interpreter_skip_reason()
@@ -45,6 +47,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+        if item.get_closest_marker("emulated") and not emulator:
+            item.add_marker(skip_emulated)
         if item.get_closest_marker("triton") and triton_reason:
             item.add_marker(pytest.mark.skip(reason=triton_reason))
 

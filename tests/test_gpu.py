@@ -1,4 +1,6 @@
-"""The GPU suite (``pytest -m cuda``, run by ``make gpu-check``; skipped without a CUDA device).
+"""The GPU suite (``pytest -m cuda``, run by ``make gpu-check``; skipped without a CUDA device), and its emulated
+half (``pytest -m emulated``, run by ``make test-cuda-emulated``): the tests that take the ``dev`` fixture run once
+on the GPU and once on the CUDA emulator (tests/cuda_emulator), where the same .cu kernels run on CPU tensors.
 
 Every op on every GPU backend (the CUDA kernels, and the Triton kernels compiled for the GPU) against its
 reference run in float64 on the same inputs, forward and every gradient, in every dtype the backend takes; odd
@@ -10,6 +12,8 @@ gpu-check also runs under compute-sanitizer.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -17,7 +21,40 @@ import dnops
 from dnops import _backend, reference
 from tests.msda_utils import make_inputs
 
-pytestmark = pytest.mark.cuda
+DEVICES = [pytest.param("cuda", marks=pytest.mark.cuda), pytest.param("emulated", marks=pytest.mark.emulated)]
+# ms_deform_attn's CUDA code differs per arch (sm_90's vector atomics, sm_80's scalar ones): both are emulated
+ARCH_DEVICES = [*DEVICES, pytest.param("emulated-sm80", marks=pytest.mark.emulated)]
+
+
+@contextlib.contextmanager
+def on_device(name: str):
+    """The tensors' device for a run on ``name``: the GPU, or CPU tensors routed to the emulated CUDA kernels."""
+    if name == "cuda":
+        yield "cuda"
+        return
+    from tests import cuda_emulator
+
+    cuda_emulator.configure(*cuda_emulator.default_order())
+    with cuda_emulator.routed(80 if name.endswith("sm80") else 90):
+        yield "cpu"
+
+
+@pytest.fixture(params=DEVICES)
+def dev(request):
+    with on_device(request.param) as device:
+        yield device
+
+
+@pytest.fixture(params=ARCH_DEVICES)
+def arch_dev(request):
+    with on_device(request.param) as device:
+        yield device
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
 
 # ||got - want|| / ||want|| allowed per dtype: the reference runs in float64 on the same (rounded) inputs, so
 # this is the kernel's own error (accumulation order, half-type outputs rounded once).
@@ -62,10 +99,12 @@ def backend_fn(backend: str, fn):
     return run
 
 
-def needs(op: str, backend: str, triton_ops: frozenset[str] = frozenset()):
-    can = _backend.available(op, "cuda", triton_ops)
+def needs(op: str, backend: str, triton_ops: frozenset[str] = frozenset(), device: str = "cuda"):
+    if device != "cuda" and backend != "cpp":
+        pytest.skip("the emulator runs the CUDA kernels; the Triton kernels run in their interpreter tests")
+    can = _backend.available(op, device, triton_ops)
     if not can[backend]:
-        pytest.skip(f"no {backend} kernel of {op} for cuda in this build")
+        pytest.skip(f"no {backend} kernel of {op} for {device} in this build")
 
 
 # ---- ms_deform_attn ---------------------------------------------------------------------------------------------
@@ -76,6 +115,7 @@ MSDA_SHAPES = [
     {"d": 1},
     {"d": 30},
     {"d": 71},
+    {"d": 130, "lq": 2},  # the third channel pass of a 32-lane group has one active lane
     {"d": 257, "lq": 2, "m": 1},
     {"d": 8, "shapes": ((5, 7),)},
     {"d": 16, "p": 1},
@@ -85,15 +125,15 @@ MSDA_SHAPES = [
 ]
 
 
-def msda_args(dtype, **kw):
-    args = make_inputs(device="cuda", **kw)
+def msda_args(dtype, device="cuda", **kw):
+    args = make_inputs(device=device, **kw)
     return [t.to(dtype).requires_grad_() if t.is_floating_point() else t for t in args]
 
 
-def msda(backend: str, logits: bool = False):
+def msda(backend: str, logits: bool = False, device: str = "cuda"):
     from dnops.ops.ms_deform_attn import TRITON_OPS
 
-    needs("ms_deform_attn", backend, TRITON_OPS)
+    needs("ms_deform_attn", backend, TRITON_OPS, device)
     return backend_fn(backend, lambda *a: dnops.ms_deform_attn(*a, attention_logits=logits))
 
 
@@ -101,17 +141,19 @@ def msda(backend: str, logits: bool = False):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kw", MSDA_SHAPES, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
 @pytest.mark.parametrize("logits", [False, True])
-def test_ms_deform_attn(backend, dtype, kw, logits):
-    fn = msda(backend, logits)
+def test_ms_deform_attn(arch_dev, backend, dtype, kw, logits):
+    fn = msda(backend, logits, arch_dev)
     ref = lambda *a: reference.ms_deform_attn(*a, logits)  # noqa: E731
-    check_against_reference(fn, ref, msda_args(dtype, **kw), dtype, f"ms_deform_attn[{backend}]")
+    check_against_reference(fn, ref, msda_args(dtype, arch_dev, **kw), dtype, f"ms_deform_attn[{backend}]")
 
 
 @pytest.mark.parametrize("backend", MSDA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_ms_deform_attn_non_contiguous_and_borders(backend, dtype):
-    fn = msda(backend)
-    value, shapes, starts, loc, weights = make_inputs(n=2, shapes=((3, 4), (2, 2)), lq=9, m=2, d=8, p=2, device="cuda")
+def test_ms_deform_attn_non_contiguous_and_borders(arch_dev, backend, dtype):
+    fn = msda(backend, device=arch_dev)
+    value, shapes, starts, loc, weights = make_inputs(
+        n=2, shapes=((3, 4), (2, 2)), lq=9, m=2, d=8, p=2, device=arch_dev
+    )
     edges = torch.tensor(
         [[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.5], [-0.5, 0.5], [1.5, 0.2], [0.125, 1 / 6], [-1 / 8, 1.0], [2, 2]]
     )
@@ -127,10 +169,11 @@ def test_ms_deform_attn_non_contiguous_and_borders(backend, dtype):
 
 
 @pytest.mark.parametrize("logits", [False, True])
-def test_ms_deform_attn_deterministic_backward_is_bitwise_repeatable(logits):
-    fn = msda("cpp", logits)
-    args = msda_args(torch.float32, n=2, shapes=((20, 30), (10, 15)), lq=500, m=4, d=32, p=4)
-    g = torch.randn(2, 500, 128, device="cuda")
+def test_ms_deform_attn_deterministic_backward_is_bitwise_repeatable(arch_dev, logits):
+    fn = msda("cpp", logits, arch_dev)
+    lq = 500 if arch_dev == "cuda" else 12  # the emulator runs one fiber per CUDA thread
+    args = msda_args(torch.float32, arch_dev, n=2, shapes=((20, 30), (10, 15)), lq=lq, m=4, d=32, p=4)
+    g = torch.randn(2, lq, 128, device=arch_dev)
     grads = []
     try:
         torch.use_deterministic_algorithms(True)
@@ -146,16 +189,56 @@ def test_ms_deform_attn_deterministic_backward_is_bitwise_repeatable(logits):
         assert_rel(x, y, torch.float32, "deterministic vs atomic backward")
 
 
-def test_ms_deform_attn_deterministic_matches_reference():
-    fn = msda("cpp")
+def test_ms_deform_attn_deterministic_matches_reference(dev):
+    fn = msda("cpp", device=dev)
     try:
         torch.use_deterministic_algorithms(True)
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
-            check_against_reference(fn, reference.ms_deform_attn, msda_args(dtype, d=30), dtype, "deterministic")
+            args = msda_args(dtype, dev, d=30)
+            check_against_reference(fn, reference.ms_deform_attn, args, dtype, "deterministic")
     finally:
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("d", [8, 32])
+def test_ms_deform_attn_misaligned_storage(arch_dev, dtype, d):
+    """value and grad_output starting one element into their storage: the kernels fall back to narrower vectors
+    (a 16-byte load or atomic on a misaligned address faults on the GPU)."""
+    fn = msda("cpp", device=arch_dev)
+    args = msda_args(dtype, arch_dev, d=d)
+
+    def shifted(t):
+        return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+    args[0] = shifted(args[0].detach()).requires_grad_()
+    assert args[0].is_contiguous() and args[0].data_ptr() % 16 != 0
+    ref_args = as_float64(args)
+    out, ref = fn(*args), reference.ms_deform_attn(*ref_args)
+    assert_rel(out, ref, dtype, "misaligned forward")
+    g = torch.randn_like(ref)
+    g_shifted = shifted(g.to(dtype))
+    assert g_shifted.data_ptr() % 16 != 0
+    got = torch.autograd.grad(out, [args[0], args[3], args[4]], g_shifted)
+    want = torch.autograd.grad(ref, [ref_args[0], ref_args[3], ref_args[4]], g)
+    for i, (x, y) in enumerate(zip(got, want, strict=True)):
+        assert_rel(x, y, dtype, f"misaligned grad {i}")
+
+
+def test_ms_deform_attn_non_finite_locations_read_zero(arch_dev):
+    fn = msda("cpp", device=arch_dev)
+    value, shapes, starts, loc, weights = make_inputs(n=1, lq=5, m=1, p=1, d=32, dtype=torch.float32, device=arch_dev)
+    for q, x in enumerate([float("nan"), float("inf"), -float("inf"), 3e38, -3e38]):
+        loc[0, q] = x
+    loc.requires_grad_()
+    value.requires_grad_()
+    out = fn(value, shapes, starts, loc, weights)
+    assert torch.equal(out, torch.zeros_like(out))
+    g_value, g_loc = torch.autograd.grad(out.sum(), [value, loc])
+    assert torch.equal(g_loc, torch.zeros_like(g_loc)) and torch.equal(g_value, torch.zeros_like(g_value))
+
+
+@pytest.mark.cuda
 def test_sanitizer_ms_deform_attn():
     for backend in MSDA_BACKENDS:
         for dtype in (torch.float32, torch.bfloat16):
@@ -171,6 +254,7 @@ def test_sanitizer_ms_deform_attn():
 # ---- dn_self_attention --------------------------------------------------------------------------------------------
 
 DSA_SHAPES = [(2, 3, 5, 16), (2, 4, 0, 8), (3, 5, 7, 30), (1, 8, 10, 64), (0, 1, 9, 71), (5, 1, 1, 32)]
+cuda = pytest.mark.cuda
 
 
 def dsa(backend: str):
@@ -180,6 +264,7 @@ def dsa(backend: str):
     return backend_fn(backend, dnops.dn_self_attention)
 
 
+@cuda
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("groups,group_size,num_queries,dh", DSA_SHAPES)
@@ -195,6 +280,7 @@ def test_dn_self_attention(backend, dtype, groups, group_size, num_queries, dh):
     check_against_reference(call(fn), call(reference.dn_self_attention), qkv, dtype, f"dn_self_attention[{backend}]")
 
 
+@cuda
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_dn_self_attention_non_contiguous(backend):
     fn = dsa(backend)
@@ -210,28 +296,36 @@ def test_dn_self_attention_non_contiguous(backend):
 
 # ---- dn_queries and dn_attn_mask ----------------------------------------------------------------------------------
 
-COUNT_PATTERNS = [[3, 0, 5, 1], [0, 0], [7], [2, 9, 0, 4, 4, 1, 0, 3]]
+# the last pattern is a batch of 72 images, past the 64 whose counts the CUDA kernel takes in its small parameter
+# block (it then takes the large one)
+COUNT_PATTERNS = [[3, 0, 5, 1], [0, 0], [7], [2, 9, 0, 4, 4, 1, 0, 3], [1, 0, 2] * 24]
 
 
-def dnq(backend: str):
+def dnq(backend: str, device: str = "cuda"):
     from dnops.ops.dn_queries import TRITON_OPS
 
-    needs("dn_queries", backend, TRITON_OPS)
+    needs("dn_queries", backend, TRITON_OPS, device)
     return backend_fn(backend, dnops.dn_queries)
+
+
+def gt_batch(counts, dtype, device):
+    k = sum(counts)
+    labels = torch.randint(0, 20, (k,), device=device)
+    wh = 0.05 + 0.4 * torch.rand(k, 2, device=device)
+    return labels, torch.cat([wh / 2 + (1 - wh) * torch.rand(k, 2, device=device), wh], 1).to(dtype)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("mode", ["dn", "cdn"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("counts", COUNT_PATTERNS, ids=str)
-def test_dn_queries(backend, mode, dtype, counts):
-    fn = dnq(backend)
-    k = sum(counts)
-    labels = torch.randint(0, 20, (k,), device="cuda")
-    wh = 0.05 + 0.4 * torch.rand(k, 2, device="cuda")
-    boxes = torch.cat([wh / 2 + (1 - wh) * torch.rand(k, 2, device="cuda"), wh], 1).to(dtype)
+@pytest.mark.parametrize("counts", COUNT_PATTERNS, ids=lambda c: f"B{len(c)}-{sum(c)}")
+def test_dn_queries(dev, backend, mode, dtype, counts):
+    fn = dnq(backend, dev)
+    labels, boxes = gt_batch(counts, dtype, dev)
     got = fn(labels, boxes, counts, num_classes=20, mode=mode, seed=1234)
-    want = reference.dn_queries(labels.cpu(), boxes.cpu(), counts, num_classes=20, mode=mode, seed=1234)
+    want = backend_fn("reference", dnops.dn_queries)(
+        labels.cpu(), boxes.cpu(), counts, num_classes=20, mode=mode, seed=1234
+    )
     assert (got.num_groups, got.group_size, got.pad_size) == (want.num_groups, want.group_size, want.pad_size)
     assert torch.equal(got.labels.cpu(), want.labels)
     assert torch.equal(got.gt_index.cpu(), want.gt_index)
@@ -240,14 +334,34 @@ def test_dn_queries(backend, mode, dtype, counts):
     torch.testing.assert_close(got.boxes.cpu(), want.boxes, rtol=tol, atol=tol)
 
 
+def test_dn_queries_batch_limit(dev):
+    """The CUDA kernel takes the counts of at most 2,000 images as launch parameters (what keeps a call free of
+    host-to-device copies, so CUDA graphs capture it); more raise."""
+    fn = dnq("cpp", dev)
+    labels, boxes = gt_batch([1] * 2000, torch.float32, dev)
+    assert fn(labels, boxes, [1] * 2000, num_classes=20, seed=3).labels.shape == (2000, 5)
+    labels, boxes = gt_batch([1] * 2001, torch.float32, dev)
+    with pytest.raises(RuntimeError, match="at most 2000 images"):
+        fn(labels, boxes, [1] * 2001, num_classes=20, seed=3)
+
+
+@pytest.mark.parametrize("pad,group,queries", [(40, 8, 17), (0, 0, 5), (6, 3, 0), (120, 24, 200)])
+def test_dn_attn_mask(dev, pad, group, queries):
+    got = dnops.dn_attn_mask(pad, group, queries, device=dev)
+    assert got.device.type == dev
+    assert torch.equal(got.cpu(), reference.dn_attn_mask(pad, group, queries))
+
+
+@cuda
 def test_sanitizer_dn_queries_and_mask():
     for backend in ("cpp", "triton"):
-        test_dn_queries(backend, "cdn", torch.float32, [3, 0, 5, 1])
+        for pattern in COUNT_PATTERNS[0], COUNT_PATTERNS[-1]:
+            test_dn_queries("cuda", backend, "cdn", torch.float32, pattern)
     for pad, group, queries in ((40, 8, 17), (0, 0, 5), (6, 3, 0)):
-        got = dnops.dn_attn_mask(pad, group, queries, device="cuda")
-        assert torch.equal(got.cpu(), reference.dn_attn_mask(pad, group, queries))
+        test_dn_attn_mask("cuda", pad, group, queries)
 
 
+@cuda
 def test_adapters_dispatch_no_host_sync():
     from dnops.compat import dino, dn_detr
 
@@ -273,6 +387,7 @@ def test_adapters_dispatch_no_host_sync():
 # ---- torch.compile, CUDA graphs -----------------------------------------------------------------------------------
 
 
+@cuda
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_compile_fullgraph_ops(backend):
     from dnops.ops.dn_queries import TRITON_OPS as DNQ
@@ -311,6 +426,7 @@ def test_compile_fullgraph_ops(backend):
     assert torch.equal(mask.cpu(), reference.dn_attn_mask(40, 8, 17))
 
 
+@cuda
 def test_compile_fullgraph_modules():
     from dnops.nn import DNMultiheadAttention, MSDeformAttn
 
@@ -332,6 +448,7 @@ def test_compile_fullgraph_modules():
     compiled.sum().backward()
 
 
+@cuda
 def test_cuda_graph_of_a_dn_detr_training_step():
     """Forward with denoising queries, the denoising losses (no matching: DN's targets are known), backward and a
     capturable AdamW step, captured once; replays from the same parameters and optimizer state give the same
@@ -396,20 +513,21 @@ def test_cuda_graph_of_a_dn_detr_training_step():
 
 
 @pytest.mark.parametrize("backend", MSDA_BACKENDS)
-def test_levels_outside_value_raise_or_read_nothing(backend):
-    fn = msda(backend)
-    value, _, _, loc, weights = make_inputs(n=1, shapes=((2, 3), (1, 2)), lq=2, m=1, d=2, p=1, device="cuda")
+def test_levels_outside_value_raise_or_read_nothing(arch_dev, backend):
+    fn = msda(backend, device=arch_dev)
+    value, _, _, loc, weights = make_inputs(n=1, shapes=((2, 3), (1, 2)), lq=2, m=1, d=2, p=1, device=arch_dev)
     for rows in ([[2**32, 2**32], [1, 2]], [[2**62, 4], [1, 2]], [[2, 3], [4, 4]]):
-        shapes = torch.tensor(rows, device="cuda")
-        starts = torch.tensor([0, 6], device="cuda")
+        shapes = torch.tensor(rows, device=arch_dev)
+        starts = torch.tensor([0, 6], device=arch_dev)
         with pytest.raises(ValueError, match="spatial_shapes"):
             fn(value, shapes, starts, loc, weights)
         if backend == "cpp":  # the raw kernel, past the checks: the bad levels read as zeros, nothing out of range
             out = torch.ops.dnops.ms_deform_attn(value, shapes, starts, loc, weights)
-            torch.cuda.synchronize()
+            synchronize(arch_dev)
             assert torch.isfinite(out).all()
 
 
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_msdeformattn_under_cuda_autocast(dtype):
     from dnops.nn import MSDeformAttn
@@ -432,10 +550,10 @@ def test_msdeformattn_under_cuda_autocast(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_multi_scale_deformable_attention_module_interface(dtype):
+def test_multi_scale_deformable_attention_module_interface(dev, dtype):
     from dnops.compat import multi_scale_deformable_attention as msda
 
-    args = msda_args(dtype, d=32)
+    args = msda_args(dtype, dev, d=32)
     out = msda.ms_deform_attn_forward(*args, 64)
     ref_args = as_float64(args)
     ref = reference.ms_deform_attn(*ref_args)

@@ -7,39 +7,34 @@
 // parameters, so nothing is copied to the device first.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "dn_queries/dn_queries.h"
 
 namespace dnops {
 namespace {
 
-// (start, count) of every image, passed by value when the batch fits (kernel parameters need no copy, so the
-// call stays free of host-to-device transfers and can be captured in a CUDA graph), else read from a device
-// buffer.
-constexpr int64_t kMaxInlineBatch = 64;
+// (start, count) of every image, passed by value as kernel parameters: nothing is copied to the device first, so
+// the call is free of host-to-device transfers and a CUDA graph captures it whole. Batches up to kSmallBatch take
+// a 1 KB parameter block; larger ones up to kMaxBatch the ~32 KB CUDA 12.1+ allows for a launch's parameters.
+constexpr int64_t kSmallBatch = 64;
+constexpr int64_t kMaxBatch = 2000;
 
+template <int64_t kCapacity>
 struct Images {
-  int64_t inline_starts_counts[2 * kMaxInlineBatch];
-  const int64_t* starts_counts;  // device buffer of 2 * batch entries when the batch is larger, else null
+  int64_t starts_counts[2 * kCapacity];
 
-  __device__ int64_t start(int64_t b) const {
-    return starts_counts ? starts_counts[2 * b] : inline_starts_counts[2 * b];
-  }
-  __device__ int64_t count(int64_t b) const {
-    return starts_counts ? starts_counts[2 * b + 1] : inline_starts_counts[2 * b + 1];
-  }
+  __device__ int64_t start(int64_t b) const { return starts_counts[2 * b]; }
+  __device__ int64_t count(int64_t b) const { return starts_counts[2 * b + 1]; }
 };
 
-template <typename scalar_t>
-__global__ void dn_queries_kernel(dnq::Layout lay, int64_t batch, Images images, const int64_t* gt_labels,
+template <typename scalar_t, typename images_t>
+__global__ void dn_queries_kernel(dnq::Layout lay, int64_t batch, images_t images, const int64_t* gt_labels,
                                   const scalar_t* gt_boxes, int64_t* out_labels, scalar_t* out_boxes, int64_t* gt_index,
                                   bool* negative) {
   const int64_t total = batch * lay.pad;
@@ -67,28 +62,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dn_queries_cuda(
   at::Tensor gt_index = at::empty({batch, lay.pad}, labels.options());
   at::Tensor negative = at::empty({batch, lay.pad}, labels.options().dtype(at::kBool));
   if (batch * lay.pad == 0) return {out_labels, out_boxes, gt_index, negative};
-  Images images{};
-  std::vector<int64_t> host(2 * batch);
-  for (int64_t b = 0, acc = 0; b < batch; acc += counts[b], ++b) {
-    host[2 * b] = acc;
-    host[2 * b + 1] = counts[b];
-  }
-  at::Tensor starts_counts;
-  if (batch <= kMaxInlineBatch) {
-    std::copy(host.begin(), host.end(), images.inline_starts_counts);
-  } else {
-    // From pinned memory the copy is asynchronous (from pageable memory the driver would wait for the stream).
-    starts_counts = at::tensor(host, labels.options().device(at::kCPU)).pin_memory().to(labels.device(), true);
-    images.starts_counts = starts_counts.data_ptr<int64_t>();
-  }
+  TORCH_CHECK(batch <= kMaxBatch, "dn_queries: the CUDA kernel takes at most ", kMaxBatch, " images per call, got ",
+              batch);
   constexpr int threads = 256;
   const int64_t blocks = std::min<int64_t>((batch * lay.pad + threads - 1) / threads, 65535);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "dn_queries_cuda", [&] {
-    dn_queries_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        lay, batch, images, labels.data_ptr<int64_t>(), boxes.data_ptr<scalar_t>(), out_labels.data_ptr<int64_t>(),
-        out_boxes.data_ptr<scalar_t>(), gt_index.data_ptr<int64_t>(), negative.data_ptr<bool>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  const auto launch = [&](auto images) {
+    for (int64_t b = 0, acc = 0; b < batch; acc += counts[b], ++b) {
+      images.starts_counts[2 * b] = acc;
+      images.starts_counts[2 * b + 1] = counts[b];
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "dn_queries_cuda", [&] {
+      dn_queries_kernel<scalar_t, decltype(images)><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          lay, batch, images, labels.data_ptr<int64_t>(), boxes.data_ptr<scalar_t>(), out_labels.data_ptr<int64_t>(),
+          out_boxes.data_ptr<scalar_t>(), gt_index.data_ptr<int64_t>(), negative.data_ptr<bool>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  };
+  if (batch <= kSmallBatch) {
+    launch(Images<kSmallBatch>{});
+  } else {
+    launch(Images<kMaxBatch>{});
+  }
   return {out_labels, out_boxes, gt_index, negative};
 }
 
