@@ -202,9 +202,10 @@ def gpu_status() -> str:
     if path is None:
         return (
             "**GPU status: no dnops kernel has run on a GPU yet.** The CUDA kernels are compiled (sm_80, sm_90) and "
-            "registered on every build, and share their per-sample math with the C++ kernels the tests check; the "
-            "Triton kernels are tested against the reference in Triton's interpreter. `make gpu-check` runs the GPU "
-            "test suite and benchmark in one command on a GPU machine."
+            "registered on every build, and CI executes the unmodified .cu files on the CPU in a CUDA emulator, under "
+            "AddressSanitizer too, against the reference (docs/testing.md); the Triton kernels are tested against the "
+            "reference in Triton's interpreter. `make gpu-check` runs the GPU test suite and benchmark in one command "
+            "on a GPU machine."
         )
     report = json.loads(path.read_text())
     meta = report["meta"]

@@ -279,3 +279,27 @@ def test_atomic_backward_depends_on_the_lane_order_in_the_last_bits(arch_ns):
         torch.testing.assert_close(other, value_grads[0], rtol=1e-5, atol=1e-6)
     for other in grads[1:]:  # location and weight gradients are reduced by shuffles in a fixed order
         assert torch.equal(other[1], grads[0][1]) and torch.equal(other[2], grads[0][2])
+
+
+# ---- the counts ----------------------------------------------------------------------------------------------------
+
+
+@emulated
+def test_counts_of_the_backward_atomics_and_shuffles():
+    """Counting on: each warp-level float4 atomic of the sm_90 backward touches whole sectors, and the counts of
+    shuffles follow the row's samples (six per sample to share its geometry)."""
+    from tests import cuda_emulator
+
+    args = make_inputs(n=1, shapes=((6, 7),), lq=4, m=4, d=32, p=2, dtype=torch.float32, low=0.2, high=0.8)
+    cuda_emulator.configure(count=True)
+    try:
+        torch.ops.dnops_emulated._ms_deform_attn_backward(torch.randn(1, 4, 128), *args)
+        (launch,) = cuda_emulator.stats()
+    finally:
+        cuda_emulator.configure()
+    assert launch["kernel"] == "backward_kernel<scalar_t, VEC, false>" and launch["blocks_run"] == 1
+    (atomics,) = [s for s in launch["sites"] if s["kind"] == "atomic"]
+    # 16 rows x 2 samples x 4 corners, all inside the map: 8 lanes x 16 bytes per row, 4 rows per warp
+    assert launch["lane_accesses"]["atomic"] == 16 * 2 * 4 * 8
+    assert atomics["requests"] == 4 * 2 * 4 and atomics["sectors"] <= 16 * atomics["requests"]
+    assert launch["lane_ops"]["__shfl_sync"] == 16 * 8 * 2 * 6

@@ -43,7 +43,7 @@ FLAGS = {
 }
 LINK_FLAGS = {"o2": [], "asan": ["-fsanitize=address,undefined"], "count": []}
 # the counting build's kernels call a hook on every memory access (cuemu_count.cpp), linked without TSan's runtime
-INSTRUMENT = {"count": ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]}
+INSTRUMENT = {"count": ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-fno-tree-sra"]}
 
 
 def cache_root() -> Path:

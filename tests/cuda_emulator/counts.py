@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -50,6 +51,12 @@ def _run(what: str, dtype: torch.dtype) -> None:
     torch.ops.dnops_emulated.dn_queries(labels, boxes, counts, groups, max_gt, cdn, 91, 0.25, 0.4, 7)
 
 
+def _relative(where: str) -> str:
+    """A debug-info path (the build's directory joined with the #line name, or a mirrored header) from the
+    repository root."""
+    return re.sub(r"^.*?/(csrc|tests)/", r"\1/", where)
+
+
 def _resolve(sites: list[dict]) -> None:
     """Names each instruction site by its .cu line: the outermost line of the inline chain in a .cu file, and the
     innermost (the helper that issues the access) when it differs."""
@@ -76,9 +83,9 @@ def _resolve(sites: list[dict]) -> None:
         for (site, _), locs in zip(items, chains, strict=True):
             cu = [loc for loc in locs if ".cu:" in loc]
             if not cu:
-                site["where"] = locs[0] if locs else "?"
+                site["where"] = _relative(locs[0]) if locs else "?"
                 continue
-            outer, inner = cu[-1], cu[0]
+            outer, inner = (_relative(loc) for loc in (cu[-1], cu[0]))
             site["where"] = outer if outer == inner else f"{outer} (via line {inner.rsplit(':', 1)[1]})"
 
 

@@ -554,9 +554,16 @@ void record(const void* addr, int bytes, char kind, uint64_t site) {
 
 }  // namespace
 
+// Source lines of the atomics counted, by site key (bit 63 set: a source line, not an instruction address).
+std::map<uint64_t, std::string> g_atomic_sites;
+
 void record_atomic(const void* addr, int bytes, const Loc& loc) {
   if (t_fiber == nullptr || t_grid == nullptr || t_grid->stats == nullptr) return;
-  record(addr, bytes, 'a', (1ull << 63) | (uint64_t{loc.line()} << 16) | loc.column());
+  const uint64_t site = (1ull << 63) | (std::hash<std::string>{}(loc.file_name()) & 0xffffull) << 40 |
+                        (uint64_t{loc.line()} << 12) | (loc.column() & 0xfff);
+  auto it = g_atomic_sites.find(site);
+  if (it == g_atomic_sites.end()) g_atomic_sites.emplace(site, where(loc));
+  record(addr, bytes, 'a', site);
 }
 
 void record_device_access(const void* addr, int bytes, char kind, const void* pc) {
@@ -658,10 +665,10 @@ void configure(const std::string& order, int64_t seed, bool strict, int64_t bloc
   g_stats.clear();
 }
 
-// An access site as the counts name it: "line N" of an atomic, or "object+0xoffset" of an instruction (for
+// An access site as the counts name it: "file:line" of an atomic, or "object+0xoffset" of an instruction (for
 // addr2line).
 std::string site_name(uint64_t site) {
-  if (site >> 63) return "line " + std::to_string((site >> 16) & 0xffffffffu);
+  if (site >> 63) return g_atomic_sites.at(site);
   Dl_info info;
   if (dladdr(reinterpret_cast<void*>(site), &info) == 0 || info.dli_fname == nullptr) return "?";
   char buf[32];
