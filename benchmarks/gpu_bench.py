@@ -192,7 +192,7 @@ def dn_attention_cases(device: torch.device, dry: bool, sets: int) -> Iterator[C
                     impls["flex (compiled)"] = Deferred(_fwd_or_fwd_bwd(_flex(case, device), inputs, passes))
                 else:
                     impls["flex (compiled)"] = "skipped: timed at dino and big-dn fwd+bwd only (compile time)"
-                for impl, backend in (("dnops cuda", "cpp"), ("dnops triton", "triton")):
+                for impl, backend in (("dnops cuda", "cpp"), ("dnops triton", "triton"), ("dnops sdpa", "sdpa")):
                     why = _skip_reason(backend, "dn_self_attention", device, TRITON_OPS)
                     fn = _with_backend(backend, dnops.dn_self_attention)
                     impls[impl] = why or _fwd_or_fwd_bwd(

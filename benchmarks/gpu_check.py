@@ -1,25 +1,35 @@
-"""``make gpu-check``: build, test and benchmark dnops on a lent GPU in one command, within ~8 minutes.
+"""``make gpu-check``: build, test and benchmark dnops on a lent GPU in one command, in at most 5 minutes by design.
 
-Steps, each with its own time limit so one slow step cannot eat the others (seconds, on an H200 machine; the
-benchmark gets at most what is left of 480 s, and every step's files reach $OUT as soon as it ends):
-  build      <= 180  the extension in place for the torch at hand (CUDA kernels for this GPU's arch, MAX_JOBS =
+A lent GPU gives a session 15 minutes of device time, a machine start included (1-2 minutes), so the command is
+sized for two runs in one loan. Steps, each with its own time limit (seconds on an H200 machine, 16 cores; every
+step's files reach $OUT as soon as it ends, and a step that runs out of time keeps what it measured and says what it
+did not reach):
+  build      <= 75   the extension in place for the torch at hand (CUDA kernels for this GPU's arch only, MAX_JOBS =
                      cores); the dry mode uses the build that is already installed
-  tests      <= 150  ``pytest -m cuda`` over the test files that hold GPU tests
-  sanitizer  <= 90   ``compute-sanitizer --tool memcheck`` over the small CUDA cases of tests/test_gpu.py
-  bench      <= 150  ``python -m benchmarks.gpu_bench``
-Everything goes to ``<results>/<UTC date>-<device>/`` (env.txt, build.log, tests.log, sanitizer.log, bench.log,
-report.json, report.md) and, when $OUT is set, to ``$OUT/<same name>/``. The short table is printed last.
+  warm       <= 45   every Triton kernel the GPU suite and the benchmark launch, compiled once into Triton's cache by
+                     tests/gpu_compile.py in parallel processes (one per op and dtype), so the test shards load them
+  tests      <= 90   ``pytest -m cuda`` over the test files that hold GPU tests, in 6 shards
+  sanitizer  <= 40   ``compute-sanitizer --tool memcheck`` over the small CUDA cases of tests/test_gpu.py, with
+                     PYTORCH_NO_CUDA_MEMORY_CACHING=1 (an access inside a cached block is otherwise invisible to it);
+                     a device or driver the sanitizer refuses is a skip with its message
+  bench      <= 50   ``python -m benchmarks.gpu_bench``, with what is left of the 300 s; its compiled peers come last
+Everything goes to ``<results>/<UTC date>-<device>/`` (env.txt, build.log, warm.log, tests.log, sanitizer.log,
+bench.log, report.json, report.md) and, when $OUT is set, to ``$OUT/<same name>/``. The short table is printed,
+then every failure on one line. ``--only STEP[,STEP]`` runs just those steps; ``--only PATTERN`` (anything else,
+``make gpu-check ONLY=...``) builds and runs the GPU tests that match the pytest -k expression PATTERN.
 Committed under benchmarks/results/gpu/, the latest result is the README's GPU table after
 ``python -m benchmarks.report --render``.
 
-Without a CUDA device (or with ``--dry``) the same steps run on the CPU: the tests are collected and skipped,
-the sanitizer is skipped with its reason, and the benchmark runs tiny shapes; CI runs this dry mode.
+Without a CUDA device (or with ``--dry``) the same steps run on the CPU: the Triton warm-up and the sanitizer are
+skipped with their reasons, the tests are collected and skipped, and the benchmark runs tiny shapes; CI runs this
+dry mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import re
 import shutil
@@ -29,8 +39,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LIMITS = {"build": 180, "tests": 150, "sanitizer": 90, "bench": 150}
-TOTAL_S = 480  # the benchmark gets what the steps before it left of this (the lent machine's calls stop at 540 s)
+GC_DTYPES = ("float32", "float16", "bfloat16", "float64")
+LIMITS = {"build": 75, "warm": 45, "tests": 90, "sanitizer": 40, "bench": 50}
+TOTAL_S = sum(LIMITS.values())  # 300: the benchmark gets what the steps before it left of this
 
 
 def _run(cmd: list[str], log: Path, limit: float, env: dict[str, str] | None = None) -> tuple[str, float]:
@@ -49,31 +60,33 @@ def _run(cmd: list[str], log: Path, limit: float, env: dict[str, str] | None = N
     return status, time.time() - start
 
 
-def _run_tests_sharded(log: Path, limit: float, env: dict[str, str], shards: int) -> tuple[str, float]:
-    """``pytest -m cuda`` in ``shards`` concurrent processes on the one GPU: the first run on a machine compiles
-    every Triton kernel variant and torch.compile graph the tests touch, CPU work that one process would do
-    serially. The shards' outputs go to ``log`` one after the other."""
-    start = time.time()
+def _gpu_test_files() -> list[str]:
     # only the files that hold GPU tests: the others may import packages a lent machine lacks (and a collection
     # error would stop the run), hence also --continue-on-collection-errors
-    files = [
+    return [
         str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_*.py")) if "mark.cuda" in p.read_text()
     ]
-    pytest = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-m",
-        "cuda",
-        "--continue-on-collection-errors",
-    ]
-    collected = subprocess.run([*pytest, "--collect-only", *files], cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def _run_tests_sharded(log: Path, limit: float, env: dict[str, str], shards: int, pattern: str | None = None):
+    """``pytest -m cuda`` in ``shards`` concurrent processes on the one GPU (torch.compile graphs and the Triton
+    kernels the warm step did not cover are CPU work one process would do serially). The shards' outputs go to
+    ``log`` one after the other; on a time-out it says how many tests were reached and names the first ones not."""
+    start = time.time()
+    files = _gpu_test_files()
+    pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "cuda"]
+    pytest += ["--continue-on-collection-errors", *(["-k", pattern] if pattern else [])]
+    try:
+        collected = subprocess.run(
+            [*pytest, "--collect-only", "-q", *files], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        log.write_text("collection timed out after 60 s\n")
+        return "timed out collecting the tests after 60 s", time.time() - start
     ids = [ln for ln in collected.stdout.splitlines() if "::" in ln]
-    if shards <= 1 or not ids:
-        return _run([*pytest, *files], log, limit, env)
+    if shards <= 1 or len(ids) < shards:
+        status, seconds = _run([*pytest, *(ids or files)], log, limit, env)
+        return _reached(status, log.read_text(errors="replace"), ids), seconds
     logs = [log.with_name(f".{log.name}.{i}") for i in range(shards)]
     procs = []
     for i, shard_log in enumerate(logs):
@@ -101,6 +114,60 @@ def _run_tests_sharded(log: Path, limit: float, env: dict[str, str], shards: int
     shards_text = "".join(f"==== shard {i + 1}/{shards}\n{text}\n" for i, text in enumerate(texts))
     total = ", ".join(f"{n} {what}" for what, n in totals.items())
     log.write_text(f"{shards_text}==== all {shards} shards: {total}\n")
+    return _reached(status, "\n".join(texts), ids), time.time() - start
+
+
+def _reached(status: str, text: str, ids: list[str]) -> str:
+    """A timed-out status with how far the tests got (pytest -v prints each test's outcome as it ends)."""
+    if not status.startswith("timed out"):
+        return status
+    done = set(re.findall(r"^(\S+::\S+) (?:PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)", text, flags=re.M))
+    missing = [i for i in ids if i not in done]
+    return f"{status}: {len(done)} of {len(ids)} tests reached; not reached: {', '.join(missing[:5])}" + (
+        f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    )
+
+
+def _failures(out: Path, steps: dict[str, tuple[str, float]]) -> list[str]:
+    """One line per failure: each failed step, and each failed GPU test with its message."""
+    lines = [f"{name}: {status}" for name, (status, _) in steps.items() if not _passed(status)]
+    log = out / "tests.log"
+    if log.exists():
+        lines += sorted({ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.startswith("FAILED ")})
+        lines += sorted({ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.startswith("ERROR ")})
+    return lines
+
+
+def _passed(status: str) -> bool:
+    return status == "ok" or status.startswith("skipped")
+
+
+def _warm(out: Path, limit: float, env: dict[str, str], arch: int) -> tuple[str, float]:
+    """Compiles the Triton kernels the GPU suite and the benchmark launch, one process per (op, dtype)."""
+    start = time.time()
+    jobs = [(op, dtype) for op in ("ms_deform_attn", "dn_self_attention", "dn_queries") for dtype in GC_DTYPES]
+    procs = []
+    log = out / "warm.log"
+    with log.open("w") as f:
+        for op, dtype in jobs:
+            cmd = [sys.executable, "-m", "tests.gpu_compile", "--arch", str(arch), "--op", op, "--dtype", dtype]
+            cmd += ["--json", str(out / f".warm-{op}-{dtype}.json")]
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f, env=env))
+        status = "ok"
+        for proc in procs:
+            try:
+                if proc.wait(timeout=max(1.0, limit - (time.time() - start))) != 0 and status == "ok":
+                    status = "failed: a kernel did not compile or spills (see warm.log and gpu_compile.json)"
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                status = f"timed out after {limit:.0f} s (the tests compile what was not reached)"
+    rows = []
+    for op, dtype in jobs:
+        part = out / f".warm-{op}-{dtype}.json"
+        if part.exists():
+            rows += json.loads(part.read_text())["rows"]
+            part.unlink()
+    (out / "gpu_compile.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     return status, time.time() - start
 
 
@@ -150,16 +217,32 @@ def _sanitizer_cmd() -> list[str] | str:
     return [exe, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-m", "pytest", "-q", "-m", "cuda"]
 
 
+def _sanitizer_refused(log: Path) -> str | None:
+    """The sanitizer's own error when it could not run the program at all (an unsupported device or driver, no
+    debugger interface in a VM): such a run reached no test."""
+    text = log.read_text(errors="replace")
+    if re.search(r"\d+ (passed|failed)", text):
+        return None
+    errors = [ln.strip("= ").strip() for ln in text.splitlines() if ln.startswith("========") and "rror" in ln]
+    return errors[0] if errors else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry", action="store_true", help="CPU mode (chosen anyway without a CUDA device)")
     parser.add_argument("--results", type=Path, help="default: benchmarks/results/gpu (committed), gpu-dry if dry")
+    parser.add_argument("--only", help="STEP[,STEP] of " + ", ".join(LIMITS) + ", or a pytest -k expression")
     args = parser.parse_args(argv)
     start = time.time()
 
     import torch
 
     dry = args.dry or not torch.cuda.is_available()
+    only = [x for x in (args.only or "").split(",") if x]
+    pattern = None
+    if only and not set(only) <= set(LIMITS):
+        pattern, only = args.only, ["build", "tests"]
+    wanted = only or list(LIMITS)
     results = args.results or ROOT / "benchmarks" / "results" / ("gpu-dry" if dry else "gpu")
     device = "dry-cpu" if dry else re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
     out = results / f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}-{device}"
@@ -173,36 +256,50 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("OUT"):
             shutil.copytree(out, Path(os.environ["OUT"]) / out.name, dirs_exist_ok=True)
 
-    if dry:
-        (out / "build.log").write_text("dry mode: the installed build is used\n")
-        steps["build"] = ("skipped (dry mode)", 0.0)
-    else:
-        major, minor = torch.cuda.get_device_capability()
-        build_env = dict(env, DNOPS_CUDA="1", TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", MAX_JOBS=str(os.cpu_count()))
-        steps["build"] = _run(
-            [sys.executable, "setup.py", "build_ext", "--inplace"], out / "build.log", LIMITS["build"], build_env
-        )
-    publish()
+    def skip(name: str, why: str) -> None:
+        (out / f"{name}.log").write_text(f"skipped: {why}\n")
+        steps[name] = (f"skipped: {why}", 0.0)
 
-    steps["tests"] = _run_tests_sharded(out / "tests.log", LIMITS["tests"], env, shards=2 if dry else 6)
-    publish()
-
-    sanitizer = _sanitizer_cmd()
-    if dry:
-        sanitizer = "dry mode (no CUDA device)"
-    if isinstance(sanitizer, str):
-        (out / "sanitizer.log").write_text(f"skipped: {sanitizer}\n")
-        steps["sanitizer"] = (f"skipped: {sanitizer}", 0.0)
-    else:
-        cmd = [*sanitizer, "-p", "no:cacheprovider", "-k", "sanitizer", "tests/test_gpu.py"]
-        steps["sanitizer"] = _run(cmd, out / "sanitizer.log", LIMITS["sanitizer"], env)
-    publish()
-
-    limit = max(45.0, min(LIMITS["bench"], TOTAL_S - (time.time() - start)))
-    bench = [sys.executable, "-m", "benchmarks.gpu_bench", "--out", str(out), "--budget", str(limit - 30)]
-    steps["bench"] = _run([*bench, "--dry"] if dry else bench, out / "bench.log", limit, env)
-    publish()
-    print(f"\nresults: {out}")
+    arch = 0 if dry else int("".join(map(str, torch.cuda.get_device_capability())))
+    for name in LIMITS:
+        if name not in wanted:
+            continue
+        if name == "build":
+            if dry:
+                skip("build", "dry mode: the installed build is used")
+            else:
+                build_env = dict(env, DNOPS_CUDA="1", TORCH_CUDA_ARCH_LIST=f"{arch // 10}.{arch % 10}")
+                build_env["MAX_JOBS"] = str(os.cpu_count())
+                cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
+                steps["build"] = _run(cmd, out / "build.log", LIMITS["build"], build_env)
+        elif name == "warm":
+            if dry:
+                skip("warm", "dry mode (CI compiles the Triton kernels in make gpu-compile-check)")
+            else:
+                steps["warm"] = _warm(out, LIMITS["warm"], env, arch)
+        elif name == "tests":
+            shards = 2 if dry else 6
+            steps["tests"] = _run_tests_sharded(out / "tests.log", LIMITS["tests"], env, shards, pattern)
+        elif name == "sanitizer":
+            sanitizer = "dry mode (no CUDA device)" if dry else _sanitizer_cmd()
+            if isinstance(sanitizer, str):
+                skip("sanitizer", sanitizer)
+            else:
+                cmd = [*sanitizer, "-p", "no:cacheprovider", "-k", "sanitizer", "tests/test_gpu.py"]
+                san_env = dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+                steps["sanitizer"] = _run(cmd, out / "sanitizer.log", LIMITS["sanitizer"], san_env)
+                refused = _sanitizer_refused(out / "sanitizer.log")
+                if refused and not _passed(steps["sanitizer"][0]):
+                    steps["sanitizer"] = (
+                        f"skipped: compute-sanitizer refused to run: {refused}",
+                        steps["sanitizer"][1],
+                    )
+        elif name == "bench":
+            limit = max(30.0, min(LIMITS["bench"], TOTAL_S - (time.time() - start)))
+            bench = [sys.executable, "-m", "benchmarks.gpu_bench", "--out", str(out), "--budget", str(limit - 15)]
+            steps["bench"] = _run([*bench, "--dry"] if dry else bench, out / "bench.log", limit, env)
+        publish()
+    print(f"\nresults: {out}  ({time.time() - start:.0f} s)")
     for name, (status, seconds) in steps.items():
         log = out / f"{name}.log"
         summary = _tail_summary(log) if log.exists() and name in ("tests", "sanitizer") else ""
@@ -211,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     if report.exists():
         print()
         print(report.read_text())
-    failed = [n for n, (s, _) in steps.items() if not (s == "ok" or s.startswith("skipped"))]
-    return 1 if failed else 0
+    failures = _failures(out, steps)
+    print(f"\nfailures: {len(failures)}" + "".join(f"\n  {line}" for line in failures))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -156,6 +156,9 @@ def dn_self_attention_benches(quick: bool = False) -> Iterator[Bench]:
             impls: dict[str, Callable[..., torch.Tensor]] = {
                 "sdpa+mask": _sdpa_dense_mask(case),
                 "reference": lambda q, k, v, c=case: reference.dn_self_attention(q, k, v, c.pad_size, c.group_size),
+                "sdpa (two calls)": lambda q, k, v, c=case: reference.dn_self_attention_sdpa(
+                    q, k, v, c.pad_size, c.group_size
+                ),
             }
             if _backend.has_kernel("dn_self_attention", "cpu"):
                 impls["dnops"] = lambda q, k, v, c=case: _with_backend("cpp", dnops.dn_self_attention)(

@@ -221,3 +221,41 @@ def test_recognise_dn_mask():
     broken[3, 2] = True  # group 0 may see its own slot 2
     assert recognise_dn_mask(broken) is None
     assert recognise_dn_mask(reference.dn_attn_mask(12, 4, 7).float()) is None
+
+
+# ---- the sdpa backend: two scaled_dot_product_attention calls over the visible blocks ---------------------------
+
+
+@pytest.mark.parametrize("pad_size,group_size,nq", LAYOUTS)
+@pytest.mark.parametrize("dh", [1, 8, 30])
+def test_sdpa_backend_matches_dense_definition(backend_env, pad_size, group_size, nq, dh):
+    backend_env("sdpa")
+    q, k, v = [torch.randn(2, 3, pad_size + nq, dh, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    out = dnops.dn_self_attention(q, k, v, pad_size, group_size, scale=0.3)
+    want = reference.dn_self_attention_dense(q, k, v, pad_size, group_size, scale=0.3)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    for x, y in zip(torch.autograd.grad(out, [q, k, v], g), torch.autograd.grad(want, [q, k, v], g), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-11, atol=1e-11)
+
+
+def test_sdpa_backend_gradcheck_and_low_precision(backend_env):
+    backend_env("sdpa")
+    qkv = [torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(lambda q, k, v: dnops.dn_self_attention(q, k, v, 6, 3), qkv)
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)):
+        q, k, v = [torch.randn(2, 4, 60, 32).to(dtype) for _ in range(3)]
+        out = dnops.dn_self_attention(q, k, v, 40, 10)
+        assert out.dtype == dtype
+        want = reference.dn_self_attention_dense(q.double(), k.double(), v.double(), 40, 10)
+        torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+
+
+def test_sdpa_is_the_gpu_default_and_an_override_everywhere(backend_env):
+    from dnops import _backend
+    from dnops.ops.dn_self_attention import TRITON_OPS
+
+    assert _backend.choose("dn_self_attention", torch.device("cuda"), TRITON_OPS) == "sdpa"
+    backend_env("sdpa")
+    assert _backend.choose("dn_self_attention", torch.device("cpu"), TRITON_OPS) == "sdpa"
+    assert _backend.choose("ms_deform_attn", torch.device("cpu")) == "reference"  # no sdpa formulation: warns

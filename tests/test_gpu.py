@@ -75,17 +75,33 @@ def as_float64(args):
     return [t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in args]
 
 
-def check_against_reference(fn, ref_fn, args, dtype, what):
-    """fn(*args) and every gradient against ref_fn on the same inputs in float64."""
+@contextlib.contextmanager
+def deterministic(enabled: bool = True):
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+
+def check_against_reference(fn, ref_fn, args, dtype, what, deterministic_kernel: bool = False):
+    """fn(*args) and every gradient against ref_fn on the same inputs in float64; with ``deterministic_kernel``,
+    fn's forward and backward run under torch.use_deterministic_algorithms(True) and the reference outside it (on
+    CUDA, grid_sample's backward raises there)."""
     ref_args = as_float64(args)
-    out, ref = fn(*args), ref_fn(*ref_args)
+    with deterministic(deterministic_kernel):
+        out = fn(*args)
+    assert not torch.are_deterministic_algorithms_enabled(), "the reference runs outside deterministic mode"
+    ref = ref_fn(*ref_args)
     assert out.dtype == dtype
     assert_rel(out, ref, dtype, f"{what} forward")
     grad_in = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     if not grad_in or out.numel() == 0:
         return
     g = torch.randn_like(ref)
-    got = torch.autograd.grad(out, grad_in, g.to(dtype))
+    with deterministic(deterministic_kernel):
+        got = torch.autograd.grad(out, grad_in, g.to(dtype))
     want = torch.autograd.grad(ref, [a for a in ref_args if isinstance(a, torch.Tensor) and a.requires_grad], g)
     for i, (x, y) in enumerate(zip(got, want, strict=True)):
         assert_rel(x, y, dtype, f"{what} grad of input {i}")
@@ -191,13 +207,9 @@ def test_ms_deform_attn_deterministic_backward_is_bitwise_repeatable(arch_dev, l
 
 def test_ms_deform_attn_deterministic_matches_reference(dev):
     fn = msda("cpp", device=dev)
-    try:
-        torch.use_deterministic_algorithms(True)
-        for dtype in (torch.float32, torch.bfloat16, torch.float64):
-            args = msda_args(dtype, dev, d=30)
-            check_against_reference(fn, reference.ms_deform_attn, args, dtype, "deterministic")
-    finally:
-        torch.use_deterministic_algorithms(False)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        args = msda_args(dtype, dev, d=30)
+        check_against_reference(fn, reference.ms_deform_attn, args, dtype, "deterministic", deterministic_kernel=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
@@ -244,11 +256,9 @@ def test_sanitizer_ms_deform_attn():
         for dtype in (torch.float32, torch.bfloat16):
             for kw in ({"d": 32}, {"d": 7, "p": 1}):
                 check_against_reference(msda(backend), reference.ms_deform_attn, msda_args(dtype, **kw), dtype, "san")
-    try:
-        torch.use_deterministic_algorithms(True)
-        check_against_reference(msda("cpp"), reference.ms_deform_attn, msda_args(torch.float32), torch.float32, "det")
-    finally:
-        torch.use_deterministic_algorithms(False)
+    args = msda_args(torch.float32)
+    fn = msda("cpp")
+    check_against_reference(fn, reference.ms_deform_attn, args, torch.float32, "det", deterministic_kernel=True)
 
 
 # ---- dn_self_attention --------------------------------------------------------------------------------------------
@@ -265,7 +275,7 @@ def dsa(backend: str):
 
 
 @cuda
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "sdpa"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("groups,group_size,num_queries,dh", DSA_SHAPES)
 def test_dn_self_attention(backend, dtype, groups, group_size, num_queries, dh):
@@ -281,7 +291,7 @@ def test_dn_self_attention(backend, dtype, groups, group_size, num_queries, dh):
 
 
 @cuda
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "sdpa"])
 def test_dn_self_attention_non_contiguous(backend):
     fn = dsa(backend)
     x = torch.randn(2, 40, 3, 32, device="cuda")  # (B, W, H, Dh) seen as (B, H, W, Dh)
@@ -345,6 +355,38 @@ def test_dn_queries_batch_limit(dev):
         fn(labels, boxes, [1] * 2001, num_classes=20, seed=3)
 
 
+@cuda
+@pytest.mark.parametrize("batch", [4, 72])
+def test_dn_queries_cuda_kernel_is_captured_by_a_cuda_graph(batch):
+    """Above and below the 64 images of the small parameter block: the replay gives the eager result."""
+    fn = dnq("cpp")
+    counts = COUNT_PATTERNS[-1][:batch] if batch > 4 else COUNT_PATTERNS[0]
+    labels, boxes = gt_batch(counts, torch.float32, "cuda")
+    want = fn(labels, boxes, counts, num_classes=20, mode="cdn", seed=11)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = fn(labels, boxes, counts, num_classes=20, mode="cdn", seed=11)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got.labels, want.labels) and torch.equal(got.boxes, want.boxes)
+
+
+@cuda
+def test_dn_queries_triton_copies_without_a_sync_and_refuses_capture():
+    fn = dnq("triton")
+    labels, boxes = gt_batch([3, 1], torch.float32, "cuda")
+    fn(labels, boxes, [3, 1], num_classes=20, seed=3)  # warm-up: lazy initialization synchronizes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(labels, boxes, [3, 1], num_classes=20, seed=3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with pytest.raises(RuntimeError, match="cannot capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            fn(labels, boxes, [3, 1], num_classes=20, seed=3)
+
+
 @pytest.mark.parametrize("pad,group,queries", [(40, 8, 17), (0, 0, 5), (6, 3, 0), (120, 24, 200)])
 def test_dn_attn_mask(dev, pad, group, queries):
     got = dnops.dn_attn_mask(pad, group, queries, device=dev)
@@ -388,7 +430,7 @@ def test_adapters_dispatch_no_host_sync():
 
 
 @cuda
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "sdpa"])
 def test_compile_fullgraph_ops(backend):
     from dnops.ops.dn_queries import TRITON_OPS as DNQ
     from dnops.ops.dn_self_attention import TRITON_OPS as DSA

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FILES = {"env.txt", "build.log", "tests.log", "sanitizer.log", "bench.log", "report.json", "report.md"}
+FILES = {"env.txt", "build.log", "warm.log", "tests.log", "sanitizer.log", "bench.log", "report.json", "report.md"}
 
 
 def test_dry_mode_runs_every_step_and_writes_every_file(tmp_path):
@@ -38,3 +38,34 @@ def test_dry_mode_runs_every_step_and_writes_every_file(tmp_path):
     assert timed and all(r["median_ms"] > 0 and r["peak_mb"] >= 0 for r in timed)
     assert all("GBps" in r and r["bytes"] > 0 for r in timed if r["op"] == "ms_deform_attn")
     assert all(r["ops"] > 0 for r in timed if r["op"] == "dn_queries")
+
+
+def test_only_runs_the_named_steps_and_lists_failures(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--results", str(tmp_path)]
+    cmd += ["--only", "warm,sanitizer"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    (out,) = tmp_path.iterdir()
+    assert {p.name for p in out.iterdir()} == {"env.txt", "warm.log", "sanitizer.log"}
+    assert done.stdout.rstrip().endswith("failures: 0")
+
+
+def test_a_timed_out_test_step_says_how_far_it_got():
+    from benchmarks import gpu_check
+
+    ids = [f"tests/test_gpu.py::test_{i}" for i in range(8)]
+    text = "tests/test_gpu.py::test_0 PASSED [ 10%]\ntests/test_gpu.py::test_1 FAILED [ 20%]\n"
+    status = gpu_check._reached("timed out after 90 s", text, ids)
+    assert status.startswith("timed out after 90 s: 2 of 8 tests reached; not reached: tests/test_gpu.py::test_2,")
+    assert status.endswith("and 1 more")
+    assert gpu_check._reached("ok", text, ids) == "ok"
+
+
+def test_a_sanitizer_that_cannot_run_is_a_skip(tmp_path):
+    from benchmarks import gpu_check
+
+    log = tmp_path / "sanitizer.log"
+    log.write_text("========= COMPUTE-SANITIZER\n========= Error: Device not supported\n")
+    assert gpu_check._sanitizer_refused(log) == "Error: Device not supported"
+    log.write_text("========= Error: out of bounds read\n1 failed, 3 passed in 9s\n")
+    assert gpu_check._sanitizer_refused(log) is None

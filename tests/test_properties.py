@@ -167,7 +167,7 @@ def dsa_inputs(draw):
     return qkv, pad, group_size if pad else 0
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", [*KERNELS, "sdpa"])
 @SETTINGS
 @given(case=dsa_inputs())
 def test_dn_self_attention_equals_reference(backend, case):
@@ -182,7 +182,7 @@ def test_dn_self_attention_equals_reference(backend, case):
             torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["cpp", "reference", "sdpa", pytest.param("triton", marks=pytest.mark.triton)])
 @SETTINGS
 @given(case=dsa_inputs(), pick=st.integers(0, 5))
 def test_dn_self_attention_invalid_inputs_name_the_argument(backend, case, pick):

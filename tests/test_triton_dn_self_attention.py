@@ -60,7 +60,7 @@ def test_gpu_block_sizes(tri, monkeypatch, block, pad_size, group_size, nq, dh):
     """The block edges a GPU gets (the interpreter runs 16), checked here where the kernels can run."""
     from dnops.triton import dn_self_attention as module
 
-    monkeypatch.setattr(module, "_block", lambda block_d, device_type: block)
+    monkeypatch.setattr(module, "_block", lambda block_d, dh, dtype: block)
     q, k, v = [torch.randn(2, 2, pad_size + nq, dh, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     out = tri(q, k, v, pad_size, group_size, dh**-0.5)[0]
     ref = reference.dn_self_attention(q, k, v, pad_size, group_size)
@@ -68,3 +68,17 @@ def test_gpu_block_sizes(tri, monkeypatch, block, pad_size, group_size, nq, dh):
     g = torch.randn_like(out)
     for x, y in zip(torch.autograd.grad(out, [q, k, v], g), torch.autograd.grad(ref, [q, k, v], g), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("dh", [32, 30, 128])
+def test_gpu_tiles_per_dtype(tri, monkeypatch, dtype, dh):
+    """The tiles and warps a GPU gets per dtype (tests/gpu_compile.py holds them to no spills), run here."""
+    from dnops.triton import dn_self_attention as module
+
+    monkeypatch.setattr(module, "interpreted", lambda: False)
+    q, k, v = [torch.randn(1, 2, 40 + 33, dh, dtype=dtype, requires_grad=True) for _ in range(3)]
+    out = tri(q, k, v, 40, 8, dh**-0.5)[0]
+    ref = reference.dn_self_attention(*(t.double() for t in (q, k, v)), 40, 8)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)

@@ -73,4 +73,6 @@ def dn_self_attention(
         from dnops.triton.dn_self_attention import dn_self_attention_triton
 
         return dn_self_attention_triton(q, k, v, pad_size, group_size, scale)[0]
+    if backend == "sdpa":
+        return reference.dn_self_attention_sdpa(q, k, v, pad_size, group_size, scale)
     return reference.dn_self_attention(q, k, v, pad_size, group_size, scale)

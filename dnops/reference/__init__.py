@@ -1,6 +1,11 @@
 """Pure-PyTorch definitions of every dnops op: the oracle each kernel is tested against, and the fallback."""
 
-from dnops.reference.dn_attention import dn_attn_mask, dn_self_attention, dn_self_attention_dense
+from dnops.reference.dn_attention import (
+    dn_attn_mask,
+    dn_self_attention,
+    dn_self_attention_dense,
+    dn_self_attention_sdpa,
+)
 from dnops.reference.dn_queries import DNQueries, dn_layout, dn_queries_kernel
 from dnops.reference.ms_deform_attn import ms_deform_attn, ms_deform_attn_gather
 
@@ -11,6 +16,7 @@ __all__ = [
     "dn_queries_kernel",
     "dn_self_attention",
     "dn_self_attention_dense",
+    "dn_self_attention_sdpa",
     "ms_deform_attn",
     "ms_deform_attn_gather",
 ]

@@ -1,8 +1,10 @@
-"""The DN attention structure (SPEC section 3): the dense mask and two equal definitions of the attention."""
+"""The DN attention structure (SPEC section 3): the dense mask, two equal definitions of the attention, and the
+same attention as two calls of torch's scaled_dot_product_attention (the ``sdpa`` backend)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dnops.validation import check_dn_self_attention_args, check_dn_structure
 
@@ -69,3 +71,30 @@ def dn_self_attention(
     probs = torch.cat([own, cross], dim=-1).softmax(-1)
     out_dn = probs[..., :group_size] @ v_g + probs[..., group_size:] @ v_m.unsqueeze(2)
     return torch.cat([out_dn.reshape(b, h, pad_size, dh), out_m], dim=2).to(q.dtype)
+
+
+def dn_self_attention_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_size: int, group_size: int, scale: float | None = None
+) -> torch.Tensor:
+    """The visible blocks as two ``F.scaled_dot_product_attention`` calls without a mask: the matching queries
+    over the matching keys, and every DN group at once (batched over B x H x groups) over [its own keys | the
+    matching keys]; on a GPU torch's flash / memory-efficient kernels run them. Differentiable through SDPA.
+
+    q, k, v: (B, H, W, Dh), W = pad_size + Nq -> (B, H, W, Dh), in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    b, h, _, dh = q.shape
+    k_m, v_m = k[:, :, pad_size:], v[:, :, pad_size:]
+    out_m = F.scaled_dot_product_attention(q[:, :, pad_size:], k_m, v_m, scale=scale)
+    if pad_size == 0:
+        return out_m
+    groups = pad_size // group_size
+    nq = k_m.shape[2]
+
+    def per_group(t: torch.Tensor, matching: torch.Tensor) -> torch.Tensor:
+        own = t[:, :, :pad_size].reshape(b, h, groups, group_size, dh)
+        return torch.cat([own, matching.unsqueeze(2).expand(b, h, groups, nq, dh)], dim=3)
+
+    q_g = q[:, :, :pad_size].reshape(b, h, groups, group_size, dh)
+    out_dn = F.scaled_dot_product_attention(q_g, per_group(k, k_m), per_group(v, v_m), scale=scale)
+    return torch.cat([out_dn.reshape(b, h, pad_size, dh), out_m], dim=2)

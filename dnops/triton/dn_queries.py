@@ -108,6 +108,22 @@ def _kernel(
     tl.store(neg_ptr + i, (valid & neg).to(tl.int8), mask=live)
 
 
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """The per-image starts and counts on the kernel's device. A Triton kernel takes no arrays as arguments, so
+    they are copied: from pinned memory, so the copy does not wait for the stream. A CUDA graph would replay the
+    copy from a host buffer that is freed after the call, so under capture this raises (the CUDA kernel, which
+    takes the counts as launch parameters, captures)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "dnops.dn_queries: the Triton kernel copies the GT counts to the GPU, which a CUDA graph cannot capture; "
+            "the CUDA kernel (the default when dnops is built with CUDA) can be captured"
+        )
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @triton_op("dnops::_dn_queries_triton", mutates_args={})
 def dn_queries_triton(
     labels: torch.Tensor,
@@ -132,14 +148,12 @@ def dn_queries_triton(
     negative = torch.empty((batch, pad), dtype=torch.int8, device=device)
     total = batch * pad
     if total:
-        counts_t = torch.tensor(list(counts), dtype=torch.int64).to(device, non_blocking=True)
-        starts = list(itertools.accumulate(counts, initial=0))[:-1]
-        starts_t = torch.tensor(starts, dtype=torch.int64).to(device, non_blocking=True)
+        starts_counts = _to_device([*itertools.accumulate(counts, initial=0)][:-1] + list(counts), device)
         wrap_triton(_kernel)[(triton.cdiv(total, BLOCK),)](
             labels.contiguous(),
             boxes.contiguous(),
-            starts_t,
-            counts_t,
+            starts_counts[:batch],
+            starts_counts[batch:],
             out_labels,
             out_boxes,
             gt_index,

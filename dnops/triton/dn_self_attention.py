@@ -12,7 +12,7 @@ What bounds it at the dino shape (B=2, H=8, W=200 DN + 900 matching, Dh=32) on a
 
 from __future__ import annotations
 
-import os
+import struct
 
 import torch
 import triton
@@ -20,8 +20,15 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from dnops.ops._autograd import forbid_double_backward
+from dnops.triton.ms_deform_attn import interpreted
 
 BLOCK = 16
+
+
+@triton.jit
+def _scale(hi, mid, lo, ACC: tl.constexpr):
+    """The softmax scale from its three float32 parts (``scale_parts``), exact in float64."""
+    return (tl.cast(hi, ACC) + tl.cast(mid, ACC)) + tl.cast(lo, ACC)
 
 
 @triton.jit
@@ -105,7 +112,9 @@ def _fwd_kernel(
     pad,
     group,
     dh,
-    scale,
+    scale_hi,
+    scale_mid,
+    scale_lo,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
     DOT: tl.constexpr,
@@ -113,6 +122,7 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    scale = _scale(scale_hi, scale_mid, scale_lo, ACC)
     bh = tl.program_id(1).to(tl.int64)
     first = tl.program_id(0) * BLOCK_M
     rows = first + tl.arange(0, BLOCK_M)
@@ -158,7 +168,9 @@ def _dkdv_kernel(
     pad,
     group,
     dh,
-    scale,
+    scale_hi,
+    scale_mid,
+    scale_lo,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
     DOT: tl.constexpr,
@@ -166,6 +178,7 @@ def _dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    scale = _scale(scale_hi, scale_mid, scale_lo, ACC)
     bh = tl.program_id(1).to(tl.int64)
     first = tl.program_id(0) * BLOCK_N
     last = tl.minimum(first + BLOCK_N, width) - 1
@@ -238,7 +251,9 @@ def _dq_kernel(
     pad,
     group,
     dh,
-    scale,
+    scale_hi,
+    scale_mid,
+    scale_lo,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
     DOT: tl.constexpr,
@@ -246,6 +261,7 @@ def _dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    scale = _scale(scale_hi, scale_mid, scale_lo, ACC)
     bh = tl.program_id(1).to(tl.int64)
     first = tl.program_id(0) * BLOCK_M
     rows = first + tl.arange(0, BLOCK_M)
@@ -286,6 +302,18 @@ def _dq_kernel(
     )
 
 
+def scale_parts(scale: float) -> tuple[float, float, float]:
+    """``scale`` as three float32 values whose float64 sum is ``scale`` exactly: a compiled Triton kernel takes a
+    Python float as float32 (the interpreter keeps the double), which would round a float64 kernel's scale."""
+    hi = _float32(scale)
+    mid = _float32(scale - hi)
+    return hi, mid, _float32(scale - hi - mid)
+
+
+def _float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 _TL_TYPES = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
@@ -297,19 +325,37 @@ _TL_TYPES = {
 def _launch_args(q: torch.Tensor) -> dict:
     acc = tl.float64 if q.dtype == torch.float64 else tl.float32
     dot = _TL_TYPES[q.dtype]
-    if dot == tl.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+    if dot == tl.bfloat16 and interpreted():
         dot = tl.float32  # the interpreter's tl.dot misreads bfloat16 operands (numpy has no bfloat16)
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
-    block = _block(block_d, q.device.type)
-    return {"ACC": acc, "PREC": "ieee", "DOT": dot, "BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d}
+    block = _block(block_d, q.shape[-1], q.dtype)
+    # exact (float32 / float64) tiles of 128-wide heads spill with 4 warps: 8 spread them over twice the registers
+    exact = q.dtype in (torch.float32, torch.float64)
+    warps = 8 if exact and block_d >= 128 and not interpreted() else 4
+    return {
+        "ACC": acc,
+        "PREC": "ieee",
+        "DOT": dot,
+        "BLOCK_M": block,
+        "BLOCK_N": block,
+        "BLOCK_D": block_d,
+        "num_warps": warps,
+    }
 
 
-def _block(block_d: int, device_type: str) -> int:
-    """Query and key block edge. On a GPU, 64 x 64 score tiles for heads up to 64 wide (DN-DETR's 32) keep a
-    warp group's tensor cores busy while the q / acc tiles stay in registers; wider heads halve it. The
-    interpreter (CPU) keeps 16: its cost grows with the tile, and DN groups are often that small."""
-    if device_type != "cuda":
+def _block(block_d: int, dh: int, dtype: torch.dtype) -> int:
+    """Query and key block edge. Compiled, float16 / bfloat16 take 64 x 64 score tiles for heads up to 64 wide
+    (DN-DETR's 32): wgmma keeps the q / acc tiles in registers; wider heads halve it. Exact float32 and float64
+    dots ("ieee") run on the FMA units with every tile in registers, and 64 x 64 spills (7-19 KB of stack per
+    kernel on sm_90): float32 takes 32 for 16-divisible heads up to 32 wide and 16 otherwise (the dK / dV kernel
+    holds four tiles), float64 16. tests/gpu_compile.py holds them to no spills. The interpreter (CPU) keeps 16:
+    its cost grows with the tile, and DN groups are often that small."""
+    if interpreted():
         return BLOCK
+    if dtype == torch.float64:
+        return 16
+    if dtype == torch.float32:
+        return 32 if block_d <= 32 and dh % 16 == 0 else 16
     return 64 if block_d <= 64 else 32 if block_d <= 128 else 16
 
 
@@ -327,7 +373,8 @@ def dn_self_attention_triton(
     if q.numel():
         args = _launch_args(q)
         grid = (triton.cdiv(width, args["BLOCK_M"]), b * h)
-        wrap_triton(_fwd_kernel)[grid](q, k, v, out, lse, width, pad_size, max(group_size, 1), dh, scale, **args)
+        structure = (width, pad_size, max(group_size, 1), dh, *scale_parts(scale))
+        wrap_triton(_fwd_kernel)[grid](q, k, v, out, lse, *structure, **args)
     return out, lse
 
 
@@ -351,7 +398,7 @@ def dn_self_attention_triton_backward(
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).contiguous()
         args = _launch_args(q)
         grid = (triton.cdiv(width, args["BLOCK_M"]), b * h)
-        common = (width, pad_size, max(group_size, 1), dh, scale)
+        common = (width, pad_size, max(group_size, 1), dh, *scale_parts(scale))
         wrap_triton(_dkdv_kernel)[grid](q, k, v, grad_out, lse.contiguous(), delta, dk, dv, *common, **args)
         wrap_triton(_dq_kernel)[grid](q, k, v, grad_out, lse.contiguous(), delta, dq, *common, **args)
     return dq, dk, dv

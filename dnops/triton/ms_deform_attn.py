@@ -9,6 +9,8 @@ per channel and corner (364 M), which should bound it; its programs own one samp
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -19,11 +21,28 @@ from dnops.ops._autograd import forbid_double_backward
 BLOCK_R = 16  # rows per backward program, and per forward program in the interpreter
 
 
-def _forward_rows(block_d: int, device_type: str) -> int:
-    """Rows per forward program. On a GPU a program (Triton's default 4 warps) keeps about 2048 gathered elements in
-    flight: 64 rows of DN-DETR's 32-channel heads. Set per channel width rather than autotuned, since every
-    autotuned configuration is one more compilation for each new shape and dtype."""
-    return max(16, min(128, 2048 // block_d)) if device_type == "cuda" else BLOCK_R
+def _tiles(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(forward rows, forward channels, backward channels) per program; the backward takes BLOCK_R rows.
+
+    Compiled, a forward program (Triton's default 4 warps) keeps about 2048 gathered elements in flight: 64 rows of
+    DN-DETR's 32-channel heads. When D is not a multiple of 16 every element needs its own address (the loads are
+    not vectorized), and 2048 elements spill (255 registers and 0.5-8 KB of stack at D = 30, 71, 257 on sm_90), so
+    such programs take 512 elements and at most 32 channels (126 registers); float64 halves both. Set per channel
+    width rather than autotuned: every autotuned configuration is one more compilation per shape and dtype.
+    tests/gpu_compile.py holds them to no spills."""
+    aligned = d % 16 == 0
+    wide = 2 if dtype == torch.float64 else 1
+    block_d = min(triton.next_power_of_2(d), (128 if aligned else 32) // wide)
+    bwd_d = min(triton.next_power_of_2(d), (64 if aligned else 32) // wide)
+    if interpreted():
+        return BLOCK_R, block_d, bwd_d
+    return max(16, min(128, (2048 if aligned else 512) // wide // block_d)), block_d, bwd_d
+
+
+def interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (the tile sizes are the compiled kernels' otherwise, also
+    when tests/gpu_compile.py compiles them for a GPU from CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _acc_type(dtype: torch.dtype):
@@ -101,8 +120,9 @@ def _corner(x, y, dx: tl.constexpr, dy: tl.constexpr, height, width, inside, M, 
     sx = 1.0 if dx == 1 else -1.0
     sy = 1.0 if dy == 1 else -1.0
     valid = inside & (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-    offset = tl.where(valid, (yi * width + xi) * M * D, 0)
-    return offset, wx * wy, sx * wy, sy * wx, valid
+    # every load and atomic of an invalid corner is masked, so its offset is never dereferenced (selecting 0 here
+    # made Triton 3.6's layout pass fail at D = 32 and 64)
+    return (yi * width + xi) * M * D, wx * wy, sx * wy, sy * wx, valid
 
 
 @triton.jit
@@ -200,7 +220,8 @@ def _bwd_kernel(
             ga += cw * gv
             gx += dwdx * gv
             gy += dwdy * gv
-            tl.atomic_add(grad_value_ptr + ptrs, (a * cw)[:, None] * g, mask=mask)
+            # relaxed: the sums need atomicity, not ordering (acq_rel would fence every add)
+            tl.atomic_add(grad_value_ptr + ptrs, (a * cw)[:, None] * g, mask=mask, sem="relaxed")
     tl.store(grad_w_ptr + rows * LP + i, ga, mask=rmask)
     tl.store(grad_loc_ptr + (rows * LP + i) * 2, a * gx * width.to(ACC), mask=rmask)
     tl.store(grad_loc_ptr + (rows * LP + i) * 2 + 1, a * gy * height.to(ACC), mask=rmask)
@@ -227,8 +248,7 @@ def ms_deform_attn_triton(
     rows = n * lq * m
     if out.numel() == 0:
         return out
-    block_d = min(triton.next_power_of_2(d), 128)
-    block_r = _forward_rows(block_d, value.device.type)
+    block_r, block_d, _ = _tiles(d, value.dtype)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(d, block_d))
     wrap_triton(_fwd_kernel)[grid](
         value.contiguous(),
@@ -270,7 +290,7 @@ def ms_deform_attn_triton_backward(
     grad_w = torch.zeros(attention_weights.shape, dtype=acc, device=value.device)
     rows = n * lq * m
     if rows and value.numel():
-        block_d = min(triton.next_power_of_2(d), 64)
+        block_d = _tiles(d, value.dtype)[2]
         grid = (triton.cdiv(rows, BLOCK_R), nl * p)
         weights = attention_weights.contiguous()
         wrap_triton(_bwd_kernel)[grid](
