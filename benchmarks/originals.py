@@ -37,30 +37,51 @@ def dn_detr_group_mask(pad_size: int, single_pad: int, groups: int, tgt_size: in
 
 
 def dn_detr_prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc):
-    """DN-DETR's prepare_for_dn: (input_query_label (W, B, C), input_query_bbox (W, B, 4), attn_mask, mask_dict).
+    """DN-DETR's prepare_for_dn (models/DN_DAB_DETR): (input_query_label (W, B, C), input_query_bbox (W, B, 4),
+    attn_mask, mask_dict).
 
     ``label_enc=None`` stops at the generation and the mask (what dnops.dn_queries + dnops.dn_attn_mask replace):
     the noised labels and boxes are scattered into the padded layout dnops.dn_queries returns, (B, pad) and
     (B, pad, 4) batch-first, instead of their embeddings into the query tensors."""
     device = embedweight.device
-    if training:
-        targets, scalar, label_noise_scale, box_noise_scale, num_patterns = dn_args
-    else:
-        num_patterns = dn_args
-    if num_patterns == 0:
-        num_patterns = 1
+    num_patterns = max(dn_args[4] if training else dn_args, 1)
+    tgt = refpoint_emb = None
     if label_enc is not None:
         indicator0 = torch.zeros([num_queries * num_patterns, 1], device=device)
         tgt = label_enc(torch.tensor(num_classes, device=device)).repeat(num_queries * num_patterns, 1)
         tgt = torch.cat([tgt, indicator0], dim=1)
         refpoint_emb = embedweight.repeat(num_patterns, 1)
+    matching = num_queries * num_patterns
+    out = _dn_detr_queries(
+        dn_args, tgt, refpoint_emb, matching, batch_size, training, num_classes, hidden_dim, label_enc
+    )
+    if label_enc is None:
+        return out
+    return out[0].transpose(0, 1), out[1].transpose(0, 1), out[2], out[3]
+
+
+def dn_deformable_detr_prepare_for_dn(
+    dn_args, tgt_weight, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc
+):
+    """DN-Deformable-DETR's prepare_for_dn (models/dn_dab_deformable_detr): the matching part is the learned
+    [tgt_weight | 0] (plus label_enc's first weight times 0, so label_enc is always in the graph) and the anchors
+    embedweight as given; batch-first (B, W, C), (B, W, 4)."""
+    num_patterns = max(dn_args[4] if training else dn_args, 1)
+    indicator0 = torch.zeros([num_queries * num_patterns, 1], device=embedweight.device)
+    tgt = torch.cat([tgt_weight, indicator0], dim=1) + label_enc.weight[0][0] * 0
+    matching = num_queries * num_patterns
+    return _dn_detr_queries(
+        dn_args, tgt, embedweight, matching, batch_size, training, num_classes, hidden_dim, label_enc
+    )
+
+
+def _dn_detr_queries(dn_args, tgt, refpoint_emb, matching, batch_size, training, num_classes, hidden_dim, label_enc):
+    """The generation, layout and mask both DN-DETR variants share, batch-first; tgt / refpoint_emb: the matching
+    part's content and anchors (None with label_enc None), ``matching`` queries of them."""
     if not training:
-        return (
-            tgt.repeat(batch_size, 1, 1).transpose(0, 1),
-            refpoint_emb.repeat(batch_size, 1, 1).transpose(0, 1),
-            None,
-            None,
-        )
+        return tgt.repeat(batch_size, 1, 1), refpoint_emb.repeat(batch_size, 1, 1), None, None
+    targets, scalar, label_noise_scale, box_noise_scale, _ = dn_args
+    device = refpoint_emb.device if refpoint_emb is not None else targets[0]["labels"].device
     known = [torch.ones_like(t["labels"]) for t in targets]
     know_idx = [torch.nonzero(t) for t in known]
     known_num = [sum(k) for k in known]
@@ -103,8 +124,7 @@ def dn_detr_prepare_for_dn(dn_args, embedweight, batch_size, training, num_queri
     if len(known_bid):
         input_query_label[(known_bid.long(), map_known)] = label_embed
         input_query_bbox[(known_bid.long(), map_known)] = bbox_embed
-    tgt_size = pad_size + num_queries * num_patterns
-    attn_mask = dn_detr_group_mask(pad_size, single_pad, scalar, tgt_size, device)
+    attn_mask = dn_detr_group_mask(pad_size, single_pad, scalar, pad_size + matching, device)
     mask_dict = {
         "known_indice": known_indice.long(),
         "batch_idx": batch_idx.long(),
@@ -113,9 +133,7 @@ def dn_detr_prepare_for_dn(dn_args, embedweight, batch_size, training, num_queri
         "know_idx": know_idx,
         "pad_size": pad_size,
     }
-    if label_enc is None:
-        return input_query_label, input_query_bbox, attn_mask, mask_dict
-    return input_query_label.transpose(0, 1), input_query_bbox.transpose(0, 1), attn_mask, mask_dict
+    return input_query_label, input_query_bbox, attn_mask, mask_dict
 
 
 def dino_prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim, label_enc):

@@ -4,7 +4,7 @@ model-side helpers of dnops.dn."""
 import pytest
 import torch
 
-from benchmarks.originals import dino_prepare_for_cdn, dn_detr_prepare_for_dn
+from benchmarks.originals import dino_prepare_for_cdn, dn_deformable_detr_prepare_for_dn, dn_detr_prepare_for_dn
 from dnops import _backend
 from dnops.compat import dino, dn_detr
 from dnops.dn import dn_concat, dn_loss_pairs, dn_positive_index, dn_split, inverse_sigmoid
@@ -239,3 +239,58 @@ def test_helpers():
     a, c = dn_split(cat, dn.pad_size, dim=1)
     assert (a == 0).all() and (c == 1).all()
     assert torch.equal(inverse_sigmoid(torch.tensor([0.5])), torch.tensor([0.0]))
+
+
+# ---- DN-Deformable-DETR's nine-argument prepare_for_dn (models/dn_dab_deformable_detr) ----------------------------
+
+
+@pytest.mark.parametrize("path", DN_PATHS)
+@pytest.mark.parametrize("counts", COUNTS)
+@pytest.mark.parametrize("num_patterns", [1, 2])
+def test_deformable_prepare_for_dn_equals_original_without_noise(counts, path, num_patterns, modules):
+    label_enc, _ = modules
+    matching = QUERIES * num_patterns
+    tgt_weight = torch.randn(matching, HIDDEN - 1, requires_grad=True)
+    anchors = torch.randn(matching, 4, requires_grad=True)
+    dn_args = (targets_for(counts), 5, 0.0, 0.0, num_patterns)
+    args = (dn_args, tgt_weight, anchors, len(counts), True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+    with _backend.forced_backend(path):
+        ours = dn_detr.prepare_for_dn(*args)
+    theirs = dn_deformable_detr_prepare_for_dn(*args)
+    assert ours[0].shape == theirs[0].shape == (len(counts), ours[3]["pad_size"] + matching, HIDDEN)  # batch-first
+    torch.testing.assert_close(ours[0], theirs[0])
+    torch.testing.assert_close(ours[1], theirs[1])
+    assert torch.equal(ours[2], theirs[2])
+    assert ours[3].keys() == theirs[3].keys()
+    for key in ("known_indice", "batch_idx", "map_known_indice"):
+        assert torch.equal(ours[3][key], theirs[3][key]), key
+    assert ours[3]["pad_size"] == theirs[3]["pad_size"]
+    weights = torch.randn(ours[0].shape)
+    for inputs in ([label_enc.weight], [tgt_weight], [anchors]):
+        out = [o[0] if inputs[0] is not anchors else o[1] for o in (ours, theirs)]
+        w = weights if inputs[0] is not anchors else torch.randn(ours[1].shape)
+        grads = [torch.autograd.grad((o * w).sum(), inputs, allow_unused=True, retain_graph=True)[0] for o in out]
+        if grads[1] is None:
+            assert grads[0] is None or not grads[0].any()
+        else:
+            torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_deformable_prepare_for_dn_inference_noise_and_bad_shapes(modules):
+    label_enc, _ = modules
+    tgt_weight, anchors = torch.randn(QUERIES, HIDDEN - 1), torch.rand(QUERIES, 4)
+    args = (tgt_weight, anchors, 3, False, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+    ours, theirs = dn_detr.prepare_for_dn(1, *args), dn_deformable_detr_prepare_for_dn(1, *args)
+    for a, b in zip(ours, theirs, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    # with noise: the DN part's boxes stay within the noise bounds of their GT, the matching part is untouched
+    targets = targets_for([3, 4])
+    noisy = dn_detr.prepare_for_dn((targets, 4, 0.5, 0.4, 1), tgt_weight, anchors, 2, True, QUERIES, NUM_CLASSES,
+                                   HIDDEN, label_enc)  # fmt: skip
+    pad = noisy[3]["pad_size"]
+    assert pad == 16 and torch.equal(noisy[0][:, pad:, :-1], tgt_weight.expand(2, -1, -1))
+    assert torch.equal(noisy[1][:, pad:], anchors.expand(2, -1, -1))
+    with pytest.raises(ValueError, match="tgt_weight must be"):
+        dn_detr.prepare_for_dn(1, tgt_weight[:, :-1], *args[1:])
+    with pytest.raises(TypeError, match="dn_args must be"):
+        dn_detr.prepare_for_dn((targets, 4, 0.5, 0.4, 1, True), *args[:3], True, *args[4:])

@@ -301,3 +301,22 @@ def test_function_and_mmcv_names():
     expected = reference.ms_deform_attn(value, shapes, starts, loc, weights)
     torch.testing.assert_close(dnops.MSDeformAttnFunction.apply(value, shapes, starts, loc, weights, 64), expected)
     torch.testing.assert_close(dnops.multi_scale_deformable_attn_pytorch(value, shapes, loc, weights), expected)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_int32_level_tensors_are_accepted(backend_env, backend):
+    """Users build spatial_shapes / level_start_index by hand, often as int32: the public op converts them once."""
+    backend_env(backend)
+    value, shapes, starts, loc, weights = make_inputs(requires_grad=True)
+    want = dnops.ms_deform_attn(value, shapes, starts, loc, weights)
+    got = dnops.ms_deform_attn(value, shapes.int(), starts.int(), loc, weights)
+    assert torch.equal(got, want)
+    g = torch.randn_like(want)
+    for x, y in zip(
+        torch.autograd.grad(got, [value, loc, weights], g),
+        torch.autograd.grad(want, [value, loc, weights], g),
+        strict=True,
+    ):  # noqa: E501
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="spatial_shapes must be int64"):
+        dnops.ms_deform_attn(value, shapes.short(), starts, loc, weights)

@@ -103,3 +103,61 @@ def test_install_command_and_uninstall(tmp_path):
     assert imported.stdout.strip() == "dnops.compat.multi_scale_deformable_attention", imported.stderr
     done = subprocess.run([*run, "uninstall", "--target", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0 and not (tmp_path / "MultiScaleDeformableAttention.py").exists()
+
+
+def _deformable_attention_inputs():
+    """What a Deformable-DETR layer hands the Function under autocast: value from a projection (the autocast
+    dtype), locations and weights in float32 (reference points plus offsets, a softmax)."""
+    value, shapes, starts, loc, weights = make_inputs(d=8, dtype=torch.float32)
+    proj = torch.nn.Linear(8, 8)
+    return proj, value, shapes, starts, loc.requires_grad_(), weights.requires_grad_()
+
+
+def test_under_autocast_like_dnops_op(model_function):
+    """torch.autocast around an unmodified forward: value arrives in bfloat16 and locations / weights in float32;
+    like dnops' op the interface computes in float32 and returns float32, and autograd's backward (outside
+    autocast, with the saved mixed dtypes) gives each input's gradient in its own dtype."""
+    proj, value, shapes, starts, loc, weights = _deformable_attention_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        projected = proj(value)
+        assert projected.dtype == torch.bfloat16
+        out = model_function.apply(projected, shapes, starts, loc, weights, 64)
+    assert out.dtype == torch.float32
+    want = reference.ms_deform_attn(projected.double(), shapes, starts, loc.double(), weights.double())
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+    out.sum().backward()
+    assert proj.weight.grad is not None and torch.isfinite(proj.weight.grad).all()
+    assert loc.grad.dtype == torch.float32 and weights.grad.dtype == torch.float32
+
+
+def test_dino_half_precision_branch(model_function):
+    """DINO's MSDeformAttn casts value and locations to float32 and leaves the weights in float16."""
+    value, shapes, starts, loc, weights = make_inputs(d=8, dtype=torch.float32, requires_grad=True)
+    half_weights = weights.detach().half().requires_grad_()
+    out = model_function.apply(value, shapes, starts, loc, half_weights, 64)
+    assert out.dtype == torch.float32
+    want = reference.ms_deform_attn(value.double(), shapes, starts, loc.double(), half_weights.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert half_weights.grad.dtype == torch.float16 and value.grad.dtype == torch.float32
+    ref_weights = half_weights.detach().double().requires_grad_()
+    ref = reference.ms_deform_attn(value.detach().double(), shapes, starts, loc.detach().double(), ref_weights)
+    (want_grad,) = torch.autograd.grad(ref.sum(), [ref_weights])
+    torch.testing.assert_close(half_weights.grad.double(), want_grad, rtol=2e-3, atol=2e-3)
+
+
+def test_install_target_refuses_to_shadow_and_says_when_not_importable(tmp_path, monkeypatch, capsys):
+    compiled = tmp_path / "MultiScaleDeformableAttention.cpython-311-x86_64-linux-gnu.so"
+    compiled.write_bytes(b"\x7fELF")  # a compiled original in the target folder
+    with pytest.raises(SystemExit, match="already installed at .*MultiScaleDeformableAttention.cpython"):
+        shim.install(tmp_path)
+    assert not (tmp_path / shim.SHIM).exists()
+    written = shim.install(tmp_path, force=True)
+    assert written.read_text() == shim.SHIM_TEXT
+    assert "is not on Python's module path" in capsys.readouterr().err
+    # installed again over its own shim, from a folder on the path: no refusal, no note
+    compiled.unlink()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "MultiScaleDeformableAttention", raising=False)
+    shim.install(tmp_path)
+    assert "module path" not in capsys.readouterr().err

@@ -68,7 +68,7 @@ def _msda_corruptions(args):
         ("spatial_shapes", [value, big, starts, loc, weights]),
         ("spatial_shapes", [value, shapes[:, :1], starts, loc, weights]),
         ("level_start_index", [value, shapes, starts + 1, loc, weights]),
-        ("level_start_index", [value, shapes, starts.int(), loc, weights]),
+        ("level_start_index", [value, shapes, starts.short(), loc, weights]),  # int32 is accepted, int16 not
         ("sampling_locations", [value, shapes, starts, loc[..., :1], weights]),
         ("sampling_locations", [value, shapes, starts, loc.float(), weights]),
         ("attention_weights", [value, shapes, starts, loc, weights[..., :0]]),

@@ -115,3 +115,33 @@ def test_use_dnops_gives_the_models_own_outputs_and_gradients(build, monkeypatch
             assert g is None
         else:
             torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("build", [deformable_detr, rt_detr, rt_detr_v2, grounding_dino], ids=lambda f: f.__name__)
+def test_routed_models_pickle_deepcopy_and_round_trip_their_state(build, tmp_path):
+    """torch.save / pickle, deepcopy and state_dict of a routed model of every family: the copies stay routed and
+    give the routed model's outputs."""
+    import pickle
+
+    torch.manual_seed(0)
+    model, inputs = build()
+    model = model.double().eval()
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    assert use_dnops(model) > 0
+    with torch.no_grad():
+        want = model(**inputs).last_hidden_state
+    torch.save(model, tmp_path / "model.pt")
+    copies = [
+        pickle.loads(pickle.dumps(model)),
+        copy.deepcopy(model),
+        torch.load(tmp_path / "model.pt", weights_only=False),
+    ]
+    fresh, _ = build()
+    fresh = fresh.double().eval()
+    use_dnops(fresh)
+    fresh.load_state_dict(model.state_dict())
+    for other in [*copies, fresh]:
+        assert use_dnops(other) == 0  # already routed
+        assert list(other.state_dict()) == list(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(other(**inputs).last_hidden_state, want, rtol=0, atol=0)

@@ -1,9 +1,12 @@
-"""DN-DETR's ``prepare_for_dn`` / ``dn_post_process`` (models/DN_DAB_DETR/dn_components.py) on dnops.
+"""DN-DETR's ``prepare_for_dn`` / ``dn_post_process`` (the dn_components.py of each model in DN-DETR) on dnops.
 
-Same signatures and return structures (sequence-first query tensors, the dense bool mask, mask_dict keys), but
+``prepare_for_dn`` takes both signatures the repository has: eight arguments (models/DN_DAB_DETR and
+models/dn_dab_deformable_detr_deformable_encoder_only: sequence-first queries, the matching part from label_enc)
+and nine (models/dn_dab_deformable_detr, DN-Deformable-DETR: a learned ``tgt_weight`` for the matching part,
+batch-first queries). Same return structures (the query tensors, the dense bool mask, mask_dict keys), but
 device-agnostic and fused: the noise comes from dnops.dn_queries (counter-based, so the random numbers differ
 from the original's torch.rand draws; the distributions are the same), and with the C++ extension the whole
-training branch is one call into it (csrc/compat/dn_detr.h).
+training branch is one call into it (csrc/compat/dn_detr.h). ``dn_post_process`` is the same in every model.
 """
 
 from __future__ import annotations
@@ -19,10 +22,59 @@ from dnops.dn import dn_box_queries, dn_positive_index
 from dnops.ops.dn_attn_mask import dn_attn_mask
 
 
-def prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc):
-    """dn_args: (targets, scalar, label_noise_scale, box_noise_scale, num_patterns) in training, num_patterns
-    otherwise. Returns (input_query_label (W, B, hidden_dim), input_query_bbox (W, B, 4), attn_mask (W, W) or
-    None, mask_dict or None), W = pad_size + num_queries * num_patterns."""
+def prepare_for_dn(*args, **kwargs):
+    """DN-DETR's prepare_for_dn, in either signature:
+
+    ``(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc)``: returns
+    (input_query_label (W, B, hidden_dim), input_query_bbox (W, B, 4), attn_mask (W, W) or None, mask_dict or None);
+
+    ``(dn_args, tgt_weight, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc)``
+    (DN-Deformable-DETR): tgt_weight (num_queries * num_patterns, hidden_dim - 1) is the matching queries' learned
+    content and embedweight (num_queries * num_patterns, 4) their anchors; returns the same, batch-first:
+    (B, W, hidden_dim), (B, W, 4).
+
+    dn_args: (targets, scalar, label_noise_scale, box_noise_scale, num_patterns) in training, num_patterns
+    otherwise; W = pad_size + num_queries * num_patterns.
+    """
+    if len(args) + len(kwargs) == 9 or "tgt_weight" in kwargs:
+        return _prepare_deformable(*args, **kwargs)
+    return _prepare(*args, **kwargs)
+
+
+def _prepare_deformable(
+    dn_args, tgt_weight, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc
+):
+    """models/dn_dab_deformable_detr's prepare_for_dn: the DN part as the eight-argument one makes it, the
+    matching part [tgt_weight | 0] (label_enc joins the graph with weight 0 even without DN queries, as in the
+    original) and embedweight as they are, batch-first."""
+    if training and len(dn_args) != 5:
+        raise TypeError(
+            "prepare_for_dn: dn_args must be (targets, scalar, label_noise_scale, box_noise_scale, num_patterns), "
+            f"got {len(dn_args)} entries"
+        )
+    num_patterns = max(int(dn_args[4] if training else dn_args), 1)
+    matching = num_queries * num_patterns
+    for name, t, width in (("tgt_weight", tgt_weight, hidden_dim - 1), ("embedweight", embedweight, 4)):
+        if t.dim() != 2 or tuple(t.shape) != (matching, width):
+            raise ValueError(
+                f"prepare_for_dn: {name} must be (num_queries * num_patterns, {width}) = ({matching}, {width}), got "
+                f"{tuple(t.shape)}"
+            )
+    tgt = torch.cat([tgt_weight, tgt_weight.new_zeros(matching, 1)], 1) + label_enc.weight[0, 0] * 0
+    if not training:
+        return tgt.repeat(batch_size, 1, 1), embedweight.repeat(batch_size, 1, 1), None, None
+    targets, scalar, label_noise_scale, box_noise_scale, _ = dn_args
+    dn_part = (targets, scalar, label_noise_scale, box_noise_scale, 1)
+    label, bbox, attn_mask, mask_dict = _prepare(
+        dn_part, embedweight, batch_size, True, matching, num_classes, hidden_dim, label_enc
+    )
+    pad = mask_dict["pad_size"]
+    label = torch.cat([label[:pad].transpose(0, 1), tgt.expand(batch_size, -1, -1)], 1)
+    return label, bbox.transpose(0, 1).contiguous(), attn_mask, mask_dict
+
+
+def _prepare(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc):
+    """models/DN_DAB_DETR's prepare_for_dn (see prepare_for_dn)."""
     if training:
         targets, scalar, label_noise_scale, box_noise_scale, num_patterns = dn_args
     else:

@@ -42,9 +42,25 @@ def ms_deform_attn_forward(
 ) -> torch.Tensor:
     """(N, Lq, M * D) from value (N, S, M, D), sampling_loc (N, Lq, M, L, P, 2), attn_weight (N, Lq, M, L, P);
     im2col_step is accepted and ignored (the kernels have no batch-chunking limit). No autograd graph: the
-    caller's autograd Function calls ms_deform_attn_backward, as with the original."""
+    caller's autograd Function calls ms_deform_attn_backward, as with the original.
+
+    As dnops' op: under autocast the inputs are cast to float32 and so is the output. Inputs of mixed floating
+    dtypes outside autocast (DINO's half-precision branch passes float32 value and locations with float16 weights)
+    compute in float32 (float64 if one is float64) and return value's dtype."""
+    mixed = _common_dtype(value, sampling_loc, attn_weight)
     with torch.no_grad():
-        return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_loc, attn_weight)
+        if mixed is None or torch.is_autocast_enabled(value.device.type):
+            return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_loc, attn_weight)
+        args = (value.to(mixed), spatial_shapes, level_start_index, sampling_loc.to(mixed), attn_weight.to(mixed))
+        return ms_deform_attn(*args).to(value.dtype)
+
+
+def _common_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
+    """The dtype mixed floating inputs compute in (None when they agree): float64 if one is, else float32."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1:
+        return None
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def ms_deform_attn_backward(
@@ -56,7 +72,15 @@ def ms_deform_attn_backward(
     grad_output: torch.Tensor,
     im2col_step: int,
 ) -> list[torch.Tensor]:
-    """[grad_value, grad_sampling_loc, grad_attn_weight], shaped as value, sampling_loc and attn_weight."""
+    """[grad_value, grad_sampling_loc, grad_attn_weight], shaped as value, sampling_loc and attn_weight and in their
+    dtypes. Autograd runs it outside autocast, where a forward under autocast leaves mixed dtypes (value from a
+    half-precision projection, locations and weights in float32): those compute in float32, as the forward did."""
+    mixed = _common_dtype(value, sampling_loc, attn_weight)
+    if mixed is not None:
+        cast = [t.to(mixed) for t in (value, sampling_loc, attn_weight)]
+        grads = ms_deform_attn_backward(cast[0], spatial_shapes, level_start_index, *cast[1:], grad_output, im2col_step)
+        return [g.to(t.dtype) for g, t in zip(grads, (value, sampling_loc, attn_weight), strict=True)]
+    grad_output = grad_output.to(value.dtype)
     args = (value, spatial_shapes, level_start_index, sampling_loc, attn_weight)
     if _backend.choose("ms_deform_attn", value.device) == "cpp":
         grads = torch.ops.dnops._ms_deform_attn_backward.default(grad_output.contiguous(), *args, False)
@@ -74,15 +98,41 @@ def _site_packages() -> Path:
 
 def install(target: Path | None = None, force: bool = False) -> Path:
     """Writes the MultiScaleDeformableAttention shim into ``target`` (default: site-packages); returns its path.
-    Refuses to shadow another MultiScaleDeformableAttention (a compiled original) unless ``force``."""
+    Refuses to shadow another MultiScaleDeformableAttention (a compiled original: in the target folder, or the one
+    Python imports now) unless ``force``; says so when Python would not import the shim from ``target``."""
     folder = Path(target) if target is not None else _site_packages()
     path = folder / SHIM
-    found = importlib.util.find_spec("MultiScaleDeformableAttention") if target is None else None
-    if found is not None and found.origin and Path(found.origin) != path and not force:
-        raise SystemExit(f"a MultiScaleDeformableAttention is already installed at {found.origin}; use --force")
+    others = [p for p in folder.glob("MultiScaleDeformableAttention*") if not _is_shim(p)]
+    found = importlib.util.find_spec("MultiScaleDeformableAttention")
+    if found is not None and found.origin and not _is_shim(Path(found.origin)):
+        others.append(Path(found.origin))
+    if others and not force:
+        raise SystemExit(
+            f"a MultiScaleDeformableAttention is already installed at {others[0]}; the shim would shadow it (or be "
+            "shadowed by it): use --force to write it anyway"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(SHIM_TEXT)
+    if not _importable_from(folder):
+        print(
+            f"note: {folder} is not on Python's module path, so `import MultiScaleDeformableAttention` will not find "
+            f"the shim there: add it to PYTHONPATH (or sys.path) before the model is imported",
+            file=sys.stderr,
+        )
     return path
+
+
+def _is_shim(path: Path) -> bool:
+    """Whether ``path`` is a shim this command wrote (anywhere): replacing one shadows nothing."""
+    try:
+        return path.suffix == ".py" and path.read_text() == SHIM_TEXT
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _importable_from(folder: Path) -> bool:
+    entries = {Path(p or ".").resolve() for p in sys.path}
+    return folder.resolve() in entries
 
 
 def uninstall(target: Path | None = None) -> Path | None:

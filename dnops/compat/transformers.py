@@ -94,8 +94,22 @@ def _v2_class(cls: type) -> type:
         forward = types.FunctionType(parent.__code__, scope, parent.__name__, parent.__defaults__, parent.__closure__)
         forward.__kwdefaults__ = parent.__kwdefaults__
         forward.__doc__ = parent.__doc__
-        _V2_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+        attrs = {"forward": forward, "__module__": cls.__module__, "__reduce_ex__": _reduce_routed}
+        _V2_CLASSES[cls] = type(cls.__name__, (cls,), attrs)
     return _V2_CLASSES[cls]
+
+
+def _reduce_routed(module: nn.Module, protocol: int):
+    """Pickle (torch.save, deepcopy) a routed module as its transformers class and state, routed again when
+    loaded: the routed class is made at run time, so pickle could not find it by name."""
+    return _load_routed, (type(module).__mro__[1], module.__getstate__())
+
+
+def _load_routed(cls: type, state: dict) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    module.__class__ = _v2_class(cls)
+    return module
 
 
 def _is_transformers(module: nn.Module) -> bool:

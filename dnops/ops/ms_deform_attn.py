@@ -54,6 +54,12 @@ def _autocast_float32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     )
 
 
+def _as_int64(t: torch.Tensor) -> torch.Tensor:
+    """int32 level tensors (often built by hand) as the int64 the kernels index with; other dtypes are left to the
+    checks, which name the argument."""
+    return t.long() if isinstance(t, torch.Tensor) and t.dtype == torch.int32 else t
+
+
 def ms_deform_attn(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -66,8 +72,8 @@ def ms_deform_attn(
 
     Args:
         value: (N, S, M, D) with S = sum_l H_l * W_l.
-        spatial_shapes: (L, 2) int64 rows (H_l, W_l).
-        level_start_index: (L,) int64, exclusive cumsum of H_l * W_l.
+        spatial_shapes: (L, 2) int64 rows (H_l, W_l); int32 is accepted and converted once.
+        level_start_index: (L,) int64 (or int32), exclusive cumsum of H_l * W_l.
         sampling_locations: (N, Lq, M, L, P, 2) normalized (x, y); corners outside the map read 0.
         attention_weights: (N, Lq, M, L, P).
         attention_logits: the weights are logits; the softmax over the L * P weights of each (query, head)
@@ -81,6 +87,7 @@ def ms_deform_attn(
     """
     if isinstance(value, torch.Tensor) and torch.is_autocast_enabled(value.device.type):
         value, sampling_locations, attention_weights = _autocast_float32(value, sampling_locations, attention_weights)
+    spatial_shapes, level_start_index = _as_int64(spatial_shapes), _as_int64(level_start_index)
     check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
     if _backend.exporting():
