@@ -75,6 +75,101 @@ def dn_deformable_detr_prepare_for_dn(
     )
 
 
+def dn_dino_deformable_detr_prepare_for_dn(
+    dn_args, tgt_weight, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc
+):
+    """DN-DETR's models/dn_dab_dino_deformable_detr prepare_for_dn: dn_args with a contrastive flag, each image's GT
+    extended by negatives labelled num_classes when contrastive, corner (xyxy) box noise, a scalar of 100 or more
+    read as a DN query count, and no matching part without tgt_weight / embedweight. Batch-first."""
+    device = label_enc.weight.device
+    num_patterns = max(dn_args[4] if training else dn_args, 1)
+    tgt = refpoint_emb = None
+    if tgt_weight is not None and embedweight is not None:
+        indicator0 = torch.zeros([num_queries * num_patterns, 1], device=device)
+        tgt = torch.cat([tgt_weight, indicator0], dim=1) + label_enc.weight[0][0] * 0
+        refpoint_emb = embedweight
+    if not training:
+        if tgt is None:
+            return None, None, None, None
+        return tgt.repeat(batch_size, 1, 1), refpoint_emb.repeat(batch_size, 1, 1), None, None
+    targets, scalar, label_noise_scale, box_noise_scale, _, contrastive = dn_args
+    if contrastive:
+        targets = [
+            {
+                "labels": torch.cat([t["labels"], torch.full_like(t["labels"], num_classes)]),
+                "boxes": torch.cat([t["boxes"], t["boxes"]]),
+            }
+            for t in targets
+        ]
+    known = [torch.ones_like(t["labels"]) for t in targets]
+    know_idx = [torch.nonzero(t) for t in known]
+    known_num = [int(sum(k)) for k in known]
+    if max(known_num) == 0:
+        scalar = 1
+    elif scalar >= 100:
+        scalar = scalar // max(known_num)
+    scalar = max(scalar, 1)
+    labels = torch.cat([t["labels"] for t in targets])
+    boxes = torch.cat([t["boxes"] for t in targets])
+    batch_idx = torch.cat([torch.full_like(t["labels"].long(), i) for i, t in enumerate(targets)])
+    known_indice = torch.nonzero(torch.cat(known)).view(-1).repeat(scalar, 1).view(-1)
+    known_bid = batch_idx.repeat(scalar, 1).view(-1)
+    known_labels = labels.repeat(scalar, 1).view(-1)
+    known_bboxs = boxes.repeat(scalar, 1)
+    noised_labels = known_labels.clone()
+    noised_boxes = known_bboxs.clone()
+    if label_noise_scale > 0:
+        chosen = torch.nonzero(torch.rand_like(noised_labels.float()) < label_noise_scale).view(-1)
+        noised_labels.scatter_(0, chosen, torch.randint_like(chosen, 0, num_classes))
+    if contrastive:
+        # each image's negatives: the second half of its entries, in every group
+        starts = torch.cumsum(torch.tensor([0] + known_num[:-1]), 0).tolist()
+        negative = torch.cat([s + n // 2 + torch.arange(n // 2) for s, n in zip(starts, known_num, strict=True)])
+        negative_idx = (negative[None, :] + (torch.arange(scalar) * len(boxes))[:, None]).flatten().to(device)
+    if box_noise_scale > 0:
+        xyxy = torch.cat([known_bboxs[:, :2] - known_bboxs[:, 2:] / 2, known_bboxs[:, :2] + known_bboxs[:, 2:] / 2], 1)
+        diff = torch.cat([known_bboxs[:, 2:] / 2, known_bboxs[:, 2:] / 2], 1)
+        if contrastive:
+            sign = torch.randint_like(noised_boxes, 0, 2) * 2.0 - 1.0
+            part = torch.rand_like(noised_boxes)
+            part[negative_idx] += 1.0
+            xyxy = xyxy + part * sign * diff * box_noise_scale
+        else:
+            xyxy = xyxy + (torch.rand_like(noised_boxes) * 2 - 1.0) * diff * box_noise_scale
+        xyxy = xyxy.clamp(0.0, 1.0)
+        noised_boxes = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
+    if contrastive:
+        noised_labels.scatter_(0, negative_idx, num_classes)
+    label_embed = label_enc(noised_labels.long())
+    label_embed = torch.cat([label_embed, torch.ones([label_embed.shape[0], 1], device=device)], dim=1)
+    bbox_embed = _inverse_sigmoid(noised_boxes)
+    single_pad = max(known_num)
+    pad_size = single_pad * scalar
+    input_query_label = torch.zeros(pad_size, hidden_dim, device=device)
+    input_query_bbox = torch.zeros(pad_size, 4, device=device)
+    if tgt is not None:
+        input_query_label = torch.cat([input_query_label, tgt])
+        input_query_bbox = torch.cat([input_query_bbox, refpoint_emb])
+    input_query_label = input_query_label.repeat(batch_size, 1, 1)
+    input_query_bbox = input_query_bbox.repeat(batch_size, 1, 1)
+    map_known = torch.cat([torch.arange(n) for n in known_num])
+    map_known = torch.cat([map_known + single_pad * i for i in range(scalar)]).long().to(device)
+    input_query_label[(known_bid.long(), map_known)] = label_embed
+    input_query_bbox[(known_bid.long(), map_known)] = bbox_embed
+    attn_mask = dn_detr_group_mask(pad_size, single_pad, scalar, pad_size + num_queries * num_patterns, device)
+    mask_dict = {
+        "known_indice": known_indice.long(),
+        "batch_idx": batch_idx.long(),
+        "map_known_indice": map_known,
+        "known_lbs_bboxes": (known_labels, known_bboxs),
+        "know_idx": know_idx,
+        "pad_size": pad_size,
+        "scalar": scalar,
+        "contrastive": contrastive,
+    }
+    return input_query_label, input_query_bbox, attn_mask, mask_dict
+
+
 def _dn_detr_queries(dn_args, tgt, refpoint_emb, matching, batch_size, training, num_classes, hidden_dim, label_enc):
     """The generation, layout and mask both DN-DETR variants share, batch-first; tgt / refpoint_emb: the matching
     part's content and anchors (None with label_enc None), ``matching`` queries of them."""

@@ -4,7 +4,12 @@ model-side helpers of dnops.dn."""
 import pytest
 import torch
 
-from benchmarks.originals import dino_prepare_for_cdn, dn_deformable_detr_prepare_for_dn, dn_detr_prepare_for_dn
+from benchmarks.originals import (
+    dino_prepare_for_cdn,
+    dn_deformable_detr_prepare_for_dn,
+    dn_detr_prepare_for_dn,
+    dn_dino_deformable_detr_prepare_for_dn,
+)
 from dnops import _backend
 from dnops.compat import dino, dn_detr
 from dnops.dn import dn_concat, dn_loss_pairs, dn_positive_index, dn_split, inverse_sigmoid
@@ -293,4 +298,54 @@ def test_deformable_prepare_for_dn_inference_noise_and_bad_shapes(modules):
     with pytest.raises(ValueError, match="tgt_weight must be"):
         dn_detr.prepare_for_dn(1, tgt_weight[:, :-1], *args[1:])
     with pytest.raises(TypeError, match="dn_args must be"):
-        dn_detr.prepare_for_dn((targets, 4, 0.5, 0.4, 1, True), *args[:3], True, *args[4:])
+        dn_detr.prepare_for_dn((targets, 4, 0.5, 0.4), *args[:3], True, *args[4:])
+
+
+# ---- models/dn_dab_dino_deformable_detr's prepare_for_dn: a contrastive flag, optional matching part ------------
+
+
+@pytest.mark.parametrize("path", DN_PATHS)
+@pytest.mark.parametrize("counts", [[3, 0, 5], [1], [0, 0], [4, 2]])
+@pytest.mark.parametrize("contrastive", [False, True])
+@pytest.mark.parametrize("scalar", [3, 100])
+@pytest.mark.parametrize("two_stage", [False, True])
+def test_dino_variant_prepare_for_dn_equals_original_without_noise(path, counts, contrastive, scalar, two_stage):
+    torch.manual_seed(0)
+    label_enc = torch.nn.Embedding(NUM_CLASSES + 1, HIDDEN - 1)
+    tgt_weight = None if two_stage else torch.randn(QUERIES, HIDDEN - 1)
+    anchors = None if two_stage else torch.randn(QUERIES, 4)
+    dn_args = (targets_for(counts), scalar, 0.0, 0.0, 1, contrastive)
+    args = (dn_args, tgt_weight, anchors, len(counts), True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+    with _backend.forced_backend(path):
+        ours = dn_detr.prepare_for_dn(*args)
+    theirs = dn_dino_deformable_detr_prepare_for_dn(*args)
+    torch.testing.assert_close(ours[0], theirs[0])
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)  # xyxy round trip, last bits
+    assert torch.equal(ours[2], theirs[2])
+    assert ours[3].keys() == theirs[3].keys()
+    for key in ("known_indice", "batch_idx", "map_known_indice", "pad_size", "scalar", "contrastive"):
+        a, b = ours[3][key], theirs[3][key]
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
+    for a, b in zip(ours[3]["known_lbs_bboxes"], theirs[3]["known_lbs_bboxes"], strict=True):
+        assert torch.equal(a, b)
+    assert [t.tolist() for t in ours[3]["know_idx"]] == [t.tolist() for t in theirs[3]["know_idx"]]
+    grads = [torch.autograd.grad(o[0].square().sum(), label_enc.weight, allow_unused=True)[0] for o in (ours, theirs)]
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_dino_variant_noise_and_inference():
+    torch.manual_seed(0)
+    label_enc = torch.nn.Embedding(NUM_CLASSES + 1, HIDDEN - 1)
+    targets = targets_for([3, 5])
+    out = dn_detr.prepare_for_dn((targets, 4, 0.5, 1.0, 1, True), None, None, 2, True, QUERIES, NUM_CLASSES, HIDDEN,
+                                 label_enc)  # fmt: skip
+    mask_dict = out[3]
+    assert mask_dict["pad_size"] == 4 * 10 and out[0].shape == (2, 40, HIDDEN)  # DN part only (two-stage)
+    # negatives: every slot of an image's second half carries the label_enc row of num_classes
+    neg_embed = torch.cat([label_enc.weight[NUM_CLASSES], torch.ones(1)])
+    assert torch.allclose(out[0][0, 3], neg_embed) and torch.allclose(out[1].new_zeros(4), out[1][0, 6])
+    for args in ((1, None, None), (1, torch.randn(QUERIES, HIDDEN - 1), torch.rand(QUERIES, 4))):
+        ours = dn_detr.prepare_for_dn(*args, 2, False, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+        theirs = dn_dino_deformable_detr_prepare_for_dn(*args, 2, False, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
+        for a, b in zip(ours, theirs, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)

@@ -2,11 +2,12 @@
 
 ``prepare_for_dn`` takes both signatures the repository has: eight arguments (models/DN_DAB_DETR and
 models/dn_dab_deformable_detr_deformable_encoder_only: sequence-first queries, the matching part from label_enc)
-and nine (models/dn_dab_deformable_detr, DN-Deformable-DETR: a learned ``tgt_weight`` for the matching part,
-batch-first queries). Same return structures (the query tensors, the dense bool mask, mask_dict keys), but
-device-agnostic and fused: the noise comes from dnops.dn_queries (counter-based, so the random numbers differ
-from the original's torch.rand draws; the distributions are the same), and with the C++ extension the whole
-training branch is one call into it (csrc/compat/dn_detr.h). ``dn_post_process`` is the same in every model.
+and nine (models/dn_dab_deformable_detr, DN-Deformable-DETR, and models/dn_dab_dino_deformable_detr: a learned
+``tgt_weight`` for the matching part, batch-first queries; the latter's dn_args end with a contrastive flag).
+Same return structures (the query tensors, the dense bool mask, mask_dict keys), but device-agnostic and fused:
+the noise comes from dnops.dn_queries (counter-based, so the random numbers differ from the original's
+torch.rand draws; the distributions are the same), and with the C++ extension the whole eight-argument training
+branch is one call into it (csrc/compat/dn_detr.h). ``dn_post_process`` is the same in every model.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 
 from dnops import _backend
 from dnops.compat._dn_targets import queries_from_targets
-from dnops.dn import dn_box_queries, dn_positive_index
+from dnops.dn import dn_box_queries, dn_positive_index, flatten_targets, inverse_sigmoid
 from dnops.ops.dn_attn_mask import dn_attn_mask
+from dnops.ops.dn_queries import generate
 
 
 def prepare_for_dn(*args, **kwargs):
@@ -34,7 +36,9 @@ def prepare_for_dn(*args, **kwargs):
     (B, W, hidden_dim), (B, W, 4).
 
     dn_args: (targets, scalar, label_noise_scale, box_noise_scale, num_patterns) in training, num_patterns
-    otherwise; W = pad_size + num_queries * num_patterns.
+    otherwise; W = pad_size + num_queries * num_patterns. With nine arguments dn_args may end with a
+    ``contrastive`` flag (models/dn_dab_dino_deformable_detr, see _prepare_dino_variant), and tgt_weight /
+    embedweight may be None there (two-stage: the queries are the DN part, W = pad_size).
     """
     if len(args) + len(kwargs) == 9 or "tgt_weight" in kwargs:
         return _prepare_deformable(*args, **kwargs)
@@ -47,12 +51,18 @@ def _prepare_deformable(
     """models/dn_dab_deformable_detr's prepare_for_dn: the DN part as the eight-argument one makes it, the
     matching part [tgt_weight | 0] (label_enc joins the graph with weight 0 even without DN queries, as in the
     original) and embedweight as they are, batch-first."""
+    if training and len(dn_args) == 6:
+        return _prepare_dino_variant(
+            dn_args, tgt_weight, embedweight, batch_size, num_queries, num_classes, hidden_dim, label_enc
+        )
     if training and len(dn_args) != 5:
         raise TypeError(
-            "prepare_for_dn: dn_args must be (targets, scalar, label_noise_scale, box_noise_scale, num_patterns), "
-            f"got {len(dn_args)} entries"
+            "prepare_for_dn: dn_args must be (targets, scalar, label_noise_scale, box_noise_scale, num_patterns"
+            f"[, contrastive]), got {len(dn_args)} entries"
         )
     num_patterns = max(int(dn_args[4] if training else dn_args), 1)
+    if tgt_weight is None or embedweight is None:  # models/dn_dab_dino_deformable_detr's two-stage inference
+        return None, None, None, None
     matching = num_queries * num_patterns
     for name, t, width in (("tgt_weight", tgt_weight, hidden_dim - 1), ("embedweight", embedweight, 4)):
         if t.dim() != 2 or tuple(t.shape) != (matching, width):
@@ -71,6 +81,70 @@ def _prepare_deformable(
     pad = mask_dict["pad_size"]
     label = torch.cat([label[:pad].transpose(0, 1), tgt.expand(batch_size, -1, -1)], 1)
     return label, bbox.transpose(0, 1).contiguous(), attn_mask, mask_dict
+
+
+def _prepare_dino_variant(
+    dn_args, tgt_weight, embedweight, batch_size, num_queries, num_classes, hidden_dim, label_enc
+):
+    """models/dn_dab_dino_deformable_detr's training branch: dn_args ends with a ``contrastive`` flag, each image's
+    GT come in [positives | negatives labelled num_classes] (negatives only when contrastive), the box noise moves
+    the corners (xyxy: DINO's positives, and its negatives with the extra unit of distance), the label noise flips
+    with the full ratio, a scalar of 100 or more counts DN queries rather than groups, and without tgt_weight /
+    embedweight (two-stage) the queries are the DN part alone. Batch-first, as the original."""
+    targets, scalar, label_noise_scale, box_noise_scale, num_patterns, contrastive = dn_args
+    matching = num_queries * max(int(num_patterns), 1)
+    labels, boxes, counts = flatten_targets(targets)
+    per_image = [2 * c if contrastive else c for c in counts]
+    single_pad = max(per_image, default=0)
+    groups = int(scalar)
+    groups = 1 if single_pad == 0 else groups // single_pad if groups >= 100 else groups
+    groups = max(groups, 1)
+    most = max(counts, default=0)
+    flip, scale = max(float(label_noise_scale), 0.0), max(float(box_noise_scale), 0.0)
+    out_labels, out_boxes, _, _ = generate(labels, boxes, counts, groups, most, True, num_classes, flip, scale, None)
+    device = labels.device
+    # where each of the original's slots (group i, entry j of image b) is in dnops' CDN layout, -1 for padding
+    slots = torch.full((batch_size, groups, single_pad), -1, dtype=torch.long)
+    for b, c in enumerate(counts):
+        within = list(range(c)) + ([most + j for j in range(c)] if contrastive else [])
+        slots[b, :, : len(within)] = torch.tensor(within, dtype=torch.long) + 2 * most * torch.arange(groups)[:, None]
+    slots = slots.view(batch_size, -1).to(device, non_blocking=True)
+    valid = slots >= 0
+    index = slots.clamp(min=0)
+    dn_labels = out_labels.gather(1, index)
+    if contrastive:
+        entry = torch.arange(slots.shape[1], device=device) % max(single_pad, 1)
+        negative = entry[None, :] >= torch.tensor(counts, device=device)[:, None]
+        dn_labels = torch.where(negative, num_classes, dn_labels)
+    dn_boxes = out_boxes.gather(1, index[..., None].expand(-1, -1, 4)).to(label_enc.weight.dtype)
+    label_embed = F.embedding(dn_labels, label_enc.weight)
+    label_embed = torch.cat([label_embed, label_embed.new_ones(*label_embed.shape[:2], 1)], -1) * valid[..., None]
+    bbox_embed = inverse_sigmoid(dn_boxes) * valid[..., None]
+    pad_size = groups * single_pad
+    if tgt_weight is not None and embedweight is not None:
+        tgt = torch.cat([tgt_weight, tgt_weight.new_zeros(matching, 1)], 1) + label_enc.weight[0, 0] * 0
+        label_embed = torch.cat([label_embed, tgt.expand(batch_size, -1, -1)], 1)
+        bbox_embed = torch.cat([bbox_embed, embedweight.expand(batch_size, -1, -1)], 1)
+    attn_mask = dn_attn_mask(pad_size, single_pad, matching, device=device)
+    # mask_dict over the GT as the original extends them (each image's positives, then its negatives)
+    doubled = [(t["labels"], t["boxes"]) for t in targets]
+    if contrastive:
+        doubled = [(torch.cat([lb, torch.full_like(lb, num_classes)]), torch.cat([bx, bx])) for lb, bx in doubled]
+    gt_labels = torch.cat([lb for lb, _ in doubled]) if doubled else labels
+    gt_boxes = torch.cat([bx for _, bx in doubled]) if doubled else boxes
+    known = sum(per_image)
+    within = torch.cat([torch.arange(c, device=device) for c in per_image]) if per_image else labels.new_zeros(0)
+    mask_dict = {
+        "known_indice": torch.arange(known, device=device).repeat(groups),
+        "batch_idx": torch.cat([torch.full((c,), b, device=device) for b, c in enumerate(per_image)]),
+        "map_known_indice": torch.cat([within + single_pad * i for i in range(groups)]),
+        "known_lbs_bboxes": (gt_labels.repeat(groups), gt_boxes.repeat(groups, 1)),
+        "know_idx": list(within.unsqueeze(1).split(per_image)),
+        "pad_size": pad_size,
+        "scalar": groups,
+        "contrastive": contrastive,
+    }
+    return label_embed, bbox_embed, attn_mask, mask_dict
 
 
 def _prepare(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc):

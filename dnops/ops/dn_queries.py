@@ -86,6 +86,27 @@ def dn_queries(
             f"dnops.dn_queries: {len(counts)} images x {groups} groups x {group_size} slots is more than 2**31 "
             "DN queries: lower num_groups / dn_number, or cap them with max_dn_queries"
         )
+    out = generate(labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, seed)
+    return DNQueries(
+        *out, num_groups=groups, group_size=group_size, pad_size=groups * group_size, contrastive=contrastive
+    )
+
+
+def generate(
+    labels: torch.Tensor,
+    boxes: torch.Tensor,
+    counts: list[int],
+    groups: int,
+    max_gt: int,
+    contrastive: bool,
+    num_classes: int,
+    flip: float,
+    scale: float,
+    seed: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel with an explicit layout (``groups`` groups of ``max_gt`` GT slots, twice that for contrastive)
+    and label flip probability, on the chosen backend: (labels, boxes, gt_index, negative), each (B, pad[, 4]).
+    For adapters whose originals lay out or flip otherwise than DN-DETR / DINO; counts as check_counts returns."""
     backend = _backend.choose("dn_queries", labels.device, TRITON_OPS)
     if seed is None:
         # the C++ op draws its own key (-1): under torch.compile it is drawn per call, not frozen while tracing
@@ -95,13 +116,9 @@ def dn_queries(
     check_dn_queries_args(labels, boxes, counts, num_classes, check_values=backend != "cpp")
     if backend == "cpp":
         # the overload itself: the packet's overload resolution is ~5 us of a ~60 us call in a training step
-        out = torch.ops.dnops.dn_queries.default(*args)
-    elif backend == "triton":
+        return torch.ops.dnops.dn_queries.default(*args)
+    if backend == "triton":
         from dnops.triton.dn_queries import dn_queries_triton
 
-        out = dn_queries_triton(*args)
-    else:
-        out = reference.dn_queries_kernel(*args)
-    return DNQueries(
-        *out, num_groups=groups, group_size=group_size, pad_size=groups * group_size, contrastive=contrastive
-    )
+        return dn_queries_triton(*args)
+    return reference.dn_queries_kernel(*args)
