@@ -79,6 +79,20 @@ def check_ms_deform_attn_args(
         _check_levels(spatial_shapes, level_start_index, s, cached=spatial_shapes.device.type != "cpu")
 
 
+def assert_levels_in_graph(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> None:
+    """The level checks as asserts inside a compiled graph (torch.compile, where reading the values on the host
+    would break the graph): a violation raises a RuntimeError naming the argument when the compiled code runs.
+    Unlike the host check, an H * W product that overflows int64 is not caught here (the gather then fails on
+    its out-of-range index)."""
+    sizes = spatial_shapes.prod(1)
+    torch._assert_async((spatial_shapes >= 1).all(), "ms_deform_attn: spatial_shapes must be positive")
+    torch._assert_async(
+        (level_start_index == sizes.cumsum(0) - sizes).all(),
+        "ms_deform_attn: level_start_index != exclusive cumsum of spatial_shapes",
+    )
+    torch._assert_async(sizes.sum() == s, "ms_deform_attn: spatial_shapes do not cover the S positions of value")
+
+
 # spatial_shapes tensors off the CPU whose values were checked, with the state they were checked in: reading them
 # is a device sync, paid once per distinct tensor (Deformable-DETR builds one per forward and shares it between
 # its layers). The kernels also guard every level against value's extent on the device.

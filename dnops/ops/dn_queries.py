@@ -73,7 +73,7 @@ def dn_queries(
     scale = DEFAULT_BOX_NOISE[mode] if box_noise_scale is None else float(box_noise_scale)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"dnops.dn_queries: label_noise_ratio must be in [0, 1], got {ratio}")
-    if not (math.isfinite(scale) and scale >= 0.0):
+    if not 0.0 <= scale < math.inf:  # NaN fails too; comparisons trace under torch.compile, math.isfinite not
         raise ValueError(f"dnops.dn_queries: box_noise_scale must be finite and >= 0, got {scale}")
     if seed is not None and not (isinstance(seed, numbers.Integral) and 0 <= seed < 2**63):
         raise ValueError(f"dnops.dn_queries: seed must be an int in [0, 2**63), got {seed!r}")

@@ -5,7 +5,7 @@ import torch
 from dnops import _backend, reference
 from dnops.ops._autograd import forbid_double_backward
 from dnops.reference.ms_deform_attn import softmax_rows
-from dnops.validation import check_ms_deform_attn_args
+from dnops.validation import assert_levels_in_graph, check_ms_deform_attn_args
 
 # Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
 TRITON_OPS: frozenset[str] = frozenset({"ms_deform_attn"})
@@ -105,4 +105,9 @@ def ms_deform_attn(
         from dnops.triton.ms_deform_attn import ms_deform_attn_triton
 
         return ms_deform_attn_triton(*args)
+    if torch.compiler.is_compiling():
+        # the grid_sample definition splits value by the level sizes as Python numbers, which torch.compile can
+        # only read as unbacked sizes (fullgraph fails on them); the gather formulation reads them as data
+        assert_levels_in_graph(spatial_shapes, level_start_index, value.shape[1])
+        return reference.ms_deform_attn_gather(*args)
     return reference.ms_deform_attn(*args)

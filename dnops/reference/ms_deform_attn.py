@@ -13,6 +13,13 @@ def _in_float(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
 
 
+def _finite_locations(locations: torch.Tensor) -> torch.Tensor:
+    """Locations past [-1, 2] read nothing (no corner of any level lies there), as NaN ones do in the kernels;
+    grid_sample would turn them into NaN (inf, and 3e38 doubled) and NaN would spread, into the gradients too.
+    Clamping moves them to equally empty places with a zero gradient, as the kernels give."""
+    return torch.where(locations.isnan(), -1.0, locations).clamp(-1.0, 2.0)
+
+
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """The softmax over the L * P weights of each (query, head) of (N, Lq, M, L, P) logits."""
     return logits.flatten(-2).softmax(-1).view_as(logits)
@@ -50,10 +57,7 @@ def ms_deform_attn(
         attention_weights = softmax_rows(attention_weights)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     value_levels = value.split([h * w for h, w in shapes], dim=1)
-    # Locations past [-1, 2] read nothing (no corner of any level lies there), as NaN ones do in the kernels;
-    # grid_sample would turn them into NaN (inf, and 3e38 doubled) and NaN would spread. Clamping moves them to
-    # equally empty places with a zero gradient, as the kernels give.
-    sampling_locations = torch.where(sampling_locations.isnan(), -1.0, sampling_locations).clamp(-1.0, 2.0)
+    sampling_locations = _finite_locations(sampling_locations)
     # grid_sample(align_corners=False) maps -1 / +1 to the outer pixel edges: exactly x * W - 0.5 in pixels.
     grids = 2 * sampling_locations - 1
     sampled = []
@@ -85,6 +89,7 @@ def ms_deform_attn_gather(
     _, lq, _, num_levels, p, _ = sampling_locations.shape
     if attention_logits:
         attention_weights = softmax_rows(attention_weights)
+    sampling_locations = _finite_locations(sampling_locations)
     size = spatial_shapes.flip(-1).to(sampling_locations.dtype).view(num_levels, 1, 2)  # (W_l, H_l)
     pixel = sampling_locations * size - 0.5  # (N, Lq, M, L, P, 2)
     origin = pixel.floor()
