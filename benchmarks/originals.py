@@ -109,18 +109,10 @@ def dn_dino_deformable_detr_prepare_for_dn(
     elif scalar >= 100:
         scalar = scalar // max(known_num)
     scalar = max(scalar, 1)
-    labels = torch.cat([t["labels"] for t in targets])
-    boxes = torch.cat([t["boxes"] for t in targets])
-    batch_idx = torch.cat([torch.full_like(t["labels"].long(), i) for i, t in enumerate(targets)])
-    known_indice = torch.nonzero(torch.cat(known)).view(-1).repeat(scalar, 1).view(-1)
-    known_bid = batch_idx.repeat(scalar, 1).view(-1)
-    known_labels = labels.repeat(scalar, 1).view(-1)
-    known_bboxs = boxes.repeat(scalar, 1)
-    noised_labels = known_labels.clone()
+    labels, boxes, batch_idx, known_indice, known_bid, known_labels, known_bboxs, noised_labels = _repeat_targets(
+        targets, known, scalar, label_noise_scale, num_classes
+    )
     noised_boxes = known_bboxs.clone()
-    if label_noise_scale > 0:
-        chosen = torch.nonzero(torch.rand_like(noised_labels.float()) < label_noise_scale).view(-1)
-        noised_labels.scatter_(0, chosen, torch.randint_like(chosen, 0, num_classes))
     if contrastive:
         # each image's negatives: the second half of its entries, in every group
         starts = torch.cumsum(torch.tensor([0] + known_num[:-1]), 0).tolist()
@@ -170,6 +162,24 @@ def dn_dino_deformable_detr_prepare_for_dn(
     return input_query_label, input_query_bbox, attn_mask, mask_dict
 
 
+def _repeat_targets(targets, known, scalar, label_noise_scale, num_classes):
+    """DN-DETR's common start: the GT concatenated, their indices and images repeated once per group, and the
+    labels flipped with probability label_noise_scale to a uniform class. (labels, boxes, batch_idx,
+    known_indice, known_bid, known_labels, known_bboxs, noised_labels)."""
+    labels = torch.cat([t["labels"] for t in targets])
+    boxes = torch.cat([t["boxes"] for t in targets])
+    batch_idx = torch.cat([torch.full_like(t["labels"].long(), i) for i, t in enumerate(targets)])
+    known_indice = torch.nonzero(torch.cat(known)).view(-1).repeat(scalar, 1).view(-1)
+    known_bid = batch_idx.repeat(scalar, 1).view(-1)
+    known_labels = labels.repeat(scalar, 1).view(-1)
+    known_bboxs = boxes.repeat(scalar, 1)
+    noised_labels = known_labels.clone()
+    if label_noise_scale > 0:
+        chosen = torch.nonzero(torch.rand_like(noised_labels.float()) < label_noise_scale).view(-1)
+        noised_labels.scatter_(0, chosen, torch.randint_like(chosen, 0, num_classes))
+    return labels, boxes, batch_idx, known_indice, known_bid, known_labels, known_bboxs, noised_labels
+
+
 def _dn_detr_queries(dn_args, tgt, refpoint_emb, matching, batch_size, training, num_classes, hidden_dim, label_enc):
     """The generation, layout and mask both DN-DETR variants share, batch-first; tgt / refpoint_emb: the matching
     part's content and anchors (None with label_enc None), ``matching`` queries of them."""
@@ -180,20 +190,10 @@ def _dn_detr_queries(dn_args, tgt, refpoint_emb, matching, batch_size, training,
     known = [torch.ones_like(t["labels"]) for t in targets]
     know_idx = [torch.nonzero(t) for t in known]
     known_num = [sum(k) for k in known]
-    unmask = torch.cat(known)
-    labels = torch.cat([t["labels"] for t in targets])
-    boxes = torch.cat([t["boxes"] for t in targets])
-    batch_idx = torch.cat([torch.full_like(t["labels"].long(), i) for i, t in enumerate(targets)])
-    known_indice = torch.nonzero(unmask + unmask).view(-1).repeat(scalar, 1).view(-1)
-    known_labels = labels.repeat(scalar, 1).view(-1)
-    known_bid = batch_idx.repeat(scalar, 1).view(-1)
-    known_bboxs = boxes.repeat(scalar, 1)
-    noised_labels = known_labels.clone()
+    _, _, batch_idx, known_indice, known_bid, known_labels, known_bboxs, noised_labels = _repeat_targets(
+        targets, known, scalar, label_noise_scale, num_classes
+    )
     noised_boxes = known_bboxs.clone()
-    if label_noise_scale > 0:
-        p = torch.rand_like(noised_labels.float())
-        chosen = torch.nonzero(p < label_noise_scale).view(-1)
-        noised_labels.scatter_(0, chosen, torch.randint_like(chosen, 0, num_classes))
     if box_noise_scale > 0:
         diff = torch.zeros_like(noised_boxes)
         diff[:, :2] = noised_boxes[:, 2:] / 2

@@ -35,6 +35,22 @@ def modules():
     return torch.nn.Embedding(NUM_CLASSES + 1, HIDDEN - 1), torch.nn.Embedding(NUM_CLASSES + 1, HIDDEN)
 
 
+def assert_same_outputs(ours, theirs, box_tol: float | None = None) -> None:
+    """prepare_for_dn's four outputs equal the original's: the queries, the mask and every mask_dict entry."""
+    torch.testing.assert_close(ours[0], theirs[0])
+    torch.testing.assert_close(ours[1], theirs[1], rtol=box_tol, atol=box_tol)
+    assert torch.equal(ours[2], theirs[2])
+    assert ours[3].keys() == theirs[3].keys()
+    for key, value in theirs[3].items():
+        if key == "know_idx":
+            assert [t.tolist() for t in ours[3][key]] == [t.tolist() for t in value]
+        elif key == "known_lbs_bboxes":
+            for a, b in zip(ours[3][key], value, strict=True):
+                assert torch.equal(a, b)
+        else:
+            assert torch.equal(ours[3][key], value) if isinstance(value, torch.Tensor) else ours[3][key] == value, key
+
+
 COUNTS = [[3, 0, 5], [1], [0, 0], [4, 4]]
 # prepare_for_dn's two paths: one call into the C++ extension, and the public ops (no extension, or an override)
 DN_PATHS = ["cpp", "reference"] if _backend.HAS_C else ["reference"]
@@ -49,16 +65,7 @@ def test_prepare_for_dn_equals_original_without_noise(counts, path, modules):
     with _backend.forced_backend(path):
         ours = dn_detr.prepare_for_dn(*args)
     theirs = dn_detr_prepare_for_dn(*args)
-    torch.testing.assert_close(ours[0], theirs[0])
-    torch.testing.assert_close(ours[1], theirs[1])
-    assert torch.equal(ours[2], theirs[2])
-    assert ours[3].keys() == theirs[3].keys()
-    for key in ("known_indice", "batch_idx", "map_known_indice"):
-        assert torch.equal(ours[3][key], theirs[3][key]), key
-    for a, b in zip(ours[3]["known_lbs_bboxes"], theirs[3]["known_lbs_bboxes"], strict=True):
-        assert torch.equal(a, b)
-    assert [t.tolist() for t in ours[3]["know_idx"]] == [t.tolist() for t in theirs[3]["know_idx"]]
-    assert ours[3]["pad_size"] == theirs[3]["pad_size"]
+    assert_same_outputs(ours, theirs)
     # the label embedding (DN slots and matching queries) trains label_enc as the original's does
     weights = torch.randn(ours[0].shape)
     grads = [torch.autograd.grad((out[0] * weights).sum(), label_enc.weight)[0] for out in (ours, theirs)]
@@ -263,13 +270,7 @@ def test_deformable_prepare_for_dn_equals_original_without_noise(counts, path, n
         ours = dn_detr.prepare_for_dn(*args)
     theirs = dn_deformable_detr_prepare_for_dn(*args)
     assert ours[0].shape == theirs[0].shape == (len(counts), ours[3]["pad_size"] + matching, HIDDEN)  # batch-first
-    torch.testing.assert_close(ours[0], theirs[0])
-    torch.testing.assert_close(ours[1], theirs[1])
-    assert torch.equal(ours[2], theirs[2])
-    assert ours[3].keys() == theirs[3].keys()
-    for key in ("known_indice", "batch_idx", "map_known_indice"):
-        assert torch.equal(ours[3][key], theirs[3][key]), key
-    assert ours[3]["pad_size"] == theirs[3]["pad_size"]
+    assert_same_outputs(ours, theirs)
     weights = torch.randn(ours[0].shape)
     for inputs in ([label_enc.weight], [tgt_weight], [anchors]):
         out = [o[0] if inputs[0] is not anchors else o[1] for o in (ours, theirs)]
@@ -319,16 +320,7 @@ def test_dino_variant_prepare_for_dn_equals_original_without_noise(path, counts,
     with _backend.forced_backend(path):
         ours = dn_detr.prepare_for_dn(*args)
     theirs = dn_dino_deformable_detr_prepare_for_dn(*args)
-    torch.testing.assert_close(ours[0], theirs[0])
-    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)  # xyxy round trip, last bits
-    assert torch.equal(ours[2], theirs[2])
-    assert ours[3].keys() == theirs[3].keys()
-    for key in ("known_indice", "batch_idx", "map_known_indice", "pad_size", "scalar", "contrastive"):
-        a, b = ours[3][key], theirs[3][key]
-        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
-    for a, b in zip(ours[3]["known_lbs_bboxes"], theirs[3]["known_lbs_bboxes"], strict=True):
-        assert torch.equal(a, b)
-    assert [t.tolist() for t in ours[3]["know_idx"]] == [t.tolist() for t in theirs[3]["know_idx"]]
+    assert_same_outputs(ours, theirs, box_tol=1e-5)  # the xyxy round trip moves the last bits
     grads = [torch.autograd.grad(o[0].square().sum(), label_enc.weight, allow_unused=True)[0] for o in (ours, theirs)]
     torch.testing.assert_close(grads[0], grads[1])
 
