@@ -74,12 +74,12 @@ def _run_tests_sharded(log: Path, limit: float, env: dict[str, str], shards: int
     ``log`` one after the other; on a time-out it says how many tests were reached and names the first ones not."""
     start = time.time()
     files = _gpu_test_files()
-    pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "cuda"]
-    pytest += ["--continue-on-collection-errors", *(["-k", pattern] if pattern else [])]
+    select = ["-p", "no:cacheprovider", "-m", "cuda", "--continue-on-collection-errors"]
+    select += ["-k", pattern] if pattern else []
+    pytest = [sys.executable, "-m", "pytest", "-v", *select]
     try:
-        collected = subprocess.run(
-            [*pytest, "--collect-only", "-q", *files], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60
-        )
+        collect = [sys.executable, "-m", "pytest", "-q", "--collect-only", *select, *files]
+        collected = subprocess.run(collect, cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
     except subprocess.TimeoutExpired:
         log.write_text("collection timed out after 60 s\n")
         return "timed out collecting the tests after 60 s", time.time() - start
