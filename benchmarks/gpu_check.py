@@ -1,6 +1,6 @@
 """``make gpu-check``: build, test and benchmark dnops on a lent GPU in one command, in at most 5 minutes by design.
 
-A lent GPU gives a session 15 minutes of device time, a machine start included (1-2 minutes), so the command is
+A lent GPU comes with 15 minutes of device time, a machine start included (1-2 minutes), so the command is
 sized for two runs in one loan. Steps, each with its own time limit (seconds on an H200 machine, 16 cores; every
 step's files reach $OUT as soon as it ends, and a step that runs out of time keeps what it measured and says what it
 did not reach):
