@@ -70,7 +70,7 @@ def _prepare_deformable(
                 f"prepare_for_dn: {name} must be (num_queries * num_patterns, {width}) = ({matching}, {width}), got "
                 f"{tuple(t.shape)}"
             )
-    tgt = torch.cat([tgt_weight, tgt_weight.new_zeros(matching, 1)], 1) + label_enc.weight[0, 0] * 0
+    tgt = _learned_content(tgt_weight, label_enc)
     if not training:
         return tgt.repeat(batch_size, 1, 1), embedweight.repeat(batch_size, 1, 1), None, None
     targets, scalar, label_noise_scale, box_noise_scale, _ = dn_args
@@ -103,26 +103,24 @@ def _prepare_dino_variant(
     flip, scale = max(float(label_noise_scale), 0.0), max(float(box_noise_scale), 0.0)
     out_labels, out_boxes, _, _ = generate(labels, boxes, counts, groups, most, True, num_classes, flip, scale, None)
     device = labels.device
-    # where each of the original's slots (group i, entry j of image b) is in dnops' CDN layout, -1 for padding
-    slots = torch.full((batch_size, groups, single_pad), -1, dtype=torch.long)
+    # where each of the original's slots (group i, entry j of image b) is in dnops' CDN layout (-1: padding), and
+    # which are negatives; made on the host from the counts, one copy to the device
+    maps = torch.full((2, batch_size, groups, single_pad), -1, dtype=torch.long)
     for b, c in enumerate(counts):
         within = list(range(c)) + ([most + j for j in range(c)] if contrastive else [])
-        slots[b, :, : len(within)] = torch.tensor(within, dtype=torch.long) + 2 * most * torch.arange(groups)[:, None]
-    slots = slots.view(batch_size, -1).to(device, non_blocking=True)
+        maps[0, b, :, : len(within)] = torch.tensor(within) + 2 * most * torch.arange(groups)[:, None]
+        maps[1, b, :, c : len(within)] = 1
+    slots, negative = maps.view(2, batch_size, -1).to(device)
     valid = slots >= 0
     index = slots.clamp(min=0)
-    dn_labels = out_labels.gather(1, index)
-    if contrastive:
-        entry = torch.arange(slots.shape[1], device=device) % max(single_pad, 1)
-        negative = entry[None, :] >= torch.tensor(counts, device=device)[:, None]
-        dn_labels = torch.where(negative, num_classes, dn_labels)
+    dn_labels = torch.where(negative > 0, num_classes, out_labels.gather(1, index))
     dn_boxes = out_boxes.gather(1, index[..., None].expand(-1, -1, 4)).to(label_enc.weight.dtype)
     label_embed = F.embedding(dn_labels, label_enc.weight)
     label_embed = torch.cat([label_embed, label_embed.new_ones(*label_embed.shape[:2], 1)], -1) * valid[..., None]
     bbox_embed = inverse_sigmoid(dn_boxes) * valid[..., None]
     pad_size = groups * single_pad
     if tgt_weight is not None and embedweight is not None:
-        tgt = torch.cat([tgt_weight, tgt_weight.new_zeros(matching, 1)], 1) + label_enc.weight[0, 0] * 0
+        tgt = _learned_content(tgt_weight, label_enc)
         label_embed = torch.cat([label_embed, tgt.expand(batch_size, -1, -1)], 1)
         bbox_embed = torch.cat([bbox_embed, embedweight.expand(batch_size, -1, -1)], 1)
     attn_mask = dn_attn_mask(pad_size, single_pad, matching, device=device)
@@ -145,6 +143,12 @@ def _prepare_dino_variant(
         "contrastive": contrastive,
     }
     return label_embed, bbox_embed, attn_mask, mask_dict
+
+
+def _learned_content(tgt_weight: torch.Tensor, label_enc: torch.nn.Embedding) -> torch.Tensor:
+    """The nine-argument variants' matching queries: [tgt_weight | 0 indicator], plus label_enc's first weight
+    times 0 so that label_enc is in the graph even without DN queries (as the originals do)."""
+    return torch.cat([tgt_weight, tgt_weight.new_zeros(tgt_weight.shape[0], 1)], 1) + label_enc.weight[0, 0] * 0
 
 
 def _prepare(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc):
