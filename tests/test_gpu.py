@@ -4,10 +4,11 @@ on the GPU and once on the CUDA emulator (tests/cuda_emulator), where the same .
 
 Every op on every GPU backend (the CUDA kernels, and the Triton kernels compiled for the GPU) against its
 reference run in float64 on the same inputs, forward and every gradient, in every dtype the backend takes; odd
-shapes, empty batches, non-contiguous inputs, locations on and outside the borders; torch.compile(fullgraph)
-of every op and module; a CUDA-graph capture of a thin DN-DETR training step; no host sync in the adapters;
-bitwise-repeatable deterministic backward. Tests whose name holds "sanitizer" are the small cases that
-gpu-check also runs under compute-sanitizer.
+shapes, empty batches, non-contiguous inputs, locations on and outside the borders; torch.compile(fullgraph) of
+every op in float32 (the compile matrix of every op, module and backend, float64, dynamic and static, is
+tests/test_compile_matrix.py, whose GPU half gpu-check runs too); a CUDA-graph capture of a thin DN-DETR
+training step; no host sync in the adapters; bitwise-repeatable deterministic backward. Tests whose name holds
+"sanitizer" are the small cases that gpu-check also runs under compute-sanitizer.
 """
 
 from __future__ import annotations
@@ -466,28 +467,6 @@ def test_compile_fullgraph_ops(backend):
         assert torch.equal(got.labels, want.labels) and torch.equal(got.boxes, want.boxes)
     mask = torch.compile(lambda: dnops.dn_attn_mask(40, 8, 17, device="cuda"), fullgraph=True)()
     assert torch.equal(mask.cpu(), reference.dn_attn_mask(40, 8, 17))
-
-
-@cuda
-def test_compile_fullgraph_modules():
-    from dnops.nn import DNMultiheadAttention, MSDeformAttn
-
-    torch._dynamo.reset()
-    msda_mod = MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2).cuda()
-    shapes = torch.tensor([[8, 10], [4, 5]], device="cuda")
-    starts = torch.tensor([0, 80], device="cuda")
-    query, refs = torch.randn(2, 30, 64, device="cuda"), torch.rand(2, 30, 2, 2, device="cuda")
-    src = torch.randn(2, 100, 64, device="cuda", requires_grad=True)
-    eager = msda_mod(query, refs, src, shapes, starts)
-    compiled = torch.compile(msda_mod, fullgraph=True)(query, refs, src, shapes, starts)
-    assert_rel(compiled, eager, torch.float32, "compiled MSDeformAttn")
-    compiled.sum().backward()
-    mha = DNMultiheadAttention(64, 4).cuda()
-    x = torch.randn(50, 2, 64, device="cuda", requires_grad=True)
-    eager = mha(x, x, x, dn=(20, 5))[0]
-    compiled = torch.compile(lambda x: mha(x, x, x, dn=(20, 5))[0], fullgraph=True)(x)
-    assert_rel(compiled, eager, torch.float32, "compiled DNMultiheadAttention")
-    compiled.sum().backward()
 
 
 @cuda

@@ -180,9 +180,12 @@ def _prepare(dn_args, embedweight, batch_size, training, num_queries, num_classe
         )
     labels, boxes = [t["labels"] for t in targets], [t["boxes"] for t in targets]
     counts = [len(x) for x in labels]
-    constants = _constants(num_classes, label_enc.weight.shape[1], matching, batch_size, embedweight.dtype, device)
+    # under torch.compile the constants are made in the graph (Dynamo warns on, and skips, an lru_cache)
+    make = _constants.__wrapped__ if torch.compiler.is_compiling() else _constants
+    constants = make(num_classes, label_enc.weight.shape[1], matching, batch_size, embedweight.dtype, device)
     noise = max(float(label_noise_scale), 0.0), max(float(box_noise_scale), 0.0)
-    if _backend.choose("dn_queries", device) == "cpp":
+    # under torch.compile the public ops: the C++ adapter is a Python binding, not an op Dynamo can trace
+    if _backend.choose("dn_queries", device) == "cpp" and not torch.compiler.is_compiling():
         # The adapter's cost is its ~30 dispatches and the Python between them, not arithmetic: in C++ they cost
         # a fraction (same ops, same autograd graph, the same seed draw as dnops.dn_queries).
         outputs = _backend._C.dn_detr_prepare(

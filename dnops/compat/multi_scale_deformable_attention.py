@@ -86,6 +86,15 @@ def ms_deform_attn_backward(
         grads = torch.ops.dnops._ms_deform_attn_backward.default(grad_output.contiguous(), *args, False)
         return list(grads)
     # elsewhere (another backend, a device without dnops kernels): the gradients of the public op
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace torch.autograd.grad inside a traced backward; it traces torch.func.vjp
+        _, vjp = torch.func.vjp(
+            lambda v, loc, w: ms_deform_attn(v, spatial_shapes, level_start_index, loc, w),
+            value,
+            sampling_loc,
+            attn_weight,
+        )
+        return list(vjp(grad_output))
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (value, sampling_loc, attn_weight)]
         out = ms_deform_attn(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2])

@@ -108,10 +108,15 @@ def generate(
     and label flip probability, on the chosen backend: (labels, boxes, gt_index, negative), each (B, pad[, 4]).
     For adapters whose originals lay out or flip otherwise than DN-DETR / DINO; counts as check_counts returns."""
     backend = _backend.choose("dn_queries", labels.device, TRITON_OPS)
-    if seed is None:
-        # the C++ op draws its own key (-1): under torch.compile it is drawn per call, not frozen while tracing
-        seed = -1 if backend == "cpp" else _backend.draw_seed()
-    args = (labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, int(seed))
+    if seed is None and backend == "cpp":
+        seed = -1  # the C++ op draws its own key: under torch.compile it is drawn per call, not frozen while tracing
+    elif seed is None and backend == "reference" and torch.compiler.is_compiling():
+        # likewise drawn in the graph, as a 0-dim tensor: a host int drawn while tracing would be frozen into it
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    elif seed is None:
+        seed = _backend.draw_seed()
+    seed = seed if isinstance(seed, torch.Tensor) else int(seed)
+    args = (labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, seed)
     # the C++ kernel range-checks the labels while it reads them
     check_dn_queries_args(labels, boxes, counts, num_classes, check_values=backend != "cpp")
     if backend == "cpp":

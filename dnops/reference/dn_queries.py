@@ -89,7 +89,7 @@ def dn_queries_kernel(
     num_classes: int,
     label_noise_ratio: float,
     box_noise_scale: float,
-    seed: int,
+    seed: int | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-slot computation behind ``dnops.dn_queries`` once the layout is fixed (the op's schema).
 

@@ -28,10 +28,11 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox4x32(
-    seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, rounds: int = 10
+    seed: int | torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, rounds: int = 10
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Four uint32 words (as int64 tensors) per counter (c0, c1, c2, c3), each an int64 tensor in [0, 2**32)."""
-    if not 0 <= seed < 2**64:
+    """Four uint32 words (as int64 tensors) per counter (c0, c1, c2, c3), each an int64 tensor in [0, 2**32).
+    ``seed``: an int, or a 0-dim int64 tensor in [0, 2**62) (a seed drawn inside a compiled graph)."""
+    if not isinstance(seed, torch.Tensor) and not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(rounds):
