@@ -268,6 +268,12 @@ def test_fullgraph_compile_equals_eager(case, backend, dynamic):
     _compile_both_shapes(case, backend, dynamic, "cpu")
 
 
+@pytest.mark.parametrize("case", ["ms_deform_attn", "ms_deform_attn_logits", "MSDeformAttn"])
+def test_reference_msda_compiles_with_automatic_dynamic_shapes(case):
+    """dynamic=None (torch.compile's default): static first, then one dynamic graph for the second shape."""
+    _compile_both_shapes(case, "reference", None, "cpu")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("case,backend", GPU_MATRIX, ids=[f"{c}-{b}" for c, b in GPU_MATRIX])
