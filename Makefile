@@ -32,6 +32,7 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_FILES)
+	$(VENV)/bin/lint-imports --no-cache
 
 format: venv
 	$(PY) -m ruff check --fix .

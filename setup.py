@@ -162,7 +162,6 @@ def _extension():
         # GCC's -O3 unroll-and-jam fuses the deformable-attention sample loop with its channel loop and then gives
         # up vectorizing the channels (a scalar loop, twice as slow). Clang has no such flag.
         cxx_flags.append("-fno-loop-unroll-and-jam")
-    define_macros = []
     common = dict(
         name="dnops._C",
         include_dirs=[os.path.join(here, "csrc")],
@@ -177,15 +176,13 @@ def _extension():
         BUILD_INFO.update(cuda="yes", torch_cuda=str(torch.version.cuda), arch_list=os.environ["TORCH_CUDA_ARCH_LIST"])
         return cpp_extension.CUDAExtension(
             sources=cpu_sources + cuda_sources,
-            define_macros=define_macros + [("DNOPS_WITH_CUDA", "1")],
+            define_macros=[("DNOPS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
             **common,
         )
     _log(f"compiling {len(cpu_sources)} C++ sources (CPU only)")
     BUILD_INFO.update(cuda="no")
-    return cpp_extension.CppExtension(
-        sources=cpu_sources, define_macros=define_macros, extra_compile_args={"cxx": cxx_flags}, **common
-    )
+    return cpp_extension.CppExtension(sources=cpu_sources, extra_compile_args={"cxx": cxx_flags}, **common)
 
 
 _check_build_torch()

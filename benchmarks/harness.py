@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import statistics
 import time
 from collections.abc import Callable
 
@@ -14,13 +13,6 @@ from torch.profiler import ProfilerActivity, profile
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def median_ms_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int = 3, budget_s: float = 2.0
-) -> dict[str, float]:
-    """Median wall time in ms of each of ``fns`` (see ``times_ms_interleaved``)."""
-    return {name: statistics.median(ts) for name, ts in times_ms_interleaved(fns, device, min_reps, budget_s).items()}
 
 
 def times_ms_interleaved(

@@ -42,7 +42,7 @@ def _with_backend(name: str, fn: Callable[..., object]) -> Callable[..., object]
     """Run a public dnops function with DNOPS_BACKEND forced, restoring the environment afterwards."""
 
     def run(*args, **kw):
-        with _backend.forced_backend(name):
+        with _backend.use_backend(name):
             return fn(*args, **kw)
 
     return run

@@ -6,6 +6,7 @@ reference in ``dnops.reference`` and C++/CUDA/Triton kernels where built; ``pyth
 """
 
 from dnops import _backend, compat, nn  # noqa: F401  (dnops.nn and dnops.compat reachable after `import dnops`)
+from dnops._backend import use_backend
 from dnops.compat import MSDeformAttnFunction, multi_scale_deformable_attn_pytorch
 from dnops.ops import DNQueries, dn_attn_mask, dn_queries, dn_self_attention, ms_deform_attn
 
@@ -21,4 +22,5 @@ __all__ = [
     "dn_queries",
     "dn_self_attention",
     "ms_deform_attn",
+    "use_backend",
 ]

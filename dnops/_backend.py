@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
 import os
 import warnings
@@ -22,7 +23,9 @@ BACKENDS = ("reference", "cpp", "triton", "sdpa")
 SDPA_OPS = frozenset({"dn_self_attention"})
 
 try:
-    from dnops import _C  # noqa: F401  (loading it registers the C++/CUDA kernels)
+    # loading it registers the C++/CUDA kernels. By its full name: a missing extension then reads "No module named
+    # 'dnops._C'" (``from dnops import _C`` would say "partially initialized module ... circular import")
+    _C = importlib.import_module("dnops._C")
 
     C_ERROR: str | None = None
 except (ImportError, OSError) as exc:
@@ -81,8 +84,9 @@ def requested_backend() -> str | None:
 
 
 @contextlib.contextmanager
-def forced_backend(name: str | None) -> Iterator[None]:
-    """Sets DNOPS_BACKEND to ``name`` inside the block (None: leaves it as it is), restoring it afterwards."""
+def use_backend(name: str | None) -> Iterator[None]:
+    """``with dnops.use_backend("reference"):`` runs every op called inside on that backend (DNOPS_BACKEND's
+    values), as DNOPS_BACKEND would; None leaves the choice as it is. Restores the setting afterwards."""
     if name is None:
         yield
         return

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import dnops
-from dnops._backend import forced_backend
 from dnops.dn import dn_box_queries, dn_concat, dn_label_queries, flatten_targets, inverse_sigmoid
 from dnops.nn import DNMultiheadAttention, MSDeformAttn
 from models.config import Config
@@ -206,7 +205,7 @@ class DNDETR(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
         # --ops reference: every dnops call inside runs its pure-PyTorch reference
-        with forced_backend("reference" if self.cfg.ops == "reference" else None):
+        with dnops.use_backend("reference" if self.cfg.ops == "reference" else None):
             return self._forward(images, targets)
 
     def _forward(self, images: torch.Tensor, targets: list[dict] | None) -> dict:

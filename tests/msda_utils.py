@@ -36,7 +36,7 @@ def make_inputs(
 
 
 def loop_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """SPEC section 1 written literally, one sample and one corner at a time (float64)."""
+    """The op's definition written literally, one sample and one corner at a time (float64)."""
     value = value.double()
     loc = sampling_locations.double()
     aw = attention_weights.double()

@@ -78,15 +78,15 @@ def test_info_runs():
     assert "dn_attn_mask" in out and "cpu" in out
 
 
-def test_forced_backend_overrides_and_restores(monkeypatch):
+def test_use_backend_overrides_and_restores(monkeypatch):
     monkeypatch.delenv("DNOPS_BACKEND", raising=False)
     cpu = torch.device("cpu")
-    with _backend.forced_backend("reference"):
+    with _backend.use_backend("reference"):
         assert _backend.choose("ms_deform_attn", cpu) == "reference"
-        with _backend.forced_backend(None):
+        with _backend.use_backend(None):
             assert _backend.requested_backend() == "reference"
     assert "DNOPS_BACKEND" not in os.environ
     monkeypatch.setenv("DNOPS_BACKEND", "cpp")
-    with _backend.forced_backend("reference"):
+    with _backend.use_backend("reference"):
         pass
     assert os.environ["DNOPS_BACKEND"] == "cpp"

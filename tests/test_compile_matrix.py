@@ -253,7 +253,7 @@ def _compare(fn, compiled, args, grad_inputs) -> None:
 
 def _compile_both_shapes(case: str, backend: str, dynamic: bool, device: str) -> None:
     torch._dynamo.reset()
-    with _backend.forced_backend(backend):
+    with _backend.use_backend(backend):
         for scale in (1, 2):  # a second shape: recompiled when static, the same graph when dynamic
             fn, args, grad_inputs = CASES[case](scale, device)
             compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend="aot_eager")
@@ -297,7 +297,7 @@ def test_inductor_compile_equals_eager(case, backend):
     if backend == "cpp" and not _backend.HAS_C:
         pytest.skip("dnops._C is not built")
     torch._dynamo.reset()
-    with _backend.forced_backend(backend):
+    with _backend.use_backend(backend):
         fn, args, grad_inputs = CASES[case](1, "cpu")
         _compare(fn, torch.compile(fn, fullgraph=True, backend="inductor"), args, grad_inputs)
 
@@ -307,7 +307,7 @@ def test_compiled_reference_level_checks_name_the_argument():
     compiled code runs, naming the argument."""
     torch._dynamo.reset()
     value, shapes, starts, loc, weights = make_inputs()
-    with _backend.forced_backend("reference"):
+    with _backend.use_backend("reference"):
         compiled = torch.compile(dnops.ms_deform_attn, fullgraph=True, dynamic=True, backend="aot_eager")
         compiled(value, shapes, starts, loc, weights)
         with pytest.raises(RuntimeError, match="level_start_index != exclusive cumsum"):
@@ -319,7 +319,7 @@ def test_compiled_reference_level_checks_name_the_argument():
 def test_compiled_reference_dn_queries_draws_noise_per_call():
     labels, boxes, counts = make_gt([3, 1], num_classes=9)
     torch._dynamo.reset()
-    with _backend.forced_backend("reference"):
+    with _backend.use_backend("reference"):
         compiled = torch.compile(
             lambda lab, box: dnops.dn_queries(lab, box, counts, num_classes=9).boxes,
             fullgraph=True,

@@ -62,7 +62,7 @@ def test_prepare_for_dn_equals_original_without_noise(counts, path, modules):
     label_enc, _ = modules
     embed = torch.randn(QUERIES, 4)
     args = ((targets_for(counts), 5, 0.0, 0.0, 1), embed, len(counts), True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
-    with _backend.forced_backend(path):
+    with _backend.use_backend(path):
         ours = dn_detr.prepare_for_dn(*args)
     theirs = dn_detr_prepare_for_dn(*args)
     assert_same_outputs(ours, theirs)
@@ -127,7 +127,7 @@ def test_prepare_for_dn_paths_agree_with_noise(num_patterns, modules):
     outs = []
     for path in ("cpp", "reference"):
         torch.manual_seed(7)
-        with _backend.forced_backend(path):
+        with _backend.use_backend(path):
             outs.append(dn_detr.prepare_for_dn(*args, label_enc))
     (label, bbox, mask, meta), (label_r, bbox_r, mask_r, meta_r) = outs
     assert bbox.shape == (meta["pad_size"] + QUERIES * num_patterns, 4, 4)
@@ -266,7 +266,7 @@ def test_deformable_prepare_for_dn_equals_original_without_noise(counts, path, n
     anchors = torch.randn(matching, 4, requires_grad=True)
     dn_args = (targets_for(counts), 5, 0.0, 0.0, num_patterns)
     args = (dn_args, tgt_weight, anchors, len(counts), True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
-    with _backend.forced_backend(path):
+    with _backend.use_backend(path):
         ours = dn_detr.prepare_for_dn(*args)
     theirs = dn_deformable_detr_prepare_for_dn(*args)
     assert ours[0].shape == theirs[0].shape == (len(counts), ours[3]["pad_size"] + matching, HIDDEN)  # batch-first
@@ -317,7 +317,7 @@ def test_dino_variant_prepare_for_dn_equals_original_without_noise(path, counts,
     anchors = None if two_stage else torch.randn(QUERIES, 4)
     dn_args = (targets_for(counts), scalar, 0.0, 0.0, 1, contrastive)
     args = (dn_args, tgt_weight, anchors, len(counts), True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
-    with _backend.forced_backend(path):
+    with _backend.use_backend(path):
         ours = dn_detr.prepare_for_dn(*args)
     theirs = dn_dino_deformable_detr_prepare_for_dn(*args)
     assert_same_outputs(ours, theirs, box_tol=1e-5)  # the xyxy round trip moves the last bits

@@ -110,7 +110,7 @@ def check_against_reference(fn, ref_fn, args, dtype, what, deterministic_kernel:
 
 def backend_fn(backend: str, fn):
     def run(*args, **kw):
-        with _backend.forced_backend(backend):
+        with _backend.use_backend(backend):
             return fn(*args, **kw)
 
     return run
@@ -445,13 +445,13 @@ def test_compile_fullgraph_ops(backend):
         import dnops.triton.ms_deform_attn  # noqa: F401
     args = msda_args(torch.float32, d=32)
     if _backend.available("ms_deform_attn", "cuda", MSDA)[backend]:
-        with _backend.forced_backend(backend):
+        with _backend.use_backend(backend):
             compiled = torch.compile(dnops.ms_deform_attn, fullgraph=True)
             out = compiled(*args)
         check_against_reference(lambda *a: out, reference.ms_deform_attn, args, torch.float32, "compiled msda")
     qkv = [torch.randn(2, 3, 40, 32, device="cuda", requires_grad=True) for _ in range(3)]
     if _backend.available("dn_self_attention", "cuda", DSA)[backend]:
-        with _backend.forced_backend(backend):
+        with _backend.use_backend(backend):
             out = torch.compile(dnops.dn_self_attention, fullgraph=True)(*qkv, 20, 5)
         ref = lambda q, k, v: reference.dn_self_attention(q, k, v, 20, 5)  # noqa: E731
         check_against_reference(lambda *a: out, ref, qkv, torch.float32, "compiled dn_self_attention")
@@ -461,7 +461,7 @@ def test_compile_fullgraph_ops(backend):
         def gen(labels, boxes):
             return dnops.dn_queries(labels, boxes, [4, 5], num_classes=20, mode="cdn", seed=7)
 
-        with _backend.forced_backend(backend):
+        with _backend.use_backend(backend):
             got = torch.compile(gen, fullgraph=True)(labels, boxes)
             want = gen(labels, boxes)
         assert torch.equal(got.labels, want.labels) and torch.equal(got.boxes, want.boxes)

@@ -222,7 +222,7 @@ def test_dn_queries_backends_agree_on_large_seeds(backend):
     labels, boxes, counts = _gt()
     outs = []
     for name in ("reference", backend):
-        with _backend.forced_backend(name):
+        with _backend.use_backend(name):
             outs.append(dnops.dn_queries(labels, boxes, counts, num_classes=91, mode="cdn", seed=2**63 - 1))
     assert torch.equal(outs[1].labels, outs[0].labels)
     torch.testing.assert_close(outs[1].boxes, outs[0].boxes, rtol=0, atol=1e-6)

@@ -18,7 +18,7 @@ KERNELS = ["cpp", pytest.param("triton", marks=pytest.mark.triton)]
 
 
 def run(backend: str, fn, *args, **kw):
-    with _backend.forced_backend(backend):
+    with _backend.use_backend(backend):
         return fn(*args, **kw)
 
 

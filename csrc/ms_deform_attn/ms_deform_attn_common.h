@@ -9,17 +9,6 @@
 namespace dnops {
 namespace msda {
 
-// The four bilinear corners of one sampling location: offsets are row-major positions inside the level
-// (h * W + w), weights are the bilinear weights and dwdx / dwdy their derivatives in pixel units.
-template <typename acc_t>
-struct Corners {
-  int64_t offset[4];
-  acc_t weight[4];
-  acc_t dwdx[4];
-  acc_t dwdy[4];
-  bool valid[4];
-};
-
 // The top-left corner (x0, y0) and the fractions (lx, ly) of normalized (loc_x, loc_y) on an H x W map, with
 // F.grid_sample's align_corners=False convention (pixel x = loc_x * W - 0.5) and zero padding. Returns false
 // when no corner lies inside the map, including NaN locations; then the sample and all its gradients are zero
@@ -73,22 +62,6 @@ C10_HOST_DEVICE inline void corner_weight(int k, acc_t lx, acc_t ly, acc_t& w, a
   w = wx * wy;
   dwdx = (k & 1) ? wy : -wy;
   dwdy = (k >> 1) ? wx : -wx;
-}
-
-// Fills `c` for one sample (see bilinear_origin). Returns false when no corner lies inside the map.
-template <typename acc_t>
-C10_HOST_DEVICE inline bool bilinear_corners(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
-                                             Corners<acc_t>& c) {
-  int64_t x0, y0;
-  acc_t lx, ly;
-  if (!bilinear_origin(loc_x, loc_y, height, width, x0, y0, lx, ly)) return false;
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    c.valid[k] = corner_inside(k, x0, y0, height, width);
-    c.offset[k] = c.valid[k] ? corner_offset(k, x0, y0, width) : 0;
-    corner_weight(k, lx, ly, c.weight[k], c.dwdx[k], c.dwdy[k]);
-  }
-  return true;
 }
 
 // The softmax over the n = L * P attention logits of one (query, head), as (max, sum of exp(x - max)), so a

@@ -20,16 +20,23 @@ from collections.abc import Iterator
 import torch
 
 from dnops import reference
+from dnops.ops.ms_deform_attn import EXPORT_OVERRIDE
+from dnops.reference.ms_deform_attn import softmax_rows
 
 PLUGIN = "MultiscaleDeformableAttnPlugin_TRT"
 DOMAIN = "trt"
 _INT32 = 6  # onnx.TensorProto.INT32: the plugin reads the level sizes and starts as int32
-_ENABLED = [False]
 
 
 def enabled() -> bool:
     """Whether exports now write the plugin node (inside ``plugin_export()``)."""
-    return _ENABLED[0]
+    return _plugin_node in EXPORT_OVERRIDE
+
+
+def _plugin_node(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, logits):
+    """The exported op as the plugin node: the plugin takes normalized weights."""
+    weights = softmax_rows(attention_weights) if logits else attention_weights
+    return ms_deform_attn_trt(value, spatial_shapes, level_start_index, sampling_locations, weights)
 
 
 @torch.library.custom_op("dnops::_ms_deform_attn_trt", mutates_args=())
@@ -105,8 +112,8 @@ def translation_table() -> dict:
 def plugin_export() -> Iterator[None]:
     """Exports made inside write ``dnops.ms_deform_attn`` as the TensorRT plugin node."""
     torch.onnx.register_custom_op_symbolic("dnops::_ms_deform_attn_trt", _legacy_symbolic, 9)
-    _ENABLED[0], before = True, _ENABLED[0]
+    EXPORT_OVERRIDE.append(_plugin_node)
     try:
         yield
     finally:
-        _ENABLED[0] = before
+        EXPORT_OVERRIDE.remove(_plugin_node)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from dnops import _backend, reference
-from dnops.ops._autograd import forbid_double_backward
+from dnops._autograd import forbid_double_backward
 from dnops.validation import check_dn_self_attention_args
 
 # Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).

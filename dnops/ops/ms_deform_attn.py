@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dnops import _backend, reference
-from dnops.ops._autograd import forbid_double_backward
-from dnops.reference.ms_deform_attn import softmax_rows
+from dnops._autograd import forbid_double_backward
 from dnops.validation import assert_levels_in_graph, check_ms_deform_attn_args
 
 # Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
 TRITON_OPS: frozenset[str] = frozenset({"ms_deform_attn"})
+# What an export writes instead of the standard-op graph, when an adapter sets one (dnops.compat.tensorrt's
+# plugin_export): called with the op's six arguments. A slot the adapter fills, so that the op knows no adapter.
+EXPORT_OVERRIDE: list[Callable[..., torch.Tensor]] = []
 
 if _backend.HAS_C:
 
@@ -91,11 +95,8 @@ def ms_deform_attn(
     check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
     if _backend.exporting():
-        from dnops.compat import tensorrt
-
-        if tensorrt.enabled():  # the plugin takes normalized weights
-            weights = softmax_rows(attention_weights) if attention_logits else attention_weights
-            return tensorrt.ms_deform_attn_trt(*args[:4], weights)
+        if EXPORT_OVERRIDE:
+            return EXPORT_OVERRIDE[-1](*args)
         # a graph of standard ops that reads the level sizes as data: correct for any spatial_shapes input
         return reference.ms_deform_attn_gather(*args)
     backend = _backend.choose("ms_deform_attn", value.device, TRITON_OPS)

@@ -1,4 +1,4 @@
-"""The DN attention structure (SPEC section 3): the dense mask, two equal definitions of the attention, and the
+"""The DN attention structure: the dense mask, two equal definitions of the attention, and the
 same attention as two calls of torch's scaled_dot_product_attention (the ``sdpa`` backend)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Denoising-query generation, the definition (SPEC section 2), in vectorized torch ops.
+"""Denoising-query generation: the definition every backend is tested against, in vectorized torch ops.
 
 Random stream (shared bit for bit by every backend): the noise of ground truth k in group g is drawn from
 Philox4x32-10 keyed by the seed with counter (k, 8 * g + block, 0, 0), i.e. ``tl.randint4x(seed, offset)`` at

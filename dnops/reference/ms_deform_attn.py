@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention, the definition (SPEC section 1), on top of F.grid_sample."""
+"""Multi-scale deformable attention: the definition every backend is tested against, on top of F.grid_sample."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dnops.ops._autograd import forbid_double_backward
+from dnops._autograd import forbid_double_backward
 from dnops.triton.ms_deform_attn import interpreted
 
 BLOCK = 16

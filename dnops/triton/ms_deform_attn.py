@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dnops.ops._autograd import forbid_double_backward
+from dnops._autograd import forbid_double_backward
 
 BLOCK_R = 16  # rows per backward program, and per forward program in the interpreter
 

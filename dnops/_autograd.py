@@ -1,4 +1,4 @@
-"""Autograd helpers shared by the ops' registrations."""
+"""Autograd helpers shared by the registrations of every backend (ops and Triton kernels alike)."""
 
 from __future__ import annotations
 
