@@ -92,8 +92,8 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * size**3 / (ms * 1e-3) / 1e12
 
 
-def _skip_reason(backend: str, op: str, device: torch.device, triton_ops: frozenset[str]) -> str | None:
-    can = _backend.available(op, device.type, triton_ops)
+def _skip_reason(backend: str, op: str, device: torch.device) -> str | None:
+    can = _backend.available(op, device.type)
     if device.type != "cuda":
         return "skipped: no CUDA device (dry mode)"
     if not can[backend]:
@@ -124,8 +124,6 @@ def _msda_bytes(inputs: list[torch.Tensor], passes: str) -> int:
 
 
 def msda_cases(device: torch.device, dry: bool, sets: int) -> Iterator[Case]:
-    from dnops.ops.ms_deform_attn import TRITON_OPS
-
     plan = [("tiny", 1)] if dry else [("enc800", 1), ("enc800", 4), ("enc512", 2), ("dec", 1)]
     dtypes = (torch.float32,) if dry else (torch.float32, torch.bfloat16)
     for case_name, n in plan:
@@ -143,7 +141,7 @@ def msda_cases(device: torch.device, dry: bool, sets: int) -> Iterator[Case]:
                 else:
                     impls["compile(reference)"] = "skipped: timed at enc800 N=1 fwd+bwd only (compile time)"
                 for name, backend in (("dnops cuda", "cpp"), ("dnops triton", "triton")):
-                    why = _skip_reason(backend, "ms_deform_attn", device, TRITON_OPS)
+                    why = _skip_reason(backend, "ms_deform_attn", device)
                     fn = _with_backend(backend, dnops.ms_deform_attn)
                     impls[name] = why or _fwd_or_fwd_bwd(fn, inputs, passes)
                 yield Case(
@@ -171,7 +169,6 @@ def _flex(case: cases.DNAttnCase, device: torch.device) -> Callable[..., torch.T
 
 def dn_attention_cases(device: torch.device, dry: bool, sets: int) -> Iterator[Case]:
     from dnops.nn import DNMultiheadAttention
-    from dnops.ops.dn_self_attention import TRITON_OPS
 
     plan = {"tiny": cases.DNAttnCase("tiny", 2, 3, 5, heads=2, head_dim=8)} if dry else cases.DN_ATTN_CASES
     dtypes = (torch.float32,) if dry else (torch.float32, torch.bfloat16)
@@ -193,7 +190,7 @@ def dn_attention_cases(device: torch.device, dry: bool, sets: int) -> Iterator[C
                 else:
                     impls["flex (compiled)"] = "skipped: timed at dino and big-dn fwd+bwd only (compile time)"
                 for impl, backend in (("dnops cuda", "cpp"), ("dnops triton", "triton"), ("dnops sdpa", "sdpa")):
-                    why = _skip_reason(backend, "dn_self_attention", device, TRITON_OPS)
+                    why = _skip_reason(backend, "dn_self_attention", device)
                     fn = _with_backend(backend, dnops.dn_self_attention)
                     impls[impl] = why or _fwd_or_fwd_bwd(
                         lambda q, k, v, fn=fn, c=case: fn(q, k, v, c.pad_size, c.group_size), inputs, passes
@@ -219,7 +216,6 @@ def dn_attention_cases(device: torch.device, dry: bool, sets: int) -> Iterator[C
 
 def dn_queries_cases(device: torch.device, dry: bool, sets: int) -> Iterator[Case]:
     from benchmarks import originals
-    from dnops.ops.dn_queries import TRITON_OPS
 
     for batch in (2,) if dry else (2, 8, 32):
         labels, boxes, counts = cases.dn_inputs(batch, device=device)
@@ -233,7 +229,7 @@ def dn_queries_cases(device: torch.device, dry: bool, sets: int) -> Iterator[Cas
                 original = originals.dino_prepare_for_cdn
             impls: dict[str, Impl | str] = {f"{algorithm} gen+mask": lambda i, f=original, a=args: f(*a, None)}
             for impl, backend in (("dnops cuda", "cpp"), ("dnops triton", "triton")):
-                why = _skip_reason(backend, "dn_queries", device, TRITON_OPS)
+                why = _skip_reason(backend, "dn_queries", device)
                 fn = _with_backend(backend, dnops.dn_queries)
                 gen = (labels, boxes, counts)
                 impls[impl] = why or (lambda i, fn=fn, m=mode, a=gen: fn(*a, num_classes=91, mode=m))

@@ -18,9 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
-BACKENDS = ("reference", "cpp", "triton", "sdpa")
-# Ops with an exact formulation as torch scaled_dot_product_attention calls (dnops.reference.*_sdpa).
-SDPA_OPS = frozenset({"dn_self_attention"})
+from dnops._registry import BACKENDS, DEFAULT_ORDER, OPS
 
 try:
     # loading it registers the C++/CUDA kernels. By its full name: a missing extension then reads "No module named
@@ -110,38 +108,32 @@ def _warn_fallback(op: str, backend: str, device_type: str) -> None:
     )
 
 
-def available(op: str, device_type: str, triton_ops: frozenset[str] = frozenset()) -> dict[str, bool]:
-    """Which backends can run ``op`` on ``device_type``; ``triton_ops`` names the ops that have a Triton kernel."""
+def available(op: str, device_type: str) -> dict[str, bool]:
+    """Which backends can run ``op`` (a name in dnops._registry.OPS) on ``device_type``, in this installation."""
+    info = OPS[op]
     return {
         "reference": True,
         "cpp": has_kernel(op, device_type),
-        "triton": op in triton_ops and _triton_runs_on(device_type),
-        "sdpa": op in SDPA_OPS,
+        "triton": info.triton and _triton_runs_on(device_type),
+        "sdpa": info.sdpa,
     }
 
 
 @torch.compiler.assume_constant_result
-def choose(op: str, device: torch.device, triton_ops: frozenset[str] = frozenset()) -> str:
-    """The backend that runs ``op`` on ``device``: the DNOPS_BACKEND override if it can, else the default.
+def choose(op: str, device: torch.device) -> str:
+    """The backend that runs ``op`` on ``device``: the DNOPS_BACKEND override if it can, else the default
+    (dnops._registry.DEFAULT_ORDER).
 
     torch.compile evaluates this once while tracing (kernel registration and the environment are fixed).
     """
-    can = available(op, device.type, triton_ops)
+    can = available(op, device.type)
     wanted = requested_backend()
     if wanted is not None:
         if can[wanted]:
             return wanted
         _warn_fallback(op, wanted, device.type)
         return "reference"
-    if can["cpp"]:
-        return "cpp"
-    if device.type == "cuda":
-        # until a GPU run measures the Triton kernels, the GPU default is what CI verifies most closely: torch's
-        # own attention kernels before a Triton kernel that only the interpreter and the sm_90 compile check see
-        for backend in ("sdpa", "triton"):
-            if can[backend]:
-                return backend
-    return "reference"
+    return next((b for b in DEFAULT_ORDER.get(device.type, ()) if can[b]), "reference")
 
 
 # torch.compiler.is_exporting() is also True under plain torch.compile before torch 2.14 (seen on 2.11); there only

@@ -8,16 +8,7 @@ import platform
 import torch
 
 from dnops import _backend
-from dnops.ops.dn_queries import TRITON_OPS as _DNQ_TRITON
-from dnops.ops.dn_self_attention import TRITON_OPS as _DSA_TRITON
-from dnops.ops.ms_deform_attn import TRITON_OPS as _MSDA_TRITON
-
-OPS = {
-    "ms_deform_attn": _MSDA_TRITON,
-    "dn_queries": _DNQ_TRITON,
-    "dn_self_attention": _DSA_TRITON,
-    "dn_attn_mask": frozenset(),
-}
+from dnops._registry import OPS
 
 
 def build_info() -> dict[str, str]:
@@ -48,10 +39,10 @@ def report() -> str:
     lines.append(f"DNOPS_BACKEND={os.environ.get('DNOPS_BACKEND', '')!r}")
     lines.append("")
     lines.append(f"{'op':<20} {'device':<6} {'reference':<10} {'cpp':<6} {'triton':<7} {'sdpa':<5} -> runs")
-    for op, triton_ops in OPS.items():
+    for op in OPS:
         for device in ("cpu", "cuda"):
-            can = _backend.available(op, device, triton_ops)
-            runs = _backend.choose(op, torch.device(device), triton_ops)
+            can = _backend.available(op, device)
+            runs = _backend.choose(op, torch.device(device))
             flags = ["yes" if can[b] else "-" for b in _backend.BACKENDS]
             lines.append(f"{op:<20} {device:<6} {flags[0]:<10} {flags[1]:<6} {flags[2]:<7} {flags[3]:<5} -> {runs}")
     return "\n".join(lines)

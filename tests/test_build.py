@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,25 +11,19 @@ from torch.utils import cpp_extension
 
 import dnops
 from dnops import _backend
+from dnops._registry import OPS
 
-CPU_OPS = [
-    "dn_attn_mask",
-    "ms_deform_attn",
-    "_ms_deform_attn_backward",
-    "dn_self_attention",
-    "_dn_self_attention_backward",
-    "dn_queries",
-]
-# dn_self_attention's GPU path is Triton (a CUDA C++ version is optional).
-CUDA_OPS = ["dn_attn_mask", "ms_deform_attn", "_ms_deform_attn_backward", "dn_queries"]
-SCHEMAS = [
-    "dn_attn_mask",
-    "ms_deform_attn",
-    "_ms_deform_attn_backward",
-    "dn_queries",
-    "dn_self_attention",
-    "_dn_self_attention_backward",
-]
+ROOT = Path(__file__).resolve().parents[1]
+
+# every schema csrc/dnops.cpp defines, and the kernels a full build registers per device kind (dnops._registry)
+SCHEMAS = [schema for op in OPS.values() for schema in op.schemas]
+CPU_OPS = [schema for op in OPS.values() if "cpu" in op.compiled for schema in op.schemas]
+CUDA_OPS = [schema for op in OPS.values() if "cuda" in op.compiled for schema in op.schemas]
+
+
+def test_the_registry_lists_every_schema_the_extension_defines():
+    defined = set(re.findall(r'm\.def\(\s*"(\w+)\(', (ROOT / "csrc" / "dnops.cpp").read_text()))
+    assert defined == set(SCHEMAS)
 
 
 def _matching_nvcc() -> bool:

@@ -253,9 +253,8 @@ def test_sdpa_backend_gradcheck_and_low_precision(backend_env):
 
 def test_sdpa_is_the_gpu_default_and_an_override_everywhere(backend_env):
     from dnops import _backend
-    from dnops.ops.dn_self_attention import TRITON_OPS
 
-    assert _backend.choose("dn_self_attention", torch.device("cuda"), TRITON_OPS) == "sdpa"
+    assert _backend.choose("dn_self_attention", torch.device("cuda")) == "sdpa"
     backend_env("sdpa")
-    assert _backend.choose("dn_self_attention", torch.device("cpu"), TRITON_OPS) == "sdpa"
+    assert _backend.choose("dn_self_attention", torch.device("cpu")) == "sdpa"
     assert _backend.choose("ms_deform_attn", torch.device("cpu")) == "reference"  # no sdpa formulation: warns

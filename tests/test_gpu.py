@@ -116,10 +116,10 @@ def backend_fn(backend: str, fn):
     return run
 
 
-def needs(op: str, backend: str, triton_ops: frozenset[str] = frozenset(), device: str = "cuda"):
+def needs(op: str, backend: str, device: str = "cuda"):
     if device != "cuda" and backend != "cpp":
         pytest.skip("the emulator runs the CUDA kernels; the Triton kernels run in their interpreter tests")
-    can = _backend.available(op, device, triton_ops)
+    can = _backend.available(op, device)
     if not can[backend]:
         pytest.skip(f"no {backend} kernel of {op} for {device} in this build")
 
@@ -148,9 +148,7 @@ def msda_args(dtype, device="cuda", **kw):
 
 
 def msda(backend: str, logits: bool = False, device: str = "cuda"):
-    from dnops.ops.ms_deform_attn import TRITON_OPS
-
-    needs("ms_deform_attn", backend, TRITON_OPS, device)
+    needs("ms_deform_attn", backend, device)
     return backend_fn(backend, lambda *a: dnops.ms_deform_attn(*a, attention_logits=logits))
 
 
@@ -269,9 +267,7 @@ cuda = pytest.mark.cuda
 
 
 def dsa(backend: str):
-    from dnops.ops.dn_self_attention import TRITON_OPS
-
-    needs("dn_self_attention", backend, TRITON_OPS)
+    needs("dn_self_attention", backend)
     return backend_fn(backend, dnops.dn_self_attention)
 
 
@@ -313,9 +309,7 @@ COUNT_PATTERNS = [[3, 0, 5, 1], [0, 0], [7], [2, 9, 0, 4, 4, 1, 0, 3], [1, 0, 2]
 
 
 def dnq(backend: str, device: str = "cuda"):
-    from dnops.ops.dn_queries import TRITON_OPS
-
-    needs("dn_queries", backend, TRITON_OPS, device)
+    needs("dn_queries", backend, device)
     return backend_fn(backend, dnops.dn_queries)
 
 
@@ -433,10 +427,6 @@ def test_adapters_dispatch_no_host_sync():
 @cuda
 @pytest.mark.parametrize("backend", ["cpp", "triton", "sdpa"])
 def test_compile_fullgraph_ops(backend):
-    from dnops.ops.dn_queries import TRITON_OPS as DNQ
-    from dnops.ops.dn_self_attention import TRITON_OPS as DSA
-    from dnops.ops.ms_deform_attn import TRITON_OPS as MSDA
-
     torch._dynamo.reset()
     if backend == "triton" and _backend.triton_available():
         # imported before tracing: the public functions import their Triton module on first use
@@ -444,18 +434,18 @@ def test_compile_fullgraph_ops(backend):
         import dnops.triton.dn_self_attention
         import dnops.triton.ms_deform_attn  # noqa: F401
     args = msda_args(torch.float32, d=32)
-    if _backend.available("ms_deform_attn", "cuda", MSDA)[backend]:
+    if _backend.available("ms_deform_attn", "cuda")[backend]:
         with _backend.use_backend(backend):
             compiled = torch.compile(dnops.ms_deform_attn, fullgraph=True)
             out = compiled(*args)
         check_against_reference(lambda *a: out, reference.ms_deform_attn, args, torch.float32, "compiled msda")
     qkv = [torch.randn(2, 3, 40, 32, device="cuda", requires_grad=True) for _ in range(3)]
-    if _backend.available("dn_self_attention", "cuda", DSA)[backend]:
+    if _backend.available("dn_self_attention", "cuda")[backend]:
         with _backend.use_backend(backend):
             out = torch.compile(dnops.dn_self_attention, fullgraph=True)(*qkv, 20, 5)
         ref = lambda q, k, v: reference.dn_self_attention(q, k, v, 20, 5)  # noqa: E731
         check_against_reference(lambda *a: out, ref, qkv, torch.float32, "compiled dn_self_attention")
-    if _backend.available("dn_queries", "cuda", DNQ)[backend]:
+    if _backend.available("dn_queries", "cuda")[backend]:
         labels, boxes = torch.randint(0, 20, (9,), device="cuda"), torch.rand(9, 4, device="cuda") * 0.5 + 0.2
 
         def gen(labels, boxes):

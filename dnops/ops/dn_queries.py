@@ -10,9 +10,6 @@ from dnops import _backend, reference
 from dnops.reference.dn_queries import DNQueries, dn_layout
 from dnops.validation import check_counts, check_dn_queries_args
 
-# Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
-TRITON_OPS: frozenset[str] = frozenset({"dn_queries"})
-
 if _backend.HAS_C:
 
     @torch.library.register_fake("dnops::dn_queries")
@@ -107,7 +104,7 @@ def generate(
     """The kernel with an explicit layout (``groups`` groups of ``max_gt`` GT slots, twice that for contrastive)
     and label flip probability, on the chosen backend: (labels, boxes, gt_index, negative), each (B, pad[, 4]).
     For adapters whose originals lay out or flip otherwise than DN-DETR / DINO; counts as check_counts returns."""
-    backend = _backend.choose("dn_queries", labels.device, TRITON_OPS)
+    backend = _backend.choose("dn_queries", labels.device)
     if seed is None and backend == "cpp":
         seed = -1  # the C++ op draws its own key: under torch.compile it is drawn per call, not frozen while tracing
     elif seed is None and backend == "reference" and torch.compiler.is_compiling():

@@ -6,9 +6,6 @@ from dnops import _backend, reference
 from dnops._autograd import forbid_double_backward
 from dnops.validation import check_dn_self_attention_args
 
-# Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
-TRITON_OPS: frozenset[str] = frozenset({"dn_self_attention"})
-
 if _backend.HAS_C:
 
     def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,7 +63,7 @@ def dn_self_attention(
         )
     check_dn_self_attention_args(q, k, v, pad_size, group_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = _backend.choose("dn_self_attention", q.device, TRITON_OPS)
+    backend = _backend.choose("dn_self_attention", q.device)
     if backend == "cpp":
         return torch.ops.dnops.dn_self_attention.default(q, k, v, pad_size, group_size, scale)[0]
     if backend == "triton":

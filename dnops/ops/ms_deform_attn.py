@@ -8,8 +8,6 @@ from dnops import _backend, reference
 from dnops._autograd import forbid_double_backward
 from dnops.validation import assert_levels_in_graph, check_ms_deform_attn_args
 
-# Ops of this module that have a Triton kernel (the GPU path when no CUDA kernel is compiled).
-TRITON_OPS: frozenset[str] = frozenset({"ms_deform_attn"})
 # What an export writes instead of the standard-op graph, when an adapter sets one (dnops.compat.tensorrt's
 # plugin_export): called with the op's six arguments. A slot the adapter fills, so that the op knows no adapter.
 EXPORT_OVERRIDE: list[Callable[..., torch.Tensor]] = []
@@ -99,7 +97,7 @@ def ms_deform_attn(
             return EXPORT_OVERRIDE[-1](*args)
         # a graph of standard ops that reads the level sizes as data: correct for any spatial_shapes input
         return reference.ms_deform_attn_gather(*args)
-    backend = _backend.choose("ms_deform_attn", value.device, TRITON_OPS)
+    backend = _backend.choose("ms_deform_attn", value.device)
     if backend == "cpp":
         return torch.ops.dnops.ms_deform_attn.default(*args)
     if backend == "triton":
