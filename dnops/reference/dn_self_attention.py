@@ -1,27 +1,14 @@
-"""The DN attention structure: the dense mask, two equal definitions of the attention, and the
-same attention as two calls of torch's scaled_dot_product_attention (the ``sdpa`` backend)."""
+"""DN self-attention, the definition of ``dnops.dn_self_attention``: two equal formulations (the dense masked
+softmax and the visible blocks only), and the same attention as two calls of torch's scaled_dot_product_attention
+(the ``sdpa`` backend)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from dnops.validation import check_dn_self_attention_args, check_dn_structure
-
-
-def dn_attn_mask(
-    pad_size: int, group_size: int, num_queries: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """(W, W) bool mask, W = pad_size + num_queries, True = blocked (nn.MultiheadAttention's convention).
-
-    A matching query sees matching keys only; a DN query of group g sees group g and every matching key.
-    """
-    check_dn_structure(pad_size, group_size, num_queries)
-    idx = torch.arange(pad_size + num_queries, device=device)
-    row, col = idx[:, None], idx[None, :]
-    group = idx // max(group_size, 1)
-    other_group = group[:, None] != group[None, :]
-    return torch.where(row < pad_size, (col < pad_size) & other_group, col < pad_size)
+from dnops.reference.dn_attn_mask import dn_attn_mask
+from dnops.validation import check_dn_self_attention_args
 
 
 def _opmath(*tensors: torch.Tensor) -> list[torch.Tensor]:
