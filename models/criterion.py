@@ -18,14 +18,19 @@ def box_cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
 
 
-def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Generalized IoU of xyxy boxes (..., 4), broadcast over the leading dims: pass (N, 1, 4) and (M, 4) for
-    the (N, M) matrix, two (P, 4) for the P aligned pairs."""
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(IoU, union) of xyxy boxes (..., 4), broadcast over the leading dims: pass (N, 1, 4) and (M, 4) for the
+    (N, M) matrix, two (P, 4) for the P aligned pairs."""
     area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
     area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
     inter = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
     union = area_a + area_b - inter
-    iou = inter / union.clamp(min=1e-7)
+    return inter / union.clamp(min=1e-7), union
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Generalized IoU of xyxy boxes (..., 4), broadcast as ``box_iou``."""
+    iou, union = box_iou(a, b)
     hull = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).prod(-1)
     return iou - (hull - union) / hull.clamp(min=1e-7)
 
