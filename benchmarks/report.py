@@ -293,6 +293,7 @@ def blocks(published: Path = PUBLISHED) -> dict[str, str]:
         "gpu": gpu_block(),
         "gpu-status": gpu_status(),
         "ablation": ablation_table(),
+        "ablation-claims": ablation_claims(),
     }
 
 
