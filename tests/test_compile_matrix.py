@@ -15,47 +15,39 @@ import torch.utils._pytree as pytree
 
 import dnops
 from dnops import _backend
+from dnops._registry import OPS as REGISTRY
 from tests.dn_utils import make_gt
 from tests.msda_utils import make_inputs
 
-CPU_BACKENDS = {
-    "ms_deform_attn": ["reference", "cpp"],
-    "ms_deform_attn_logits": ["reference", "cpp"],
-    "dn_self_attention": ["reference", "cpp", "sdpa"],
-    "dn_queries_dn": ["reference", "cpp"],
-    "dn_queries_cdn": ["reference", "cpp"],
-    "dn_attn_mask": ["reference", "cpp"],
-    "MSDeformAttn": ["reference", "cpp"],
-    "DNMultiheadAttention": ["reference", "cpp", "sdpa"],
-    # the drop-in names: each runs whichever backend the op it calls chooses
-    "compat.MSDeformAttnFunction": ["reference", "cpp"],
-    "compat.multi_scale_deformable_attn_pytorch": ["reference", "cpp"],
-    "compat.MultiScaleDeformableAttention_extension": ["reference", "cpp"],
-    "compat.transformers_MultiScaleDeformableAttention": ["reference", "cpp"],
-    "compat.dn_detr_prepare_for_dn": ["reference", "cpp"],
-    "compat.dn_deformable_detr_prepare_for_dn": ["reference", "cpp"],
-    "compat.dn_dino_variant_prepare_for_dn": ["reference", "cpp"],
-    "compat.dino_prepare_for_cdn": ["reference", "cpp"],
-}
-# "cpp" on a GPU is the CUDA kernel; a backend the build or the device lacks is skipped, naming it
-GPU_BACKENDS = {
-    "ms_deform_attn": ["cpp", "triton"],
-    "ms_deform_attn_logits": ["cpp", "triton"],
-    "dn_self_attention": ["cpp", "triton", "sdpa"],
-    "dn_queries_dn": ["cpp", "triton"],
-    "dn_queries_cdn": ["cpp", "triton"],
-    "dn_attn_mask": ["cpp"],
-    "MSDeformAttn": ["cpp", "triton"],
-    "DNMultiheadAttention": ["cpp", "triton", "sdpa"],
-}
-# the op whose backend a case's backend names (the modules and adapters call these)
+# the op whose backends a case runs (the modules and adapters call these); the backends come from the registry
 OPS = {
     "ms_deform_attn_logits": "ms_deform_attn",
     "dn_queries_dn": "dn_queries",
     "dn_queries_cdn": "dn_queries",
     "MSDeformAttn": "ms_deform_attn",
     "DNMultiheadAttention": "dn_self_attention",
+    "compat.MSDeformAttnFunction": "ms_deform_attn",
+    "compat.multi_scale_deformable_attn_pytorch": "ms_deform_attn",
+    "compat.MultiScaleDeformableAttention_extension": "ms_deform_attn",
+    "compat.transformers_MultiScaleDeformableAttention": "ms_deform_attn",
+    "compat.dn_detr_prepare_for_dn": "dn_queries",
+    "compat.dn_deformable_detr_prepare_for_dn": "dn_queries",
+    "compat.dn_dino_variant_prepare_for_dn": "dn_queries",
+    "compat.dino_prepare_for_cdn": "dn_queries",
 }
+
+
+def _backends(case: str, device_type: str) -> list[str]:
+    """The backends the registry gives the case's op on a device kind: on the CPU the reference, C++ and SDPA ones
+    (the drop-in names just the first two: they run whichever backend their op chooses); on a GPU the CUDA
+    ("cpp"), Triton and SDPA ones of the ops and modules (the reference and the adapters are the same Python)."""
+    info = REGISTRY[OPS.get(case, case)]
+    if device_type == "cpu":
+        return ["reference", "cpp"] + (["sdpa"] if info.sdpa and not case.startswith("compat.") else [])
+    if case.startswith("compat."):
+        return []
+    gpu = [("cpp", "cuda" in info.compiled), ("triton", info.triton), ("sdpa", info.sdpa)]
+    return [backend for backend, has in gpu if has]
 
 
 def _msda(logits: bool):
@@ -226,8 +218,8 @@ CASES = {
         )
     },
 }
-MATRIX = [(case, backend) for case, backends in CPU_BACKENDS.items() for backend in backends]
-GPU_MATRIX = [(case, backend) for case, backends in GPU_BACKENDS.items() for backend in backends]
+MATRIX = [(case, backend) for case in CASES for backend in _backends(case, "cpu")]
+GPU_MATRIX = [(case, backend) for case in CASES for backend in _backends(case, "cuda")]
 
 
 def _compare(fn, compiled, args, grad_inputs) -> None:
