@@ -95,11 +95,11 @@ def _prepare_dino_variant(
     matching = num_queries * max(int(num_patterns), 1)
     labels, boxes, counts = flatten_targets(targets)
     per_image = [2 * c if contrastive else c for c in counts]
-    single_pad = max(per_image, default=0)
+    single_pad = max(per_image) if per_image else 0  # not max(..., default=): torch 2.11 Dynamo fails on it
     groups = int(scalar)
     groups = 1 if single_pad == 0 else groups // single_pad if groups >= 100 else groups
     groups = max(groups, 1)
-    most = max(counts, default=0)
+    most = max(counts) if counts else 0
     flip, scale = max(float(label_noise_scale), 0.0), max(float(box_noise_scale), 0.0)
     out_labels, out_boxes, _, _ = generate(labels, boxes, counts, groups, most, True, num_classes, flip, scale, None)
     device = labels.device
@@ -214,7 +214,7 @@ def _prepare(dn_args, embedweight, batch_size, training, num_queries, num_classe
         "known_lbs_bboxes": (known_labels, known_boxes),
         # one split of a column view rather than one slice per image: each is a dispatch on the step's critical path
         "know_idx": list(within.unsqueeze(1).split(counts)),
-        "pad_size": groups * max(counts, default=0),
+        "pad_size": groups * (max(counts) if counts else 0),
     }
     return input_query_label, input_query_bbox, attn_mask, mask_dict
 

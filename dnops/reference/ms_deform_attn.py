@@ -108,4 +108,7 @@ def ms_deform_attn_gather(
     rows = torch.gather(value.transpose(1, 2), 2, index.unsqueeze(-1).expand(-1, -1, -1, d))
     weight = weight.permute(0, 2, 1, 3, 4, 5).reshape(n, m, lq, corners, 1)
     out = (rows.view(n, m, lq, corners, d) * weight).sum(3)  # (N, M, Lq, D)
-    return out.permute(0, 2, 1, 3).reshape(n, lq, m * d).to(out_dtype)
+    out = out.permute(0, 2, 1, 3).reshape(n, lq, m * d)
+    # no .to() when the dtype is already right: torch 2.11's Dynamo returns zero gradients for a vjp (the compat
+    # extension interface's traced backward) whose function ends in a no-op .to()
+    return out if out.dtype == out_dtype else out.to(out_dtype)
