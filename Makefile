@@ -41,7 +41,7 @@ format: venv
 
 test: build lint
 	$(PY) -m dnops.info
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 	DNOPS_BENCH_QUICK=1 $(PY) -m pytest -q benchmarks --benchmark-disable
 	$(MAKE) test-cuda-emulated
 
@@ -77,7 +77,7 @@ test-compat: compat-venv
 	mkdir -p $(COMPAT)/src
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -p --parents -t $(COMPAT)/src
 	cd $(COMPAT)/src && DNOPS_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 ../venv/bin/python setup.py -q build_ext --inplace
-	cd $(COMPAT)/src && ../venv/bin/python -m dnops.info && ../venv/bin/python -m pytest -q -p no:cacheprovider tests
+	cd $(COMPAT)/src && ../venv/bin/python -m dnops.info && ../venv/bin/python -m pytest -q -n auto -p no:cacheprovider tests
 
 # On a lent GPU machine (no .venv: its own python3, torch and triton) it builds the extension in place for that
 # torch and this GPU, compiles the Triton kernels into Triton's cache, then runs the GPU tests, compute-sanitizer
