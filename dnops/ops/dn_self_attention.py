@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from dnops import _backend, reference
-from dnops._autograd import forbid_double_backward
+from dnops._autograd import register_dn_self_attention
 from dnops.validation import check_dn_self_attention_args
 
 if _backend.HAS_C:
@@ -24,19 +24,7 @@ if _backend.HAS_C:
     def _(grad_out, q, k, v, out, lse, pad_size, group_size, scale):
         return _grad_like(q), _grad_like(k), _grad_like(v)
 
-    def _setup_context(ctx, inputs, output):
-        q, k, v, pad_size, group_size, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.structure = (pad_size, group_size, scale)
-
-    def _backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.dnops._dn_self_attention_backward.default(grad_out, q, k, v, out, lse, *ctx.structure)
-        return dq, dk, dv, None, None, None
-
-    torch.library.register_autograd("dnops::dn_self_attention", _backward, setup_context=_setup_context)
-    forbid_double_backward("dnops::_dn_self_attention_backward", "dn_self_attention")
+    register_dn_self_attention("dnops::dn_self_attention", "dnops::_dn_self_attention_backward")
 
 
 def dn_self_attention(

@@ -5,7 +5,7 @@ from collections.abc import Callable
 import torch
 
 from dnops import _backend, reference
-from dnops._autograd import forbid_double_backward
+from dnops._autograd import register_ms_deform_attn
 from dnops.validation import assert_levels_in_graph, check_ms_deform_attn_args
 
 # What an export writes instead of the standard-op graph, when an adapter sets one (dnops.compat.tensorrt's
@@ -27,17 +27,7 @@ if _backend.HAS_C:
             attention_weights.new_empty(attention_weights.shape),
         )
 
-    def _setup_context(ctx, inputs, output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, logits = inputs
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        ctx.logits = logits
-
-    def _backward(ctx, grad_output):
-        grads = torch.ops.dnops._ms_deform_attn_backward.default(grad_output, *ctx.saved_tensors, ctx.logits)
-        return grads[0], None, None, grads[1], grads[2], None
-
-    torch.library.register_autograd("dnops::ms_deform_attn", _backward, setup_context=_setup_context)
-    forbid_double_backward("dnops::_ms_deform_attn_backward", "ms_deform_attn")
+    register_ms_deform_attn("dnops::ms_deform_attn", "dnops::_ms_deform_attn_backward")
 
     # Under autocast the op runs in float32, as grid_sample does: sampling locations in bfloat16 would be off by
     # a third of a pixel on a 167-pixel-wide map.

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dnops._autograd import forbid_double_backward
+from dnops._autograd import register_dn_self_attention
 from dnops.triton.ms_deform_attn import interpreted
 
 BLOCK = 16
@@ -404,17 +404,4 @@ def dn_self_attention_triton_backward(
     return dq, dk, dv
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, pad_size, group_size, scale = inputs
-    ctx.save_for_backward(q, k, v, *output)
-    ctx.structure = (pad_size, group_size, scale)
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = dn_self_attention_triton_backward(grad_out, q, k, v, out, lse, *ctx.structure)
-    return dq, dk, dv, None, None, None
-
-
-dn_self_attention_triton.register_autograd(_backward, setup_context=_setup_context)
-forbid_double_backward(dn_self_attention_triton_backward, "dn_self_attention")
+register_dn_self_attention(dn_self_attention_triton, dn_self_attention_triton_backward)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from dnops._autograd import forbid_double_backward
+from dnops._autograd import register_ms_deform_attn
 
 BLOCK_R = 16  # rows per backward program, and per forward program in the interpreter
 
@@ -321,16 +321,4 @@ def ms_deform_attn_triton_backward(
     return grad_value.to(value.dtype), grad_loc.to(value.dtype), grad_w.to(value.dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, logits = inputs
-    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    ctx.logits = logits
-
-
-def _backward(ctx, grad_output):
-    grads = ms_deform_attn_triton_backward(grad_output, *ctx.saved_tensors, ctx.logits)
-    return grads[0], None, None, grads[1], grads[2], None
-
-
-ms_deform_attn_triton.register_autograd(_backward, setup_context=_setup_context)
-forbid_double_backward(ms_deform_attn_triton_backward, "ms_deform_attn")
+register_ms_deform_attn(ms_deform_attn_triton, ms_deform_attn_triton_backward)
