@@ -140,7 +140,7 @@ def msda_cases(device: torch.device, dry: bool, sets: int) -> Iterator[Case]:
                     impls["compile(reference)"] = Deferred(_fwd_or_fwd_bwd(compiled, inputs, passes))
                 else:
                     impls["compile(reference)"] = "skipped: timed at enc800 N=1 fwd+bwd only (compile time)"
-                for name, backend in (("dnops cuda", "cpp"), ("dnops triton", "triton")):
+                for name, backend in (("dnops cuda", "cuda"), ("dnops triton", "triton")):
                     why = _skip_reason(backend, "ms_deform_attn", device)
                     fn = _with_backend(backend, dnops.ms_deform_attn)
                     impls[name] = why or _fwd_or_fwd_bwd(fn, inputs, passes)
@@ -189,7 +189,7 @@ def dn_attention_cases(device: torch.device, dry: bool, sets: int) -> Iterator[C
                     impls["flex (compiled)"] = Deferred(_fwd_or_fwd_bwd(_flex(case, device), inputs, passes))
                 else:
                     impls["flex (compiled)"] = "skipped: timed at dino and big-dn fwd+bwd only (compile time)"
-                for impl, backend in (("dnops cuda", "cpp"), ("dnops triton", "triton"), ("dnops sdpa", "sdpa")):
+                for impl, backend in (("dnops cuda", "cuda"), ("dnops triton", "triton"), ("dnops sdpa", "sdpa")):
                     why = _skip_reason(backend, "dn_self_attention", device)
                     fn = _with_backend(backend, dnops.dn_self_attention)
                     impls[impl] = why or _fwd_or_fwd_bwd(
@@ -228,7 +228,7 @@ def dn_queries_cases(device: torch.device, dry: bool, sets: int) -> Iterator[Cas
                 args = ((targets, 100, 0.5, 1.0), True, queries, 91, 256)
                 original = originals.dino_prepare_for_cdn
             impls: dict[str, Impl | str] = {f"{algorithm} gen+mask": lambda i, f=original, a=args: f(*a, None)}
-            for impl, backend in (("dnops cuda", "cpp"), ("dnops triton", "triton")):
+            for impl, backend in (("dnops cuda", "cuda"), ("dnops triton", "triton")):
                 why = _skip_reason(backend, "dn_queries", device)
                 fn = _with_backend(backend, dnops.dn_queries)
                 gen = (labels, boxes, counts)

@@ -60,7 +60,7 @@ def ms_deform_attn_benches(quick: bool = False) -> Iterator[Bench]:
                 inputs = cases.msda_inputs(cases.MSDA_CASES[case_name], law, dtype, requires_grad=passes == "fwd+bwd")
                 impls: dict[str, Callable[..., torch.Tensor]] = {"reference": reference.ms_deform_attn}
                 if _backend.has_kernel("ms_deform_attn", "cpu"):
-                    impls["dnops"] = _with_backend("cpp", dnops.ms_deform_attn)
+                    impls["dnops"] = _with_backend("cpu", dnops.ms_deform_attn)
                 bench = Bench("ms_deform_attn", case_name, f"{law} {str(dtype)[6:]} {passes}")
                 for name, fn in impls.items():
                     bench.impls[name] = (
@@ -161,7 +161,7 @@ def dn_self_attention_benches(quick: bool = False) -> Iterator[Bench]:
                 ),
             }
             if _backend.has_kernel("dn_self_attention", "cpu"):
-                impls["dnops"] = lambda q, k, v, c=case: _with_backend("cpp", dnops.dn_self_attention)(
+                impls["dnops"] = lambda q, k, v, c=case: _with_backend("cpu", dnops.dn_self_attention)(
                     q, k, v, c.pad_size, c.group_size
                 )
             if passes == "fwd" and not quick:

@@ -2,8 +2,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "compat/dn_detr.h"
-#include "dn_queries/dn_queries.h"
+#include "dn_queries/dn_queries_host.h"
 
 TORCH_LIBRARY(dnops, m) {
   m.def("dn_attn_mask(SymInt pad_size, SymInt group_size, SymInt num_queries, *, Device? device=None) -> Tensor");
@@ -18,6 +17,12 @@ TORCH_LIBRARY(dnops, m) {
   m.def(
       "dn_queries(Tensor labels, Tensor boxes, SymInt[] counts, SymInt num_groups, SymInt max_gt, bool contrastive, "
       "int num_classes, float label_noise_ratio, float box_noise_scale, int seed) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
+  // DN-DETR's prepare_for_dn training branch in one call (dnops.compat.dn_detr), seed as dn_queries'
+  m.def(
+      "_dn_detr_prepare(Tensor[] labels, Tensor[] boxes, Tensor label_weight, Tensor anchors, Tensor zero_row, "
+      "Tensor indicator, Tensor matching_index, int num_patterns, int num_classes, int num_groups, "
+      "float label_noise_ratio, float box_noise_scale, int seed) -> Tensor[]",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "dn_self_attention(Tensor q, Tensor k, Tensor v, SymInt pad_size, SymInt group_size, float scale) -> (Tensor, "
@@ -42,6 +47,4 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("draw_seed", &dnops::dnq::draw_seed, "A non-negative 62-bit seed from torch's default CPU generator.");
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled into this extension.");
-  m.def("dn_detr_prepare", &dnops::dn_detr_prepare,
-        "DN-DETR's prepare_for_dn (training) on the dnops ops, see dn_detr.h.");
 }

@@ -2,8 +2,9 @@
 
 Default per device: CPU -> the C++ kernel; CUDA -> the CUDA kernel if one is compiled (CI executes it in the CUDA
 emulator), else torch's own SDPA kernels where the op has that formulation, else Triton; anything missing -> the
-pure-PyTorch reference. ``DNOPS_BACKEND=reference|cpp|triton|sdpa`` overrides the default; an override that an op
-cannot honour falls back to the reference with one warning per (op, backend).
+pure-PyTorch reference. ``DNOPS_BACKEND=reference|cpu|cuda|triton|sdpa`` overrides the default (``cpp``, the
+earlier name of the compiled kernels, still means the one of the tensors' device); an override that an op cannot
+honour falls back to the reference with one warning per (op, backend).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-from dnops._registry import BACKENDS, DEFAULT_ORDER, OPS
+from dnops._registry import ALIASES, BACKENDS, COMPILED, DEFAULT_ORDER, OPS
 
 try:
     # loading it registers the C++/CUDA kernels. By its full name: a missing extension then reads "No module named
@@ -73,12 +74,20 @@ def _triton_runs_on(device_type: str) -> bool:
 
 
 def requested_backend() -> str | None:
+    """DNOPS_BACKEND as set: one of BACKENDS or ALIASES, or None."""
     value = os.environ.get("DNOPS_BACKEND", "").strip().lower()
     if not value:
         return None
-    if value not in BACKENDS:
-        raise ValueError(f"DNOPS_BACKEND must be one of {BACKENDS}, got {value!r}")
+    if value not in BACKENDS and value not in ALIASES:
+        raise ValueError(f"DNOPS_BACKEND must be one of {BACKENDS} (or the earlier {tuple(ALIASES)}), got {value!r}")
     return value
+
+
+def _resolve(name: str, device_type: str) -> str:
+    """A backend name for a device kind, aliases replaced: "cpp" is the compiled kernel of the device."""
+    if ALIASES.get(name) == "compiled":
+        return device_type if device_type in COMPILED else "cpu"
+    return name
 
 
 @contextlib.contextmanager
@@ -113,10 +122,16 @@ def available(op: str, device_type: str) -> dict[str, bool]:
     info = OPS[op]
     return {
         "reference": True,
-        "cpp": has_kernel(op, device_type),
+        "cpu": device_type == "cpu" and has_kernel(op, "cpu"),
+        "cuda": device_type == "cuda" and has_kernel(op, "cuda"),
         "triton": info.triton and _triton_runs_on(device_type),
         "sdpa": info.sdpa,
     }
+
+
+def is_compiled(backend: str) -> bool:
+    """Whether ``backend`` (what choose returned) is a kernel of dnops._C."""
+    return backend in COMPILED
 
 
 @torch.compiler.assume_constant_result
@@ -129,6 +144,7 @@ def choose(op: str, device: torch.device) -> str:
     can = available(op, device.type)
     wanted = requested_backend()
     if wanted is not None:
+        wanted = _resolve(wanted, device.type)
         if can[wanted]:
             return wanted
         _warn_fallback(op, wanted, device.type)

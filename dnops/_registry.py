@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# reference: dnops.reference (always); cpp: the kernels compiled into dnops._C, C++ on the CPU and CUDA on a GPU;
-# triton: dnops.triton; sdpa: the SDPA formulation in dnops.reference.
-BACKENDS = ("reference", "cpp", "triton", "sdpa")
+# reference: dnops.reference (always); cpu / cuda: the C++ / CUDA kernels compiled into dnops._C; triton:
+# dnops.triton; sdpa: the SDPA formulation in dnops.reference.
+BACKENDS = ("reference", "cpu", "cuda", "triton", "sdpa")
+COMPILED = frozenset({"cpu", "cuda"})
+# Earlier names, still accepted by DNOPS_BACKEND and dnops.use_backend: "cpp" was the compiled kernel of whichever
+# device the tensors are on.
+ALIASES = {"cpp": "compiled"}
 
 
 @dataclass(frozen=True)
@@ -24,13 +28,27 @@ class OpInfo:
     compiled: frozenset[str]  # "cpu" / "cuda": what a full build registers (the dispatcher says what this one has)
     triton: bool = False
     sdpa: bool = False
+    # schemas among ``schemas`` whose one kernel is CompositeImplicitAutograd (dnops ops and aten ops called from
+    # C++, for every device): an adapter's fused call, not a kernel per device
+    composite: tuple[str, ...] = ()
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """The schemas with a kernel per device kind."""
+        return tuple(s for s in self.schemas if s not in self.composite)
 
 
 OPS: dict[str, OpInfo] = {
     op.name: op
     for op in (
         OpInfo("ms_deform_attn", ("ms_deform_attn", "_ms_deform_attn_backward"), frozenset({"cpu", "cuda"}), True),
-        OpInfo("dn_queries", ("dn_queries",), frozenset({"cpu", "cuda"}), triton=True),
+        OpInfo(
+            "dn_queries",
+            ("dn_queries", "_dn_detr_prepare"),
+            frozenset({"cpu", "cuda"}),
+            triton=True,
+            composite=("_dn_detr_prepare",),
+        ),
         OpInfo(
             "dn_self_attention",
             ("dn_self_attention", "_dn_self_attention_backward"),
@@ -45,4 +63,4 @@ OPS: dict[str, OpInfo] = {
 # The default on a device kind: the first of these that can run the op, else the reference. On a GPU, until a GPU
 # run measures the Triton kernels, torch's own attention kernels (sdpa) come before a Triton kernel that only the
 # interpreter and the sm_90 compile check have seen.
-DEFAULT_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpp",), "cuda": ("cpp", "sdpa", "triton")}
+DEFAULT_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu",), "cuda": ("cuda", "sdpa", "triton")}

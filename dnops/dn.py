@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnops.reference.dn_queries import DNQueries
+from dnops._types import DNQueries
 
 
 def flatten_targets(targets: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

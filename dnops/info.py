@@ -38,13 +38,13 @@ def report() -> str:
         lines.append(f"  build {key}: {value}")
     lines.append(f"DNOPS_BACKEND={os.environ.get('DNOPS_BACKEND', '')!r}")
     lines.append("")
-    lines.append(f"{'op':<20} {'device':<6} {'reference':<10} {'cpp':<6} {'triton':<7} {'sdpa':<5} -> runs")
+    lines.append(f"{'op':<20} {'device':<6} " + " ".join(f"{b:<9}" for b in _backend.BACKENDS) + " -> runs")
     for op in OPS:
         for device in ("cpu", "cuda"):
             can = _backend.available(op, device)
             runs = _backend.choose(op, torch.device(device))
-            flags = ["yes" if can[b] else "-" for b in _backend.BACKENDS]
-            lines.append(f"{op:<20} {device:<6} {flags[0]:<10} {flags[1]:<6} {flags[2]:<7} {flags[3]:<5} -> {runs}")
+            flags = " ".join(f"{'yes' if can[b] else '-':<9}" for b in _backend.BACKENDS)
+            lines.append(f"{op:<20} {device:<6} {flags} -> {runs}")
     return "\n".join(lines)
 
 

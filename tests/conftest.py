@@ -61,7 +61,7 @@ def _seeded():
 
 @pytest.fixture
 def backend_env(monkeypatch):
-    """Force DNOPS_BACKEND for one test: ``backend_env("cpp")``."""
+    """Force DNOPS_BACKEND for one test: ``backend_env("cpu")``."""
 
     def force(name: str) -> None:
         monkeypatch.setenv("DNOPS_BACKEND", name)

@@ -12,13 +12,15 @@ from torch.utils import cpp_extension
 import dnops
 from dnops import _backend
 from dnops._registry import OPS
+from tests.msda_utils import make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # every schema csrc/dnops.cpp defines, and the kernels a full build registers per device kind (dnops._registry)
 SCHEMAS = [schema for op in OPS.values() for schema in op.schemas]
-CPU_OPS = [schema for op in OPS.values() if "cpu" in op.compiled for schema in op.schemas]
-CUDA_OPS = [schema for op in OPS.values() if "cuda" in op.compiled for schema in op.schemas]
+CPU_OPS = [schema for op in OPS.values() if "cpu" in op.compiled for schema in op.kernels]
+CUDA_OPS = [schema for op in OPS.values() if "cuda" in op.compiled for schema in op.kernels]
+COMPOSITE = [schema for op in OPS.values() for schema in op.composite]
 
 
 def test_the_registry_lists_every_schema_the_extension_defines():
@@ -53,6 +55,12 @@ def test_cpu_kernel_registered(name):
     assert _backend.has_kernel(name, "cpu")
 
 
+@pytest.mark.parametrize("name", COMPOSITE)
+def test_composite_kernel_registered(name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dnops::{name}", "CompositeImplicitAutograd")
+    assert not _backend.has_kernel(name, "cpu")
+
+
 def test_cuda_built_when_nvcc_matches():
     if os.environ.get("DNOPS_CUDA") == "0" or not _matching_nvcc():
         pytest.skip("no nvcc matching torch's CUDA (or DNOPS_CUDA=0): the CUDA kernels are not expected")
@@ -85,3 +93,26 @@ def test_use_backend_overrides_and_restores(monkeypatch):
     with _backend.use_backend("reference"):
         pass
     assert os.environ["DNOPS_BACKEND"] == "cpp"
+
+
+@pytest.mark.skipif(not _backend.HAS_C, reason="dnops._C is not built")
+def test_backend_names_and_the_earlier_cpp_alias(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("DNOPS_BACKEND", raising=False)
+    assert _backend.choose("ms_deform_attn", cpu) == "cpu"
+    for name, on_cpu in (("cpu", "cpu"), ("cpp", "cpu"), ("reference", "reference"), ("sdpa", "sdpa")):
+        monkeypatch.setenv("DNOPS_BACKEND", name)
+        assert _backend.choose("dn_self_attention", cpu) == on_cpu
+    # "cpp" is the compiled kernel of the tensors' device; "cuda" names the CUDA kernels, which CPU tensors lack
+    assert _backend._resolve("cpp", "cuda") == "cuda" and _backend._resolve("cpp", "cpu") == "cpu"
+    assert _backend.available("ms_deform_attn", "cuda")["cpu"] is False
+    monkeypatch.setenv("DNOPS_BACKEND", "cuda")
+    with pytest.warns(RuntimeWarning, match="backend 'cuda' is not available on cpu"):
+        _backend._warn_fallback.cache_clear()
+        assert _backend.choose("ms_deform_attn", cpu) == "reference"
+    monkeypatch.setenv("DNOPS_BACKEND", "cpp")
+    args = make_inputs()
+    torch.testing.assert_close(dnops.ms_deform_attn(*args), torch.ops.dnops.ms_deform_attn(*args), rtol=0, atol=0)
+    monkeypatch.setenv("DNOPS_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="DNOPS_BACKEND must be one of"):
+        _backend.choose("ms_deform_attn", cuda)

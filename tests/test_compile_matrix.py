@@ -38,15 +38,15 @@ OPS = {
 
 
 def _backends(case: str, device_type: str) -> list[str]:
-    """The backends the registry gives the case's op on a device kind: on the CPU the reference, C++ and SDPA ones
-    (the drop-in names just the first two: they run whichever backend their op chooses); on a GPU the CUDA
-    ("cpp"), Triton and SDPA ones of the ops and modules (the reference and the adapters are the same Python)."""
+    """The backends the registry gives the case's op on a device kind: on the CPU the reference, C++ ("cpu") and
+    SDPA ones (the drop-in names just the first two: they run whichever backend their op chooses); on a GPU the
+    CUDA, Triton and SDPA ones of the ops and modules (the reference and the adapters are the same Python)."""
     info = REGISTRY[OPS.get(case, case)]
     if device_type == "cpu":
-        return ["reference", "cpp"] + (["sdpa"] if info.sdpa and not case.startswith("compat.") else [])
+        return ["reference", "cpu"] + (["sdpa"] if info.sdpa and not case.startswith("compat.") else [])
     if case.startswith("compat."):
         return []
-    gpu = [("cpp", "cuda" in info.compiled), ("triton", info.triton), ("sdpa", info.sdpa)]
+    gpu = [("cuda", "cuda" in info.compiled), ("triton", info.triton), ("sdpa", info.sdpa)]
     return [backend for backend, has in gpu if has]
 
 
@@ -255,7 +255,7 @@ def _compile_both_shapes(case: str, backend: str, dynamic: bool, device: str) ->
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("case,backend", MATRIX, ids=[f"{c}-{b}" for c, b in MATRIX])
 def test_fullgraph_compile_equals_eager(case, backend, dynamic):
-    if backend == "cpp" and not _backend.HAS_C:
+    if backend == "cpu" and not _backend.HAS_C:
         pytest.skip("dnops._C is not built")
     _compile_both_shapes(case, backend, dynamic, "cpu")
 
@@ -282,10 +282,10 @@ def test_gpu_fullgraph_compile_equals_eager(case, backend, dynamic):
 @pytest.mark.parametrize(
     # (sdpa under inductor in float64 fails on torch 2.11's CPU: "expected scalar type Double but found Float")
     "case,backend",
-    [("ms_deform_attn", "reference"), ("dn_self_attention", "cpp"), ("dn_queries_cdn", "cpp")],
+    [("ms_deform_attn", "reference"), ("dn_self_attention", "cpu"), ("dn_queries_cdn", "cpu")],
 )
 def test_inductor_compile_equals_eager(case, backend):
-    if backend == "cpp" and not _backend.HAS_C:
+    if backend == "cpu" and not _backend.HAS_C:
         pytest.skip("dnops._C is not built")
     torch._dynamo.reset()
     with _backend.use_backend(backend):

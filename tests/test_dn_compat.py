@@ -53,7 +53,7 @@ def assert_same_outputs(ours, theirs, box_tol: float | None = None) -> None:
 
 COUNTS = [[3, 0, 5], [1], [0, 0], [4, 4]]
 # prepare_for_dn's two paths: one call into the C++ extension, and the public ops (no extension, or an override)
-DN_PATHS = ["cpp", "reference"] if _backend.HAS_C else ["reference"]
+DN_PATHS = ["cpu", "reference"] if _backend.HAS_C else ["reference"]
 
 
 @pytest.mark.parametrize("path", DN_PATHS)
@@ -125,7 +125,7 @@ def test_prepare_for_dn_paths_agree_with_noise(num_patterns, modules):
     # box noise 3: many noised boxes leave [0, 1] and are clamped, where inverse_sigmoid's eps decides the value
     args = ((targets_for([3, 0, 7, 1]), 4, 0.5, 3.0, num_patterns), embed, 4, True, QUERIES, NUM_CLASSES, HIDDEN)
     outs = []
-    for path in ("cpp", "reference"):
+    for path in ("cpu", "reference"):
         torch.manual_seed(7)
         with _backend.use_backend(path):
             outs.append(dn_detr.prepare_for_dn(*args, label_enc))
@@ -173,9 +173,9 @@ def test_prepare_for_dn_on_cuda_equals_cpu(modules):
         assert torch.equal(cpu[3][key], gpu[3][key].cpu()), key
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])  # the C++ path and the Python path raise alike
+@pytest.mark.parametrize("backend", ["cpu", "reference"])  # the C++ path and the Python path raise alike
 def test_prepare_for_dn_bad_inputs_raise(modules, backend_env, backend):
-    if backend == "cpp" and not _backend.HAS_C:
+    if backend == "cpu" and not _backend.HAS_C:
         pytest.skip("needs dnops._C")
     backend_env(backend)
     label_enc, _ = modules

@@ -116,17 +116,20 @@ def backend_fn(backend: str, fn):
     return run
 
 
-def needs(op: str, backend: str, device: str = "cuda"):
-    if device != "cuda" and backend != "cpp":
+def needs(op: str, backend: str, device: str = "cuda") -> str:
+    """Skips what this device cannot run; returns the backend name that runs ``backend`` there: the emulator's CUDA
+    kernels are dnops' compiled ops on CPU tensors (tests/cuda_emulator routes them), the "cpu" backend."""
+    if device != "cuda" and backend != "cuda":
         pytest.skip("the emulator runs the CUDA kernels; the Triton kernels run in their interpreter tests")
-    can = _backend.available(op, device)
-    if not can[backend]:
+    name = "cpu" if device != "cuda" else backend
+    if not _backend.available(op, device)[name]:
         pytest.skip(f"no {backend} kernel of {op} for {device} in this build")
+    return name
 
 
 # ---- ms_deform_attn ---------------------------------------------------------------------------------------------
 
-MSDA_BACKENDS = ["cpp", "triton"]
+MSDA_BACKENDS = ["cuda", "triton"]
 MSDA_SHAPES = [
     {"d": 32},
     {"d": 1},
@@ -148,8 +151,8 @@ def msda_args(dtype, device="cuda", **kw):
 
 
 def msda(backend: str, logits: bool = False, device: str = "cuda"):
-    needs("ms_deform_attn", backend, device)
-    return backend_fn(backend, lambda *a: dnops.ms_deform_attn(*a, attention_logits=logits))
+    name = needs("ms_deform_attn", backend, device)
+    return backend_fn(name, lambda *a: dnops.ms_deform_attn(*a, attention_logits=logits))
 
 
 @pytest.mark.parametrize("backend", MSDA_BACKENDS)
@@ -185,7 +188,7 @@ def test_ms_deform_attn_non_contiguous_and_borders(arch_dev, backend, dtype):
 
 @pytest.mark.parametrize("logits", [False, True])
 def test_ms_deform_attn_deterministic_backward_is_bitwise_repeatable(arch_dev, logits):
-    fn = msda("cpp", logits, arch_dev)
+    fn = msda("cuda", logits, arch_dev)
     lq = 500 if arch_dev == "cuda" else 12  # the emulator runs one fiber per CUDA thread
     args = msda_args(torch.float32, arch_dev, n=2, shapes=((20, 30), (10, 15)), lq=lq, m=4, d=32, p=4)
     g = torch.randn(2, lq, 128, device=arch_dev)
@@ -205,7 +208,7 @@ def test_ms_deform_attn_deterministic_backward_is_bitwise_repeatable(arch_dev, l
 
 
 def test_ms_deform_attn_deterministic_matches_reference(dev):
-    fn = msda("cpp", device=dev)
+    fn = msda("cuda", device=dev)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         args = msda_args(dtype, dev, d=30)
         check_against_reference(fn, reference.ms_deform_attn, args, dtype, "deterministic", deterministic_kernel=True)
@@ -216,7 +219,7 @@ def test_ms_deform_attn_deterministic_matches_reference(dev):
 def test_ms_deform_attn_misaligned_storage(arch_dev, dtype, d):
     """value and grad_output starting one element into their storage: the kernels fall back to narrower vectors
     (a 16-byte load or atomic on a misaligned address faults on the GPU)."""
-    fn = msda("cpp", device=arch_dev)
+    fn = msda("cuda", device=arch_dev)
     args = msda_args(dtype, arch_dev, d=d)
 
     def shifted(t):
@@ -237,7 +240,7 @@ def test_ms_deform_attn_misaligned_storage(arch_dev, dtype, d):
 
 
 def test_ms_deform_attn_non_finite_locations_read_zero(arch_dev):
-    fn = msda("cpp", device=arch_dev)
+    fn = msda("cuda", device=arch_dev)
     value, shapes, starts, loc, weights = make_inputs(n=1, lq=5, m=1, p=1, d=32, dtype=torch.float32, device=arch_dev)
     for q, x in enumerate([float("nan"), float("inf"), -float("inf"), 3e38, -3e38]):
         loc[0, q] = x
@@ -256,7 +259,7 @@ def test_sanitizer_ms_deform_attn():
             for kw in ({"d": 32}, {"d": 7, "p": 1}):
                 check_against_reference(msda(backend), reference.ms_deform_attn, msda_args(dtype, **kw), dtype, "san")
     args = msda_args(torch.float32)
-    fn = msda("cpp")
+    fn = msda("cuda")
     check_against_reference(fn, reference.ms_deform_attn, args, torch.float32, "det", deterministic_kernel=True)
 
 
@@ -272,7 +275,7 @@ def dsa(backend: str):
 
 
 @cuda
-@pytest.mark.parametrize("backend", ["cpp", "triton", "sdpa"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "sdpa"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("groups,group_size,num_queries,dh", DSA_SHAPES)
 def test_dn_self_attention(backend, dtype, groups, group_size, num_queries, dh):
@@ -288,7 +291,7 @@ def test_dn_self_attention(backend, dtype, groups, group_size, num_queries, dh):
 
 
 @cuda
-@pytest.mark.parametrize("backend", ["cpp", "triton", "sdpa"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "sdpa"])
 def test_dn_self_attention_non_contiguous(backend):
     fn = dsa(backend)
     x = torch.randn(2, 40, 3, 32, device="cuda")  # (B, W, H, Dh) seen as (B, H, W, Dh)
@@ -309,8 +312,8 @@ COUNT_PATTERNS = [[3, 0, 5, 1], [0, 0], [7], [2, 9, 0, 4, 4, 1, 0, 3], [1, 0, 2]
 
 
 def dnq(backend: str, device: str = "cuda"):
-    needs("dn_queries", backend, device)
-    return backend_fn(backend, dnops.dn_queries)
+    name = needs("dn_queries", backend, device)
+    return backend_fn(name, dnops.dn_queries)
 
 
 def gt_batch(counts, dtype, device):
@@ -320,7 +323,7 @@ def gt_batch(counts, dtype, device):
     return labels, torch.cat([wh / 2 + (1 - wh) * torch.rand(k, 2, device=device), wh], 1).to(dtype)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("mode", ["dn", "cdn"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("counts", COUNT_PATTERNS, ids=lambda c: f"B{len(c)}-{sum(c)}")
@@ -342,7 +345,7 @@ def test_dn_queries(dev, backend, mode, dtype, counts):
 def test_dn_queries_batch_limit(dev):
     """The CUDA kernel takes the counts of at most 2,000 images as launch parameters (what keeps a call free of
     host-to-device copies, so CUDA graphs capture it); more raise."""
-    fn = dnq("cpp", dev)
+    fn = dnq("cuda", dev)
     labels, boxes = gt_batch([1] * 2000, torch.float32, dev)
     assert fn(labels, boxes, [1] * 2000, num_classes=20, seed=3).labels.shape == (2000, 5)
     labels, boxes = gt_batch([1] * 2001, torch.float32, dev)
@@ -354,7 +357,7 @@ def test_dn_queries_batch_limit(dev):
 @pytest.mark.parametrize("batch", [4, 72])
 def test_dn_queries_cuda_kernel_is_captured_by_a_cuda_graph(batch):
     """Above and below the 64 images of the small parameter block: the replay gives the eager result."""
-    fn = dnq("cpp")
+    fn = dnq("cuda")
     counts = COUNT_PATTERNS[-1][:batch] if batch > 4 else COUNT_PATTERNS[0]
     labels, boxes = gt_batch(counts, torch.float32, "cuda")
     want = fn(labels, boxes, counts, num_classes=20, mode="cdn", seed=11)
@@ -391,7 +394,7 @@ def test_dn_attn_mask(dev, pad, group, queries):
 
 @cuda
 def test_sanitizer_dn_queries_and_mask():
-    for backend in ("cpp", "triton"):
+    for backend in ("cuda", "triton"):
         for pattern in COUNT_PATTERNS[0], COUNT_PATTERNS[-1]:
             test_dn_queries("cuda", backend, "cdn", torch.float32, pattern)
     for pad, group, queries in ((40, 8, 17), (0, 0, 5), (6, 3, 0)):
@@ -425,7 +428,7 @@ def test_adapters_dispatch_no_host_sync():
 
 
 @cuda
-@pytest.mark.parametrize("backend", ["cpp", "triton", "sdpa"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "sdpa"])
 def test_compile_fullgraph_ops(backend):
     torch._dynamo.reset()
     if backend == "triton" and _backend.triton_available():
@@ -532,7 +535,7 @@ def test_levels_outside_value_raise_or_read_nothing(arch_dev, backend):
         starts = torch.tensor([0, 6], device=arch_dev)
         with pytest.raises(ValueError, match="spatial_shapes"):
             fn(value, shapes, starts, loc, weights)
-        if backend == "cpp":  # the raw kernel, past the checks: the bad levels read as zeros, nothing out of range
+        if backend == "cuda":  # the raw kernel, past the checks: the bad levels read as zeros, nothing out of range
             out = torch.ops.dnops.ms_deform_attn(value, shapes, starts, loc, weights)
             synchronize(arch_dev)
             assert torch.isfinite(out).all()

@@ -9,7 +9,7 @@ from dnops import _backend
 from tests.msda_utils import make_inputs
 
 # the Triton kernels run in the interpreter here, under the conftest's rules for the triton mark
-BACKENDS = ["cpp", "reference", pytest.param("triton", marks=pytest.mark.triton)]
+BACKENDS = ["cpu", "reference", pytest.param("triton", marks=pytest.mark.triton)]
 
 
 def with_shapes(rows, s=None):
@@ -217,7 +217,7 @@ def test_dn_queries_rejects_bad_arguments_alike(backend, backend_env, change, ma
         dnops.dn_queries(labels, boxes, kw.pop("counts"), **kw)
 
 
-@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
 def test_dn_queries_backends_agree_on_large_seeds(backend):
     labels, boxes, counts = _gt()
     outs = []
@@ -231,7 +231,7 @@ def test_dn_queries_backends_agree_on_large_seeds(backend):
 # ---- the reference meets the kernels' contract ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_non_finite_and_huge_locations_read_zero(backend, backend_env):
     backend_env(backend)
     value, shapes, starts, loc, weights = make_inputs(n=1, lq=5, m=1, p=1, requires_grad=False)

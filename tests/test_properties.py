@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-KERNELS = ["cpp", pytest.param("triton", marks=pytest.mark.triton)]
+KERNELS = ["cpu", pytest.param("triton", marks=pytest.mark.triton)]
 
 
 def run(backend: str, fn, *args, **kw):
@@ -76,7 +76,7 @@ def _msda_corruptions(args):
     ]
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.triton)])
 @SETTINGS
 @given(case=msda_inputs(), pick=st.integers(0, 12))
 def test_ms_deform_attn_invalid_inputs_name_the_argument(backend, case, pick):
@@ -140,7 +140,7 @@ def _dnq_corruptions(labels, boxes, counts, kw):
     ]
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.triton)])
 @SETTINGS
 @given(case=dnq_inputs(), pick=st.integers(0, 12))
 def test_dn_queries_invalid_inputs_name_the_argument(backend, case, pick):
@@ -182,7 +182,7 @@ def test_dn_self_attention_equals_reference(backend, case):
             torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference", "sdpa", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "sdpa", pytest.param("triton", marks=pytest.mark.triton)])
 @SETTINGS
 @given(case=dsa_inputs(), pick=st.integers(0, 5))
 def test_dn_self_attention_invalid_inputs_name_the_argument(backend, case, pick):

@@ -7,7 +7,7 @@ and nine (models/dn_dab_deformable_detr, DN-Deformable-DETR, and models/dn_dab_d
 Same return structures (the query tensors, the dense bool mask, mask_dict keys), but device-agnostic and fused:
 the noise comes from dnops.dn_queries (counter-based, so the random numbers differ from the original's
 torch.rand draws; the distributions are the same), and with the C++ extension the whole eight-argument training
-branch is one call into it (csrc/compat/dn_detr.h). ``dn_post_process`` is the same in every model.
+branch is one call of its op (csrc/dn_queries/dn_detr_prepare.cpp). ``dn_post_process`` is the same in every model.
 """
 
 from __future__ import annotations
@@ -184,11 +184,11 @@ def _prepare(dn_args, embedweight, batch_size, training, num_queries, num_classe
     make = _constants.__wrapped__ if torch.compiler.is_compiling() else _constants
     constants = make(num_classes, label_enc.weight.shape[1], matching, batch_size, embedweight.dtype, device)
     noise = max(float(label_noise_scale), 0.0), max(float(box_noise_scale), 0.0)
-    # under torch.compile the public ops: the C++ adapter is a Python binding, not an op Dynamo can trace
-    if _backend.choose("dn_queries", device) == "cpp" and not torch.compiler.is_compiling():
+    # under torch.compile the public ops: the fused op builds its index maps on the host, which fake tensors lack
+    if _backend.is_compiled(_backend.choose("dn_queries", device)) and not torch.compiler.is_compiling():
         # The adapter's cost is its ~30 dispatches and the Python between them, not arithmetic: in C++ they cost
-        # a fraction (same ops, same autograd graph, the same seed draw as dnops.dn_queries).
-        outputs = _backend._C.dn_detr_prepare(
+        # a fraction (same ops, same autograd graph, the same seed draw as dnops.dn_queries; docs/kernels.md).
+        outputs = torch.ops.dnops._dn_detr_prepare.default(
             labels,
             boxes,
             label_enc.weight,
@@ -220,8 +220,9 @@ def _prepare(dn_args, embedweight, batch_size, training, num_queries, num_classe
 
 
 def _prepare_on_ops(targets, weight, anchors, constants, num_patterns, num_classes, groups, noise):
-    """What csrc/compat/dn_detr.h's dn_detr_prepare returns, on the public ops (without the C++ extension, or with
-    another DNOPS_BACKEND): (input_query_label, input_query_bbox, attn_mask, index maps, known labels, boxes)."""
+    """What the fused op (csrc/dn_queries/dn_detr_prepare.cpp) returns, on the public ops (without the C++
+    extension, or with another DNOPS_BACKEND): (input_query_label, input_query_bbox, attn_mask, index maps, known
+    labels, boxes)."""
     gt_labels, gt_boxes, counts, dn = queries_from_targets(targets, "dn", num_classes, *noise, num_groups=groups)
     zero_row, indicator, matching_index = constants
     weight = weight.to(anchors.dtype)

@@ -82,7 +82,7 @@ def ms_deform_attn_backward(
         return [g.to(t.dtype) for g, t in zip(grads, (value, sampling_loc, attn_weight), strict=True)]
     grad_output = grad_output.to(value.dtype)
     args = (value, spatial_shapes, level_start_index, sampling_loc, attn_weight)
-    if _backend.choose("ms_deform_attn", value.device) == "cpp":
+    if _backend.is_compiled(_backend.choose("ms_deform_attn", value.device)):
         grads = torch.ops.dnops._ms_deform_attn_backward.default(grad_output.contiguous(), *args, False)
         return list(grads)
     # elsewhere (another backend, a device without dnops kernels): the gradients of the public op

@@ -24,6 +24,6 @@ def dn_attn_mask(
     """
     check_dn_structure(pad_size, group_size, num_queries)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if _backend.choose("dn_attn_mask", device) == "cpp":
+    if _backend.is_compiled(_backend.choose("dn_attn_mask", device)):
         return torch.ops.dnops.dn_attn_mask.default(pad_size, group_size, num_queries, device=device)
     return reference.dn_attn_mask(pad_size, group_size, num_queries, device=device)

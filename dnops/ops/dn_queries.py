@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from dnops import _backend, reference
-from dnops.reference.dn_queries import DNQueries, dn_layout
+from dnops._types import DNQueries
+from dnops.reference.dn_queries import dn_layout
 from dnops.validation import check_counts, check_dn_queries_args
 
 if _backend.HAS_C:
@@ -105,7 +106,7 @@ def generate(
     and label flip probability, on the chosen backend: (labels, boxes, gt_index, negative), each (B, pad[, 4]).
     For adapters whose originals lay out or flip otherwise than DN-DETR / DINO; counts as check_counts returns."""
     backend = _backend.choose("dn_queries", labels.device)
-    if seed is None and backend == "cpp":
+    if seed is None and _backend.is_compiled(backend):
         seed = -1  # the C++ op draws its own key: under torch.compile it is drawn per call, not frozen while tracing
     elif seed is None and backend == "reference" and torch.compiler.is_compiling():
         # likewise drawn in the graph, as a 0-dim tensor: a host int drawn while tracing would be frozen into it
@@ -115,12 +116,12 @@ def generate(
     seed = seed if isinstance(seed, torch.Tensor) else int(seed)
     args = (labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, seed)
     # the C++ kernel range-checks the labels while it reads them
-    check_dn_queries_args(labels, boxes, counts, num_classes, check_values=backend != "cpp")
-    if backend == "cpp":
+    check_dn_queries_args(labels, boxes, counts, num_classes, check_values=not _backend.is_compiled(backend))
+    if _backend.is_compiled(backend):
         # the overload itself: the packet's overload resolution is ~5 us of a ~60 us call in a training step
         return torch.ops.dnops.dn_queries.default(*args)
     if backend == "triton":
         from dnops.triton.dn_queries import dn_queries_triton
 
         return dn_queries_triton(*args)
-    return reference.dn_queries_kernel(*args)
+    return reference.dn_queries(*args)

@@ -52,7 +52,7 @@ def dn_self_attention(
     check_dn_self_attention_args(q, k, v, pad_size, group_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = _backend.choose("dn_self_attention", q.device)
-    if backend == "cpp":
+    if _backend.is_compiled(backend):
         return torch.ops.dnops.dn_self_attention.default(q, k, v, pad_size, group_size, scale)[0]
     if backend == "triton":
         from dnops.triton.dn_self_attention import dn_self_attention_triton

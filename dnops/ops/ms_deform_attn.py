@@ -88,7 +88,7 @@ def ms_deform_attn(
         # a graph of standard ops that reads the level sizes as data: correct for any spatial_shapes input
         return reference.ms_deform_attn_gather(*args)
     backend = _backend.choose("ms_deform_attn", value.device)
-    if backend == "cpp":
+    if _backend.is_compiled(backend):
         return torch.ops.dnops.ms_deform_attn.default(*args)
     if backend == "triton":
         from dnops.triton.ms_deform_attn import ms_deform_attn_triton

@@ -1,15 +1,14 @@
 """Pure-PyTorch definitions of every dnops op: the oracle each kernel is tested against, and the fallback."""
 
 from dnops.reference.dn_attn_mask import dn_attn_mask
-from dnops.reference.dn_queries import DNQueries, dn_layout, dn_queries_kernel
+from dnops.reference.dn_queries import dn_layout, dn_queries
 from dnops.reference.dn_self_attention import dn_self_attention, dn_self_attention_dense, dn_self_attention_sdpa
 from dnops.reference.ms_deform_attn import ms_deform_attn, ms_deform_attn_gather
 
 __all__ = [
-    "DNQueries",
     "dn_attn_mask",
     "dn_layout",
-    "dn_queries_kernel",
+    "dn_queries",
     "dn_self_attention",
     "dn_self_attention_dense",
     "dn_self_attention_sdpa",

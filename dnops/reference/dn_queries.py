@@ -17,7 +17,6 @@ A word becomes a uniform in [0, 1) as ``tl.rand`` does. Box arithmetic runs in f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 
@@ -25,30 +24,6 @@ from dnops.reference.philox import philox4x32, uint32_to_uniform
 from dnops.validation import check_dn_queries_args
 
 BLOCKS_PER_GROUP = 8
-
-
-class DNQueries(NamedTuple):
-    """Denoising queries, batch-first; pad_size = num_groups * group_size.
-
-    labels: (B, pad) int64, num_classes in padding slots. boxes: (B, pad, 4) noised (cx, cy, w, h), 0.5 in
-    padding slots. gt_index: (B, pad) int64 row of the reconstructed GT in the flat input, -1 for padding.
-    negative: (B, pad) bool, True for CDN negative slots holding a GT. contrastive: CDN layout (each group is
-    max_gt positive slots then max_gt negative slots).
-    """
-
-    labels: torch.Tensor
-    boxes: torch.Tensor
-    gt_index: torch.Tensor
-    negative: torch.Tensor
-    num_groups: int
-    group_size: int
-    pad_size: int
-    contrastive: bool = False
-
-    @property
-    def max_gt(self) -> int:
-        """GT slots per image per group (per polarity for CDN)."""
-        return self.group_size // 2 if self.contrastive else self.group_size
 
 
 def dn_layout(
@@ -79,7 +54,7 @@ def dn_layout(
     return groups, max_gt
 
 
-def dn_queries_kernel(
+def dn_queries(
     labels: torch.Tensor,
     boxes: torch.Tensor,
     counts: Sequence[int],

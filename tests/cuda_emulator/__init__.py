@@ -17,9 +17,12 @@ from collections.abc import Iterator
 
 import torch
 
+from dnops._autograd import register_ms_deform_attn
+from dnops._registry import OPS
+
 NAMESPACES = {90: "dnops_emulated", 80: "dnops_emulated_sm80"}
-# the ops the .cu files implement (their backward included)
-CUDA_OPS = ("ms_deform_attn", "_ms_deform_attn_backward", "dn_queries", "dn_attn_mask")
+# the ops the .cu files implement (their backward included): the registry's CUDA kernels
+CUDA_OPS = tuple(schema for op in OPS.values() if "cuda" in op.compiled for schema in op.kernels)
 MUTANTS = {"inactive_lanes_skip_shuffles": 1 << 1}
 
 
@@ -33,16 +36,7 @@ def _define(namespace: str) -> torch.library.Library:
         schema = str(getattr(torch.ops.dnops, name).default._schema)
         lib.define(schema.split("::", 1)[1])
 
-    def setup_context(ctx, inputs, output):
-        *saved, ctx.logits = inputs
-        ctx.save_for_backward(*saved)
-
-    def backward(ctx, grad_output):
-        op = getattr(torch.ops, namespace)._ms_deform_attn_backward.default
-        grads = op(grad_output.contiguous(), *ctx.saved_tensors, ctx.logits)
-        return grads[0], None, None, grads[1], grads[2], None
-
-    torch.library.register_autograd(f"{namespace}::ms_deform_attn", backward, setup_context=setup_context, lib=lib)
+    register_ms_deform_attn(f"{namespace}::ms_deform_attn", f"{namespace}::_ms_deform_attn_backward")
 
     # no tensor input: as in csrc/dn_attn_mask/dn_attn_mask.cpp, a BackendSelect kernel picks the (CPU) kernel
     def select_backend(pad_size, group_size, num_queries, *, device=None):

@@ -4,7 +4,7 @@
 
 #include <algorithm>
 
-#include "dn_attn_mask/dn_attn_mask_common.h"
+#include "dn_structure_common.h"
 
 namespace dnops {
 namespace {

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <vector>
 
-#include "dn_queries/dn_queries.h"
+#include "dn_queries/dn_queries_host.h"
 
 namespace dnops {
 namespace {

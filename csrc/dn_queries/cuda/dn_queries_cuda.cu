@@ -15,7 +15,7 @@
 
 #include <algorithm>
 
-#include "dn_queries/dn_queries.h"
+#include "dn_queries/dn_queries_host.h"
 
 namespace dnops {
 namespace {

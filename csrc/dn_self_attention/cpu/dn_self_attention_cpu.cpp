@@ -21,7 +21,7 @@
 
 #include "cpu_features.h"
 #include "cpu_loops.h"
-#include "dn_attn_mask/dn_attn_mask_common.h"
+#include "dn_structure_common.h"
 
 namespace dnops {
 namespace {

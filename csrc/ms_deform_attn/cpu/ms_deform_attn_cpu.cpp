@@ -14,8 +14,8 @@
 
 #include "cpu_features.h"
 #include "cpu_loops.h"
-#include "ms_deform_attn/ms_deform_attn.h"
 #include "ms_deform_attn/ms_deform_attn_common.h"
+#include "ms_deform_attn/ms_deform_attn_host.h"
 
 namespace dnops {
 namespace {

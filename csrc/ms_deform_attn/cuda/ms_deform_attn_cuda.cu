@@ -40,8 +40,8 @@
 #include <limits>
 #include <type_traits>
 
-#include "ms_deform_attn/ms_deform_attn.h"
 #include "ms_deform_attn/ms_deform_attn_common.h"
+#include "ms_deform_attn/ms_deform_attn_host.h"
 
 namespace dnops {
 namespace {

@@ -1,9 +1,19 @@
-#include "compat/dn_detr.h"
-
+// DN-DETR's prepare_for_dn (training branch) as one op, for dnops.compat.dn_detr: every step of it dispatched from
+// C++, since the adapter's cost is its dispatches and the Python between them, not arithmetic. A
+// CompositeImplicitAutograd kernel: autograd records the aten ops it calls (label_weight and anchors get their
+// gradients), and any device whose dnops kernels are registered runs it.
+//   labels[b] (n_b,) int, boxes[b] (n_b, 4): image b's targets; label_weight (>= num_classes + 1, E);
+//   anchors (num_queries, 4); zero_row (1, E), indicator (num_classes + 2, 1), matching_index (M, B) int64:
+//   constant inputs of the label lookup (M = num_queries * num_patterns, W = pad + M, K = sum n_b, G = groups).
+// Returns input_query_label (W, B, E + 1), input_query_bbox (W, B, 4), attn_mask (W, W) bool, the index maps
+// (2GK + 2K,) int64 = [known_indice (GK) | batch_idx (K) | map_known_indice (GK) | row within its image (K)],
+// known labels (GK,) and known boxes (GK, 4).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace dnops {
 namespace {
@@ -36,14 +46,11 @@ at::Tensor index_maps(const std::vector<int64_t>& counts, int64_t known, int64_t
   return maps.pin_memory().to(device, /*non_blocking=*/true);
 }
 
-}  // namespace
-
-std::vector<at::Tensor> dn_detr_prepare(const std::vector<at::Tensor>& labels, const std::vector<at::Tensor>& boxes,
-                                        const at::Tensor& label_weight, const at::Tensor& anchors,
-                                        const at::Tensor& zero_row, const at::Tensor& indicator,
-                                        const at::Tensor& matching_index, int64_t num_patterns, int64_t num_classes,
-                                        int64_t num_groups, double label_noise_ratio, double box_noise_scale,
-                                        int64_t seed) {
+std::vector<at::Tensor> dn_detr_prepare(at::TensorList labels, at::TensorList boxes, const at::Tensor& label_weight,
+                                        const at::Tensor& anchors, const at::Tensor& zero_row,
+                                        const at::Tensor& indicator, const at::Tensor& matching_index,
+                                        int64_t num_patterns, int64_t num_classes, int64_t num_groups,
+                                        double label_noise_ratio, double box_noise_scale, int64_t seed) {
   static auto dn_queries_op = c10::Dispatcher::singleton()
                                   .findSchemaOrThrow("dnops::dn_queries", "")
                                   .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
@@ -93,6 +100,12 @@ std::vector<at::Tensor> dn_detr_prepare(const std::vector<at::Tensor>& labels, c
           index_maps(counts, known, num_groups, max_gt, anchors.device()),
           gt_labels.repeat({num_groups}),
           gt_boxes.repeat({num_groups, 1})};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dnops, CompositeImplicitAutograd, m) {
+  m.impl("_dn_detr_prepare", &dn_detr_prepare);
 }
 
 }  // namespace dnops

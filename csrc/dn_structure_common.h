@@ -1,5 +1,6 @@
 #pragma once
-// The DN attention structure, shared by the CPU and CUDA kernels (and mirrored by every block-sparse kernel).
+// The DN attention structure, shared by dn_attn_mask's CPU and CUDA kernels and dn_self_attention's CPU kernel
+// (and mirrored by every block-sparse kernel).
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
