@@ -215,7 +215,7 @@ def dn_attention_cases(device: torch.device, dry: bool, sets: int) -> Iterator[C
 
 
 def dn_queries_cases(device: torch.device, dry: bool, sets: int) -> Iterator[Case]:
-    from benchmarks import originals
+    import originals
 
     for batch in (2,) if dry else (2, 8, 32):
         labels, boxes, counts = cases.dn_inputs(batch, device=device)

@@ -81,7 +81,7 @@ def dn_queries_benches(quick: bool = False) -> Iterator[Bench]:
 
     DN: 5 groups, noise 0.2 / 0.4, 300 queries; CDN: dn_number 100, noise 0.5 / 1.0, 900 queries; 91 classes.
     """
-    from benchmarks import originals
+    import originals
     from dnops.compat import dino, dn_detr
 
     torch.manual_seed(0)

@@ -3,8 +3,8 @@ import torch
 from torch.library import opcheck
 
 import dnops
-from benchmarks.originals import dn_detr_group_mask
 from dnops import reference
+from originals import dn_detr_group_mask
 from tests.conftest import requires_cpp
 
 

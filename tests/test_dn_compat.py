@@ -4,17 +4,17 @@ model-side helpers of dnops.dn."""
 import pytest
 import torch
 
-from benchmarks.originals import (
-    dino_prepare_for_cdn,
-    dn_deformable_detr_prepare_for_dn,
-    dn_detr_prepare_for_dn,
-    dn_dino_deformable_detr_prepare_for_dn,
-)
 from dnops import _backend
 from dnops.compat import dino, dn_detr
 from dnops.dn import dn_concat, dn_loss_pairs, dn_positive_index, dn_split, inverse_sigmoid
 from dnops.ops.dn_attn_mask import dn_attn_mask
 from dnops.ops.dn_queries import dn_queries
+from originals import (
+    dino_prepare_for_cdn,
+    dn_deformable_detr_prepare_for_dn,
+    dn_detr_prepare_for_dn,
+    dn_dino_deformable_detr_prepare_for_dn,
+)
 from tests.dn_utils import make_gt
 
 NUM_CLASSES, HIDDEN, QUERIES = 9, 16, 12
