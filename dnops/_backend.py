@@ -79,13 +79,13 @@ def requested_backend() -> str | None:
     if not value:
         return None
     if value not in BACKENDS and value not in ALIASES:
-        raise ValueError(f"DNOPS_BACKEND must be one of {BACKENDS} (or the earlier {tuple(ALIASES)}), got {value!r}")
+        raise ValueError(f"DNOPS_BACKEND must be one of {BACKENDS} (or the earlier {ALIASES}), got {value!r}")
     return value
 
 
 def _resolve(name: str, device_type: str) -> str:
     """A backend name for a device kind, aliases replaced: "cpp" is the compiled kernel of the device."""
-    if ALIASES.get(name) == "compiled":
+    if name in ALIASES:
         return device_type if device_type in COMPILED else "cpu"
     return name
 

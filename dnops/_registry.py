@@ -18,7 +18,7 @@ BACKENDS = ("reference", "cpu", "cuda", "triton", "sdpa")
 COMPILED = frozenset({"cpu", "cuda"})
 # Earlier names, still accepted by DNOPS_BACKEND and dnops.use_backend: "cpp" was the compiled kernel of whichever
 # device the tensors are on.
-ALIASES = {"cpp": "compiled"}
+ALIASES = ("cpp",)
 
 
 @dataclass(frozen=True)
