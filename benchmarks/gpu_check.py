@@ -9,7 +9,7 @@ did not reach):
   warm       <= 45   every Triton kernel the GPU suite and the benchmark launch, compiled once into Triton's cache by
                      tests/gpu_compile.py in parallel processes (one per op and dtype), so the test shards load them
   tests      <= 90   ``pytest -m cuda`` over the test files that hold GPU tests, in 6 shards
-  sanitizer  <= 40   ``compute-sanitizer --tool memcheck`` over the small CUDA cases of tests/test_gpu.py, with
+  sanitizer  <= 40   ``compute-sanitizer --tool memcheck`` over the small CUDA cases of the GPU tests, with
                      PYTORCH_NO_CUDA_MEMORY_CACHING=1 (an access inside a cached block is otherwise invisible to it);
                      a device or driver the sanitizer refuses is a skip with its message
   bench      <= 50   ``python -m benchmarks.gpu_bench``, with what is left of the 300 s; its compiled peers come last
@@ -61,10 +61,13 @@ def _run(cmd: list[str], log: Path, limit: float, env: dict[str, str] | None = N
 
 
 def _gpu_test_files() -> list[str]:
-    # only the files that hold GPU tests: the others may import packages a lent machine lacks (and a collection
-    # error would stop the run), hence also --continue-on-collection-errors
+    # only the files that hold GPU tests (they mark them, or take their devices from tests/gpu_utils.py): the others
+    # may import packages a lent machine lacks (and a collection error would stop the run), hence also
+    # --continue-on-collection-errors
     return [
-        str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_*.py")) if "mark.cuda" in p.read_text()
+        str(p.relative_to(ROOT))
+        for p in sorted((ROOT / "tests").glob("test_*.py"))
+        if "mark.cuda" in (text := p.read_text()) or "tests.gpu_utils" in text
     ]
 
 
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(sanitizer, str):
                 skip("sanitizer", sanitizer)
             else:
-                cmd = [*sanitizer, "-p", "no:cacheprovider", "-k", "sanitizer", "tests/test_gpu.py"]
+                cmd = [*sanitizer, "-p", "no:cacheprovider", "-k", "sanitizer", *_gpu_test_files()]
                 san_env = dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
                 steps["sanitizer"] = _run(cmd, out / "sanitizer.log", LIMITS["sanitizer"], san_env)
                 refused = _sanitizer_refused(out / "sanitizer.log")

@@ -2,8 +2,9 @@ import os
 
 import torch
 
-# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; with one they run compiled there
-# (tests/test_gpu.py). The choice must be made before triton is first imported, which importing torch does not do.
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; with one they run compiled there (the
+# GPU tests in each op's test file). The choice must be made before triton is first imported, which importing torch
+# does not do.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -11,6 +12,7 @@ import pytest  # noqa: E402
 import torch._inductor.config  # noqa: E402
 
 from dnops import _backend  # noqa: E402
+from tests import gpu_utils  # noqa: E402
 
 # Inductor compiles in the test process: with its pool of compile workers, torch 2.11 once left pytest waiting at
 # exit for workers that never stopped (gpu-check's test shards run under a time limit).
@@ -22,7 +24,7 @@ def _interpreter_skip_reason() -> str | None:
     if not _backend.triton_available():
         return "triton is not installed"
     if os.environ.get("TRITON_INTERPRET") != "1":
-        return "TRITON_INTERPRET is not set: the Triton kernels run compiled on the GPU (tests/test_gpu.py)"
+        return "TRITON_INTERPRET is not set: the Triton kernels run compiled on the GPU (the GPU tests)"
     from dnops.triton.ms_deform_attn import ms_deform_attn_triton
     from tests.msda_utils import make_inputs
 
@@ -69,5 +71,34 @@ def backend_env(monkeypatch):
     return force
 
 
+def check_double_backward(op: str, backend: str, out: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+    """Differentiating ``op``'s gradient raises an error naming the op; the reference is plain PyTorch, so where
+    PyTorch differentiates twice, so does it, and else PyTorch says so; likewise torch's own attention (sdpa)."""
+    grads = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+    second = sum(g.square().sum() for g in grads)
+    if backend in ("reference", "sdpa"):
+        try:
+            torch.autograd.grad(second, inputs, allow_unused=True)
+        except RuntimeError as exc:
+            assert "not implemented" in str(exc)
+        return
+    with pytest.raises(RuntimeError, match=f"double backward is not supported by dnops.{op}"):
+        torch.autograd.grad(second, inputs)
+
+
 def requires_cpp(op: str):
     return pytest.mark.skipif(not _backend.has_kernel(op, "cpu"), reason=f"dnops._C has no CPU kernel for {op}")
+
+
+# The GPU tests' devices (tests/gpu_utils.py): each test that takes one of these runs on the GPU and on the CUDA
+# emulator (and, for arch_dev, its sm_80 build too).
+@pytest.fixture(params=gpu_utils.DEVICES)
+def dev(request):
+    with gpu_utils.on_device(request.param) as device:
+        yield device
+
+
+@pytest.fixture(params=gpu_utils.ARCH_DEVICES)
+def arch_dev(request):
+    with gpu_utils.on_device(request.param) as device:
+        yield device

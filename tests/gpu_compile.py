@@ -95,7 +95,7 @@ def compile_only(arch: int, sink: list, tag: list) -> Iterator[None]:
 def _msda_cases() -> Iterator[tuple[str, dict]]:
     from benchmarks.cases import MSDA_CASES
 
-    # the GPU suite's shapes (tests/test_gpu.py), then the benchmark's
+    # the GPU tests' shapes (tests/test_ms_deform_attn.py), then the benchmark's
     for kw in (
         {"d": 32},
         {"d": 1},

@@ -1,6 +1,6 @@
 """The CUDA emulator's own tests: the source step (always), and with the emulated library (make
 test-cuda-emulated) the rules it reports, the sm_70+ PTX mode, the lane orders and a mutant of a real kernel.
-The emulated GPU suite itself is tests/test_gpu.py's ``dev`` half."""
+The emulated GPU suite itself is the ``dev`` half of the GPU tests in each op's test file."""
 
 from __future__ import annotations
 

@@ -1,3 +1,8 @@
+"""dn_attn_mask, every backend against the reference (dnops.reference.dn_attn_mask) and DN-DETR's own mask;
+the GPU tests (``pytest -m cuda`` / ``-m emulated``)."""
+
+from __future__ import annotations
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -6,6 +11,7 @@ import dnops
 from dnops import reference
 from originals import dn_detr_group_mask
 from tests.conftest import requires_cpp
+from tests.gpu_utils import cuda
 
 
 def dn_detr_mask(pad_size: int, single_pad: int, scalar: int, num_queries: int) -> torch.Tensor:
@@ -67,3 +73,19 @@ def test_cuda_matches_reference():
     out = dnops.dn_attn_mask(40, 8, 17, device="cuda")
     assert out.device.type == "cuda"
     assert torch.equal(out.cpu(), reference.dn_attn_mask(40, 8, 17))
+
+
+# ---- on the GPU (pytest -m cuda) and the CUDA emulator (pytest -m emulated) ------------------------------------------
+
+
+@pytest.mark.parametrize("pad,group,queries", [(40, 8, 17), (0, 0, 5), (6, 3, 0), (120, 24, 200)])
+def test_gpu_equals_reference(dev, pad, group, queries):
+    got = dnops.dn_attn_mask(pad, group, queries, device=dev)
+    assert got.device.type == dev
+    assert torch.equal(got.cpu(), reference.dn_attn_mask(pad, group, queries))
+
+
+@cuda
+def test_sanitizer_dn_attn_mask():
+    for pad, group, queries in ((40, 8, 17), (0, 0, 5), (6, 3, 0)):
+        test_gpu_equals_reference("cuda", pad, group, queries)

@@ -341,3 +341,17 @@ def test_dino_variant_noise_and_inference():
         theirs = dn_dino_deformable_detr_prepare_for_dn(*args, 2, False, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
         for a, b in zip(ours, theirs, strict=True):
             assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_prepare_for_dn_inference_returns_fresh_tensors():
+    from dnops.compat import dn_detr
+
+    embed, enc = torch.nn.Embedding(15, 4), torch.nn.Embedding(11, 15)
+    for batch, patterns in ((1, 1), (3, 2)):
+        label, bbox, _, _ = dn_detr.prepare_for_dn(patterns, embed.weight, batch, False, 15, 10, 16, enc)
+        before = embed.weight.detach().clone(), enc.weight.detach().clone()
+        with torch.no_grad():
+            label.add_(1.0)
+            bbox.add_(1.0)
+        assert torch.equal(embed.weight, before[0]) and torch.equal(enc.weight, before[1])
+        assert 0 not in label.stride() and 0 not in bbox.stride()

@@ -1,16 +1,119 @@
-"""The C++ CPU kernel of dn_self_attention and the DNMultiheadAttention drop-in, against the reference."""
+"""dn_self_attention, every backend against the reference (dnops.reference.dn_self_attention): the reference
+against dense attention under the DN mask, the compiled kernel, the SDPA backend, the Triton kernels
+(interpreter), bad inputs, properties, autocast, the GPU tests (``pytest -m cuda`` / ``-m emulated``), and
+the DNMultiheadAttention drop-in."""
+
+from __future__ import annotations
 
 import pytest
 import torch
 from torch.library import opcheck
 
 import dnops
-from dnops import reference
+from dnops import _backend, reference
 from dnops.nn import DNMultiheadAttention
 from dnops.nn.dn_mha import recognise_dn_mask
-from tests.conftest import requires_cpp
+from tests.backends import backends
+from tests.conftest import check_double_backward, requires_cpp
+from tests.gpu_utils import (
+    DTYPES,
+    backend_fn,
+    check_against_reference,
+    cuda,
+    needs,
+)
+from tests.property_utils import HealthCheck, given, settings, st
 
-pytestmark = requires_cpp("dn_self_attention")
+cpp = requires_cpp("dn_self_attention")
+
+
+# ---- the reference ---------------------------------------------------------------------------------------------------
+
+
+def reference_qkv(b=2, h=3, w=11, dh=8, dtype=torch.float64, requires_grad=False):
+    return [torch.randn(b, h, w, dh, dtype=dtype, requires_grad=requires_grad) for _ in range(3)]
+
+
+REFERENCE_LAYOUTS = [(6, 2, 5), (0, 0, 7), (12, 12, 3), (10, 5, 0), (15, 1, 4)]
+
+
+@pytest.mark.parametrize("pad_size,group_size,nq", REFERENCE_LAYOUTS)
+def test_structured_equals_dense(pad_size, group_size, nq):
+    q, k, v = reference_qkv(w=pad_size + nq, requires_grad=True)
+    a = reference.dn_self_attention(q, k, v, pad_size, group_size)
+    b = reference.dn_self_attention_dense(q, k, v, pad_size, group_size)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(a)
+    ga = torch.autograd.grad(a, (q, k, v), g)
+    gb = torch.autograd.grad(b, (q, k, v), g)
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pad_size,group_size,nq", [(10, 5, 30), (0, 0, 12), (18, 6, 9)])
+def test_equals_multihead_attention_with_dn_mask(pad_size, group_size, nq):
+    e, heads, b = 16, 4, 2
+    w = pad_size + nq
+    mha = torch.nn.MultiheadAttention(e, heads, batch_first=True, dtype=torch.float64)
+    x = torch.randn(b, w, e, dtype=torch.float64, requires_grad=True)
+    mask = reference.dn_attn_mask(pad_size, group_size, nq)
+    expected, _ = mha(x, x, x, attn_mask=mask, need_weights=False)
+
+    def structured(inp):
+        qp, kp, vp = torch.nn.functional.linear(inp, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1)
+        heads_first = [t.view(b, w, heads, e // heads).transpose(1, 2) for t in (qp, kp, vp)]
+        out = reference.dn_self_attention(*heads_first, pad_size, group_size)
+        return mha.out_proj(out.transpose(1, 2).reshape(b, w, e))
+
+    out = structured(x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    params = [x, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight]
+    for a, c in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g), strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_gradcheck():
+    q, k, v = reference_qkv(b=1, h=2, w=7, dh=3, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: reference.dn_self_attention(*t, 4, 2), (q, k, v))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_reference_low_precision(dtype, tol):
+    q, k, v = reference_qkv(w=13, dh=16)
+    expected = reference.dn_self_attention_dense(q, k, v, 8, 4)
+    out = reference.dn_self_attention(q.to(dtype), k.to(dtype), v.to(dtype), 8, 4)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+def test_reference_scale_argument():
+    q, k, v = reference_qkv(w=9)
+    a = reference.dn_self_attention(q, k, v, 4, 2, scale=0.3)
+    b = reference.dn_self_attention_dense(q, k, v, 4, 2, scale=0.3)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, reference.dn_self_attention(q, k, v, 4, 2))
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda q, k, v: (q[0], k[0], v[0], 4, 2), "must be \\(B, H, W, Dh\\)"),
+        (lambda q, k, v: (q, k[:, :, :-1], v, 4, 2), "must share"),
+        (lambda q, k, v: (q, k.float(), v, 4, 2), "share dtype"),
+        (lambda q, k, v: (q, k, v, 5, 2), "multiple of group_size"),
+        (lambda q, k, v: (q, k, v, 40, 2), "exceeds"),
+        (lambda q, k, v: (q.long(), k.long(), v.long(), 4, 2), "floating"),
+    ],
+)
+def test_reference_bad_inputs(mutate, match):
+    with pytest.raises(ValueError, match=match):
+        reference.dn_self_attention(*mutate(*reference_qkv()))
+
+
+# ---- the compiled kernel (C++), the SDPA backend and DNMultiheadAttention --------------------------------------------
+
+
 op = torch.ops.dnops.dn_self_attention
 
 
@@ -21,6 +124,7 @@ def qkv(b=2, h=3, w=11, dh=8, dtype=torch.float64):
 LAYOUTS = [(6, 2, 5), (0, 0, 7), (12, 12, 3), (10, 5, 0), (15, 1, 4), (40, 8, 17), (21, 7, 1)]
 
 
+@cpp
 @pytest.mark.parametrize("pad_size,group_size,nq", LAYOUTS)
 @pytest.mark.parametrize("dh", [1, 8, 30, 71])
 def test_matches_dense_definition(pad_size, group_size, nq, dh):
@@ -33,6 +137,7 @@ def test_matches_dense_definition(pad_size, group_size, nq, dh):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@cpp
 def test_lse_output():
     q, k, v = qkv(w=9)
     _, lse = op(q, k, v, 4, 2, 8**-0.5)
@@ -41,11 +146,13 @@ def test_lse_output():
     torch.testing.assert_close(lse, scores.logsumexp(-1))
 
 
+@cpp
 def test_gradcheck():
     q, k, v = qkv(b=1, h=2, w=7, dh=3)
     assert torch.autograd.gradcheck(lambda *t: dnops.dn_self_attention(*t, 4, 2), (q, k, v))
 
 
+@cpp
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
 def test_low_precision(dtype, tol):
     q, k, v = (t.detach() for t in qkv(w=29, dh=16))
@@ -58,6 +165,7 @@ def test_low_precision(dtype, tol):
     assert all(a.grad is not None and a.grad.dtype == dtype and torch.isfinite(a.grad).all() for a in args)
 
 
+@cpp
 def test_empty_batch_and_non_contiguous():
     q, k, v = qkv(b=0, w=9)
     assert dnops.dn_self_attention(q, k, v, 4, 2).shape == (0, 3, 9, 8)
@@ -67,6 +175,7 @@ def test_empty_batch_and_non_contiguous():
     torch.testing.assert_close(dnops.dn_self_attention(q, q, q, 4, 2), reference.dn_self_attention_dense(q, q, q, 4, 2))
 
 
+@cpp
 def test_opcheck():
     q, k, v = qkv(w=9)
     opcheck(op.default, (q, k, v, 4, 2, 0.3))
@@ -77,6 +186,7 @@ def test_opcheck():
     )
 
 
+@cpp
 def test_compile_fullgraph():
     q, k, v = qkv(w=13, dtype=torch.float32)
     fn = torch.compile(lambda a, b, c: dnops.dn_self_attention(a, b, c, 8, 4), fullgraph=True, backend="aot_eager")
@@ -86,15 +196,13 @@ def test_compile_fullgraph():
     assert q.grad is not None
 
 
+@cpp
 def test_kernel_rejects_bad_structure():
     q, k, v = qkv(w=9)
     with pytest.raises(RuntimeError, match="multiple of group_size"):
         op(q, k, v, 5, 2, 1.0)
     with pytest.raises(ValueError, match="multiple of group_size"):
         dnops.dn_self_attention(q, k, v, 5, 2)
-
-
-# ---- DNMultiheadAttention --------------------------------------------------------------------------------------
 
 
 def dn_detr_layout(m):  # 5 groups of M, 300 matching queries
@@ -106,6 +214,7 @@ def dino_layout(m):  # CDN groups of 2M, 900 matching queries, as many groups as
     return groups * 2 * m, 2 * m, 900
 
 
+@cpp
 @pytest.mark.parametrize("layout", [dn_detr_layout, dino_layout])
 @pytest.mark.parametrize("m", [0, 1, 7, 30])
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -134,6 +243,7 @@ def test_mha_equals_parent_with_dense_mask(layout, m, batch_first):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@cpp
 @pytest.mark.parametrize("sharing", ["q=k=v", "q=k", "distinct"])
 @pytest.mark.parametrize(("bias", "kdim"), [(True, None), (False, None), (True, 24)])
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -169,6 +279,7 @@ def test_mha_projections_match_parent(sharing, bias, kdim, batch_first):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@cpp
 def test_mha_takes_the_fast_path(monkeypatch):
     calls = []
     import dnops.nn.dn_mha as mod
@@ -185,6 +296,7 @@ def test_mha_takes_the_fast_path(monkeypatch):
     assert len(calls) == 2
 
 
+@cpp
 def test_mha_fallbacks_match_parent():
     torch.manual_seed(0)
     parent = torch.nn.MultiheadAttention(16, 2, dropout=0.0)
@@ -204,6 +316,7 @@ def test_mha_fallbacks_match_parent():
     )
 
 
+@cpp
 def test_mha_dropout_in_training_uses_parent():
     mha = DNMultiheadAttention(16, 2, dropout=0.5).train()
     x = torch.randn(30, 2, 16)
@@ -214,6 +327,7 @@ def test_mha_dropout_in_training_uses_parent():
     torch.testing.assert_close(a, b)
 
 
+@cpp
 def test_recognise_dn_mask():
     assert recognise_dn_mask(reference.dn_attn_mask(12, 4, 7)) == (12, 4)
     assert recognise_dn_mask(reference.dn_attn_mask(0, 0, 7)) == (0, 0)
@@ -223,9 +337,7 @@ def test_recognise_dn_mask():
     assert recognise_dn_mask(reference.dn_attn_mask(12, 4, 7).float()) is None
 
 
-# ---- the sdpa backend: two scaled_dot_product_attention calls over the visible blocks ---------------------------
-
-
+@cpp
 @pytest.mark.parametrize("pad_size,group_size,nq", LAYOUTS)
 @pytest.mark.parametrize("dh", [1, 8, 30])
 def test_sdpa_backend_matches_dense_definition(backend_env, pad_size, group_size, nq, dh):
@@ -239,6 +351,7 @@ def test_sdpa_backend_matches_dense_definition(backend_env, pad_size, group_size
         torch.testing.assert_close(x, y, rtol=1e-11, atol=1e-11)
 
 
+@cpp
 def test_sdpa_backend_gradcheck_and_low_precision(backend_env):
     backend_env("sdpa")
     qkv = [torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
@@ -251,6 +364,7 @@ def test_sdpa_backend_gradcheck_and_low_precision(backend_env):
         torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
 
 
+@cpp
 def test_sdpa_is_the_gpu_default_and_an_override_everywhere(backend_env):
     from dnops import _backend
 
@@ -258,3 +372,289 @@ def test_sdpa_is_the_gpu_default_and_an_override_everywhere(backend_env):
     backend_env("sdpa")
     assert _backend.choose("dn_self_attention", torch.device("cpu")) == "sdpa"
     assert _backend.choose("ms_deform_attn", torch.device("cpu")) == "reference"  # no sdpa formulation: warns
+
+
+# ---- the Triton kernels, in Triton's interpreter ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tri():
+    from dnops.triton.dn_self_attention import dn_self_attention_triton
+
+    return dn_self_attention_triton
+
+
+# group sizes that are and are not multiples of the 16-wide blocks, one group, no DN part, no matching part
+TRITON_LAYOUTS = [(21, 7, 11), (32, 16, 9), (10, 10, 20), (0, 0, 19), (24, 6, 0), (40, 20, 1)]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("pad_size,group_size,nq", TRITON_LAYOUTS)
+@pytest.mark.parametrize("dh", [8, 30])
+def test_triton_forward_and_grads(tri, pad_size, group_size, nq, dh):
+    q, k, v = [torch.randn(1, 2, pad_size + nq, dh, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    out, lse = tri(q, k, v, pad_size, group_size, dh**-0.5)
+    ref = reference.dn_self_attention_dense(q, k, v, pad_size, group_size)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    scores = ((q @ k.transpose(-1, -2)) * dh**-0.5).masked_fill(
+        reference.dn_attn_mask(pad_size, group_size, nq), float("-inf")
+    )
+    torch.testing.assert_close(lse, scores.logsumexp(-1))
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_triton_low_precision(tri, dtype, tol):
+    q, k, v = [torch.randn(1, 2, 29, 16, dtype=torch.float64) for _ in range(3)]
+    expected = reference.dn_self_attention_dense(q, k, v, 18, 6)
+    out, _ = tri(q.to(dtype), k.to(dtype), v.to(dtype), 18, 6, 0.25)
+    assert out.dtype == dtype
+    torch.testing.assert_close(
+        out.double(), reference.dn_self_attention_dense(q, k, v, 18, 6, 0.25), rtol=tol, atol=tol
+    )
+    assert expected.shape == out.shape
+
+
+@pytest.mark.triton
+def test_public_function_routes_to_triton(backend_env):
+    backend_env("triton")
+    q, k, v = [torch.randn(1, 2, 13, 8, dtype=torch.float64) for _ in range(3)]
+    torch.testing.assert_close(dnops.dn_self_attention(q, k, v, 8, 4), reference.dn_self_attention_dense(q, k, v, 8, 4))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("pad_size,group_size,nq,dh", [(15, 5, 70, 16), (80, 40, 30, 32), (0, 0, 90, 64)])
+def test_gpu_block_sizes(tri, monkeypatch, block, pad_size, group_size, nq, dh):
+    """The block edges a GPU gets (the interpreter runs 16), checked here where the kernels can run."""
+    from dnops.triton import dn_self_attention as module
+
+    monkeypatch.setattr(module, "_block", lambda block_d, dh, dtype: block)
+    q, k, v = [torch.randn(2, 2, pad_size + nq, dh, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    out = tri(q, k, v, pad_size, group_size, dh**-0.5)[0]
+    ref = reference.dn_self_attention(q, k, v, pad_size, group_size)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    for x, y in zip(torch.autograd.grad(out, [q, k, v], g), torch.autograd.grad(ref, [q, k, v], g), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("dh", [32, 30, 128])
+def test_gpu_tiles_per_dtype(tri, monkeypatch, dtype, dh):
+    """The tiles and warps a GPU gets per dtype (tests/gpu_compile.py holds them to no spills), run here."""
+    from dnops.triton import dn_self_attention as module
+
+    monkeypatch.setattr(module, "interpreted", lambda: False)
+    q, k, v = [torch.randn(1, 2, 40 + 33, dh, dtype=dtype, requires_grad=True) for _ in range(3)]
+    out = tri(q, k, v, 40, 8, dh**-0.5)[0]
+    ref = reference.dn_self_attention(*(t.double() for t in (q, k, v)), 40, 8)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+# ---- hardening: bad inputs, limits, double backward ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backends("dn_self_attention"))
+def test_double_backward_raises(backend, backend_env):
+    backend_env(backend)
+    inputs = [torch.randn(1, 2, 12, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    check_double_backward("dn_self_attention", backend, dnops.dn_self_attention(*inputs, 6, 3), inputs)
+
+
+def test_dn_self_attention_rejects_zero_head_dim():
+    q = torch.randn(1, 2, 10, 0)
+    with pytest.raises(ValueError, match="Dh >= 1"):
+        dnops.dn_self_attention(q, q, q, 4, 2)
+
+
+def _mha_and_input():
+    from dnops.nn import DNMultiheadAttention
+
+    torch.manual_seed(0)
+    mha = DNMultiheadAttention(16, 2).double().eval()
+    parent = torch.nn.MultiheadAttention(16, 2).double().eval()
+    parent.load_state_dict(mha.state_dict())
+    return mha, parent, torch.randn(27, 2, 16, dtype=torch.float64)
+
+
+def test_dn_mha_pickles_after_a_masked_call(tmp_path):
+    mha, _, x = _mha_and_input()
+    mask = dnops.dn_attn_mask(12, 4, 15)
+    before = mha(x, x, x, attn_mask=mask)[0]
+    torch.save(mha, tmp_path / "mha.pt")
+    loaded = torch.load(tmp_path / "mha.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x, x, x, attn_mask=mask)[0], before)
+
+
+def test_dn_mha_honours_a_mask_that_is_not_the_dn_mask():
+    mha, parent, x = _mha_and_input()
+    other = torch.rand(27, 27) < 0.3
+    other.fill_diagonal_(False)
+    got = mha(x, x, x, attn_mask=other, dn=(12, 4))[0]
+    torch.testing.assert_close(got, parent(x, x, x, attn_mask=other)[0])
+    dn_mask = dnops.dn_attn_mask(12, 4, 15)
+    torch.testing.assert_close(mha(x, x, x, attn_mask=dn_mask, dn=(12, 4))[0], parent(x, x, x, attn_mask=dn_mask)[0])
+
+
+def test_dn_mha_takes_the_mask_dict_of_the_dn_detr_adapter():
+    from dnops.compat import dn_detr
+
+    targets = [{"labels": torch.tensor([1, 2, 3]), "boxes": torch.rand(3, 4) * 0.5 + 0.2}, {"labels": torch.tensor([4]),
+               "boxes": torch.rand(1, 4) * 0.5 + 0.2}]  # fmt: skip
+    enc = torch.nn.Embedding(11, 15)
+    _, _, mask, mask_dict = dn_detr.prepare_for_dn(
+        (targets, 4, 0.2, 0.4, 1), torch.rand(15, 4), 2, True, 15, 10, 16, enc
+    )
+    mha, parent, _ = _mha_and_input()
+    x = torch.randn(mask.shape[0], 2, 16, dtype=torch.float64)
+    torch.testing.assert_close(mha(x, x, x, dn=mask_dict)[0], parent(x, x, x, attn_mask=mask)[0])
+
+
+def test_dn_mha_compiles_fullgraph_with_a_mask():
+    mha, parent, x = _mha_and_input()
+    mask = dnops.dn_attn_mask(12, 4, 15)
+    torch._dynamo.reset()
+    got = torch.compile(lambda x: mha(x, x, x, attn_mask=mask)[0], fullgraph=True)(x)
+    torch.testing.assert_close(got, parent(x, x, x, attn_mask=mask)[0])
+
+
+# ---- properties: random valid inputs equal the reference, random invalid ones name the argument (hypothesis) ---------
+
+
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+KERNELS = backends("dn_self_attention", without=("reference",))
+
+
+def run(backend: str, fn, *args, **kw):
+    with _backend.use_backend(backend):
+        return fn(*args, **kw)
+
+
+@st.composite
+def dsa_inputs(draw):
+    groups, group_size = draw(st.integers(0, 3)), draw(st.integers(1, 5))
+    nq, dh, b, h = draw(st.integers(0, 9)), draw(st.integers(1, 12)), draw(st.integers(0, 2)), draw(st.integers(1, 3))
+    pad = groups * group_size
+    if pad + nq == 0:
+        nq = 1
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    qkv = [torch.randn(b, h, pad + nq, dh, generator=g, dtype=torch.float64) for _ in range(3)]
+    return qkv, pad, group_size if pad else 0
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@SETTINGS
+@given(case=dsa_inputs())
+def test_dn_self_attention_equals_reference(backend, case):
+    qkv, pad, group = case
+    qkv = [t.requires_grad_() for t in qkv]
+    out = run(backend, dnops.dn_self_attention, *qkv, pad, group)
+    ref = reference.dn_self_attention(*qkv, pad, group)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    if out.numel():
+        g = torch.randn_like(out)
+        for x, y in zip(torch.autograd.grad(out, qkv, g), torch.autograd.grad(ref, qkv, g), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", backends("dn_self_attention"))
+@SETTINGS
+@given(case=dsa_inputs(), pick=st.integers(0, 5))
+def test_dn_self_attention_invalid_inputs_name_the_argument(backend, case, pick):
+    (q, k, v), pad, group = case
+    width = q.shape[2]
+    bad = [
+        ("pad_size", (q, k, v, width + 1, 1)),
+        ("pad_size", (q, k, v, -1, 1)),
+        ("q", (q.flatten(0, 1), k, v, pad, group)),
+        ("q", (q.long(), k, v, pad, group)),
+        ("q", (q, k[..., :0], v, pad, group)),
+        ("group_size", (q, k, v, width, 0) if width else (q, k, v, 0, 0)),
+    ][pick]
+    name, args = bad
+    if name == "group_size" and not width:
+        return
+    with pytest.raises(ValueError, match=name):
+        run(backend, dnops.dn_self_attention, *args)
+
+
+# ---- autocast --------------------------------------------------------------------------------------------------------
+
+
+AMP_BACKENDS = backends("dn_self_attention", without=("triton", "sdpa"))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("backend", AMP_BACKENDS)
+def test_dn_self_attention_and_dn_mha_under_autocast(backend, backend_env):
+    backend_env(backend)
+    torch.manual_seed(0)
+    mha = DNMultiheadAttention(64, 4)
+    x = torch.randn(50, 2, 64, requires_grad=True)
+    want = mha(x, x, x, dn=(20, 5))[0]
+    (want_gx,) = torch.autograd.grad(want.sum(), [x])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mha(x, x, x, dn=(20, 5))[0]
+    assert got.dtype == torch.bfloat16
+    (got_gx,) = torch.autograd.grad(got.float().sum(), [x])
+    assert rel_err(got, want) < 5e-2 and rel_err(got_gx, want_gx) < 5e-2
+
+    q, k, v = (torch.randn(2, 4, 50, 16) for _ in range(3))
+    want = reference.dn_self_attention(q, k, v, 20, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dnops.dn_self_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 20, 5)
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) < 5e-2
+
+
+# ---- on the GPU (pytest -m cuda) and the CUDA emulator (pytest -m emulated) ------------------------------------------
+
+
+DSA_SHAPES = [(2, 3, 5, 16), (2, 4, 0, 8), (3, 5, 7, 30), (1, 8, 10, 64), (0, 1, 9, 71), (5, 1, 1, 32)]
+
+
+def dsa(backend: str):
+    needs("dn_self_attention", backend)
+    return backend_fn(backend, dnops.dn_self_attention)
+
+
+@cuda
+@pytest.mark.parametrize("backend", backends("dn_self_attention", "cuda"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("groups,group_size,num_queries,dh", DSA_SHAPES)
+def test_gpu_backends_equal_reference(backend, dtype, groups, group_size, num_queries, dh):
+    fn = dsa(backend)
+    pad = groups * group_size
+    width = pad + num_queries
+    qkv = [torch.randn(2, 3, width, dh, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+
+    def call(f):
+        return lambda q, k, v: f(q, k, v, pad, group_size if pad else 0)
+
+    check_against_reference(call(fn), call(reference.dn_self_attention), qkv, dtype, f"dn_self_attention[{backend}]")
+
+
+@cuda
+@pytest.mark.parametrize("backend", backends("dn_self_attention", "cuda"))
+def test_gpu_non_contiguous(backend):
+    fn = dsa(backend)
+    x = torch.randn(2, 40, 3, 32, device="cuda")  # (B, W, H, Dh) seen as (B, H, W, Dh)
+    qkv = [x.transpose(1, 2).clone().transpose(1, 2).transpose(1, 2).requires_grad_() for _ in range(3)]
+    assert not qkv[0].is_contiguous()
+
+    def call(f):
+        return lambda q, k, v: f(q, k, v, 20, 5)
+
+    check_against_reference(call(fn), call(reference.dn_self_attention), qkv, torch.float32, "non-contiguous")

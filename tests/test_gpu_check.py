@@ -54,10 +54,12 @@ def test_only_runs_the_named_steps_and_lists_failures(tmp_path):
 def test_a_timed_out_test_step_says_how_far_it_got():
     from benchmarks import gpu_check
 
-    ids = [f"tests/test_gpu.py::test_{i}" for i in range(8)]
-    text = "tests/test_gpu.py::test_0 PASSED [ 10%]\ntests/test_gpu.py::test_1 FAILED [ 20%]\n"
+    ids = [f"tests/test_ms_deform_attn.py::test_{i}" for i in range(8)]
+    text = "tests/test_ms_deform_attn.py::test_0 PASSED [ 10%]\ntests/test_ms_deform_attn.py::test_1 FAILED [ 20%]\n"
     status = gpu_check._reached("timed out after 90 s", text, ids)
-    assert status.startswith("timed out after 90 s: 2 of 8 tests reached; not reached: tests/test_gpu.py::test_2,")
+    assert status.startswith(
+        "timed out after 90 s: 2 of 8 tests reached; not reached: tests/test_ms_deform_attn.py::test_2,"
+    )
     assert status.endswith("and 1 more")
     assert gpu_check._reached("ok", text, ids) == "ok"
 

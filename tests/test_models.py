@@ -228,3 +228,22 @@ def test_any_coco_json_is_resized_to_the_model_size(digits):
     data = CocoDetection(digits / "train", digits / "annotations" / "train.json", size=48)
     images, targets = collate([data[0], data[1]])
     assert images.shape == (2, 3, 48, 48) and targets[0]["orig_size"] == (64, 64)
+
+
+def test_thin_dn_detr_training_step_under_autocast():
+    from models.config import Config
+    from models.criterion import Criterion
+    from models.model import DNDETR
+
+    cfg = Config(d_model=32, n_heads=4, enc_layers=1, dec_layers=2, ffn_dim=64, num_queries=20, image_size=64)
+    cfg.backbone_width, cfg.dn_groups = 8, 3
+    torch.manual_seed(0)
+    model = DNDETR(cfg, 10).train()
+    criterion = Criterion(cfg, 10)
+    images = torch.rand(2, 3, 64, 64)
+    targets = [{"labels": torch.randint(0, 10, (c,)), "boxes": torch.rand(c, 4) * 0.4 + 0.3} for c in (3, 5)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = criterion(model(images, targets), targets)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)

@@ -1,16 +1,122 @@
-"""The C++ CPU kernel (and the CUDA kernel where a GPU exists) against the reference."""
+"""ms_deform_attn, every backend against the reference (dnops.reference.ms_deform_attn): the reference itself
+against the loop definition, the compiled kernels, the Triton kernels (interpreter), bad inputs, properties,
+autocast, and the GPU tests (``pytest -m cuda`` on a GPU, ``pytest -m emulated`` on the CUDA emulator);
+the nn.MSDeformAttn module's drop-in tests. The compile matrix of every op is tests/test_compile_matrix.py."""
+
+from __future__ import annotations
 
 import pytest
 import torch
 from torch.library import opcheck
 
 import dnops
-from dnops import reference
+from dnops import _backend, reference
 from dnops.nn import MSDeformAttn
-from tests.conftest import requires_cpp
+from tests.backends import backends
+from tests.conftest import check_double_backward, requires_cpp
+from tests.gpu_utils import (
+    DTYPES,
+    as_float64,
+    assert_rel,
+    check_against_reference,
+    cuda,
+    msda,
+    msda_args,
+    synchronize,
+)
 from tests.msda_utils import loop_ms_deform_attn, make_inputs
+from tests.property_utils import HealthCheck, given, settings, st
 
-pytestmark = requires_cpp("ms_deform_attn")
+cpp = requires_cpp("ms_deform_attn")
+
+
+# ---- the reference ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"shapes": ((3, 3),), "p": 1, "d": 1},
+        {"shapes": ((5, 2), (1, 1), (2, 7)), "m": 3, "d": 3, "p": 3},
+        {"n": 1, "lq": 5, "d": 7},
+    ],
+)
+def test_matches_loop_definition(kw):
+    args = make_inputs(**kw)
+    torch.testing.assert_close(reference.ms_deform_attn(*args), loop_ms_deform_attn(*args), rtol=1e-12, atol=1e-12)
+
+
+def test_borders_and_outside():
+    value, shapes, starts, loc, weights = make_inputs(n=1, shapes=((3, 4), (2, 2)), lq=8, m=1, p=1)
+    edges = torch.tensor(
+        [[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.5], [-0.5, 0.5], [1.5, 0.2], [0.125, 1 / 6], [-1e-9, 1.0 + 1e-9]],
+        dtype=torch.float64,
+    )
+    loc[0, :, 0, :, 0] = edges[:, None, :]
+    out = reference.ms_deform_attn(value, shapes, starts, loc, weights)
+    torch.testing.assert_close(out, loop_ms_deform_attn(value, shapes, starts, loc, weights), rtol=1e-12, atol=1e-12)
+    # A location a full pixel outside every map reads only zeros.
+    assert out[0, 4].abs().max() == 0 and out[0, 5].abs().max() == 0
+
+
+def test_reference_gradcheck():
+    args = make_inputs(n=1, shapes=((3, 4), (2, 2)), lq=2, m=2, d=3, p=2, low=0.05, high=0.95, requires_grad=True)
+    assert torch.autograd.gradcheck(reference.ms_deform_attn, args, eps=1e-6, atol=1e-5, nondet_tol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_low_precision_close_to_float64(dtype):
+    args64 = make_inputs(d=8)
+    expected = reference.ms_deform_attn(*args64)
+    args = [t.to(dtype) if t.is_floating_point() else t for t in args64]
+    out = reference.ms_deform_attn(*args)
+    assert out.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+def test_empty_queries_and_batch():
+    for kw in ({"lq": 0}, {"n": 0}):
+        args = make_inputs(**kw)
+        out = reference.ms_deform_attn(*args)
+        assert out.shape == (kw.get("n", 2), kw.get("lq", 3), 2 * 4)
+
+
+def _replace(args, i, new):
+    args = list(args)
+    args[i] = new
+    return args
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: _replace(a, 0, a[0][:, :-1]), "S="),
+        (lambda a: _replace(a, 2, a[2] + 1), "level_start_index"),
+        (lambda a: _replace(a, 1, a[1][:1]), "level_start_index has"),
+        (lambda a: _replace(a, 0, a[0][0]), "value must have rank 4"),
+        (lambda a: _replace(a, 3, a[3].float()), "sampling_locations has dtype"),
+        (lambda a: _replace(a, 4, a[4][..., :1]), "attention_weights must be"),
+        (lambda a: _replace(a, 1, a[1].int()), "spatial_shapes must be int64"),
+        (lambda a: _replace(a, 3, a[3][:, :, :1]), "sampling_locations must be"),
+        (lambda a: _replace(a, 0, a[0].long()), "value must be float"),
+    ],
+)
+def test_bad_inputs_name_the_argument(mutate, match):
+    with pytest.raises(ValueError, match=match):
+        reference.ms_deform_attn(*mutate(make_inputs()))
+
+
+def test_device_mix_raises():
+    args = make_inputs()
+    with pytest.raises(ValueError, match="sampling_locations is on cpu but value is on meta"):
+        reference.ms_deform_attn(args[0].to("meta"), args[1].to("meta"), args[2].to("meta"), *args[3:])
+
+
+# ---- the compiled kernels (C++ on the CPU) and the modules -----------------------------------------------------------
+
+
 op = torch.ops.dnops.ms_deform_attn
 
 
@@ -28,12 +134,14 @@ def assert_matches(args, logits=False, rtol=1e-10, atol=1e-10):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+@cpp
 @pytest.mark.parametrize("d", [1, 30, 32, 71, 8, 64])
 @pytest.mark.parametrize("logits", [False, True])
 def test_float64_forward_and_grads(d, logits):
     assert_matches(make_inputs(d=d, requires_grad=True), logits)
 
 
+@cpp
 @pytest.mark.parametrize(
     "kw",
     [
@@ -46,6 +154,7 @@ def test_odd_layouts(kw):
     assert_matches(make_inputs(requires_grad=True, **kw))
 
 
+@cpp
 @pytest.mark.parametrize("d", [1, 30, 32, 71])
 def test_gradcheck(d):
     args = make_inputs(n=1, shapes=((3, 4), (2, 2)), lq=2, m=2, d=d, p=2, low=0.05, high=0.95, requires_grad=True)
@@ -53,12 +162,14 @@ def test_gradcheck(d):
     assert torch.autograd.gradcheck(lambda *a: op(*a, True), args, eps=1e-6, atol=1e-5)
 
 
+@cpp
 @pytest.mark.parametrize("d", [1025, 2048, 3096])
 def test_wide_channels_forward(d):
     args = make_inputs(n=1, shapes=((3, 4), (2, 2)), lq=3, m=1, d=d, dtype=torch.float32)
     torch.testing.assert_close(op(*args), reference.ms_deform_attn(*args), rtol=1e-5, atol=1e-5)
 
 
+@cpp
 def test_matches_loop_definition_on_borders():
     value, shapes, starts, loc, weights = make_inputs(n=1, shapes=((3, 4), (2, 2)), lq=8, m=1, p=1)
     edges = torch.tensor(
@@ -71,6 +182,7 @@ def test_matches_loop_definition_on_borders():
     assert_matches([t.requires_grad_() if t.is_floating_point() else t for t in args])
 
 
+@cpp
 def test_nan_and_far_locations_read_zero():
     value, shapes, starts, loc, weights = make_inputs(n=1, lq=3, m=1, p=1)
     loc[0, 0] = float("nan")
@@ -80,6 +192,7 @@ def test_nan_and_far_locations_read_zero():
 
 
 # D = 16 takes the kernel's explicitly vectorized float32 rows, D = 30 its generic channel loops.
+@cpp
 @pytest.mark.parametrize("d", [16, 30])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 def test_low_precision(dtype, tol, d):
@@ -99,6 +212,7 @@ def test_low_precision(dtype, tol, d):
         torch.testing.assert_close(x.double(), y, rtol=tol * scale, atol=tol * scale)
 
 
+@cpp
 @pytest.mark.parametrize("kw", [{"lq": 0}, {"n": 0}])
 def test_empty(kw):
     args = make_inputs(requires_grad=True, **kw)
@@ -108,6 +222,7 @@ def test_empty(kw):
     assert torch.equal(args[0].grad, torch.zeros_like(args[0]))
 
 
+@cpp
 def test_non_contiguous_inputs():
     value, shapes, starts, loc, weights = make_inputs(d=6)
     value_nc = value.transpose(2, 3).contiguous().transpose(2, 3)
@@ -122,6 +237,7 @@ def test_non_contiguous_inputs():
     )
 
 
+@cpp
 def test_backward_is_deterministic():
     args = make_inputs(n=2, shapes=((6, 7), (3, 4)), lq=40, m=4, d=32, dtype=torch.float32, requires_grad=True)
     g = torch.randn(2, 40, 128)
@@ -131,6 +247,7 @@ def test_backward_is_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
+@cpp
 def test_many_queries_in_either_visiting_order():
     # From 256 queries on, the kernel visits an image's queries cell by cell when their samples cluster (image 0:
     # each query's samples near its own reference point, one head far off) and in their own order otherwise
@@ -164,6 +281,7 @@ def test_many_queries_in_either_visiting_order():
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
 
 
+@cpp
 @pytest.mark.parametrize("logits", [False, True])
 def test_opcheck(logits):
     args = make_inputs(n=1, lq=3, m=2, d=5, requires_grad=True)
@@ -172,6 +290,7 @@ def test_opcheck(logits):
     opcheck(torch.ops.dnops._ms_deform_attn_backward.default, (grad_out, *[a.detach() for a in args], logits))
 
 
+@cpp
 def test_compile_fullgraph():
     args = make_inputs(dtype=torch.float32, requires_grad=True)
     compiled = torch.compile(dnops.ms_deform_attn, fullgraph=True, backend="aot_eager")
@@ -181,6 +300,7 @@ def test_compile_fullgraph():
     assert args[0].grad is not None and args[3].grad is not None
 
 
+@cpp
 def test_autocast_runs_in_float32():
     args = make_inputs(dtype=torch.float32)
     mixed = (args[0].bfloat16(), args[1], args[2], args[3], args[4].bfloat16())
@@ -192,6 +312,7 @@ def test_autocast_runs_in_float32():
     )
 
 
+@cpp
 @pytest.mark.parametrize(
     "mutate,match",
     [
@@ -209,6 +330,7 @@ def test_kernel_rejects_bad_inputs(mutate, match):
         op(*mutate(make_inputs()))
 
 
+@cpp
 def test_public_function_picks_cpp_and_override(backend_env):
     args = make_inputs()
     torch.testing.assert_close(dnops.ms_deform_attn(*args), op(*args), rtol=0, atol=0)
@@ -216,6 +338,7 @@ def test_public_function_picks_cpp_and_override(backend_env):
     torch.testing.assert_close(dnops.ms_deform_attn(*args), reference.ms_deform_attn(*args), rtol=0, atol=0)
 
 
+@cpp
 @pytest.mark.cuda
 def test_cuda_matches_reference():
     args = [t.cuda() for t in make_inputs(d=33)]
@@ -231,9 +354,6 @@ def test_cuda_matches_reference():
             strict=True,
         ):
             torch.testing.assert_close(x, y)
-
-
-# ---- drop-ins --------------------------------------------------------------------------------------------------
 
 
 class OriginalLayoutMSDeformAttn(torch.nn.Module):
@@ -267,6 +387,7 @@ class OriginalLayoutMSDeformAttn(torch.nn.Module):
         return self.output_proj(reference.ms_deform_attn(value, shapes, starts, loc, w))
 
 
+@cpp
 @pytest.mark.parametrize("ref_dim", [2, 4])
 def test_module_loads_original_checkpoint(ref_dim):
     torch.manual_seed(1)
@@ -287,6 +408,7 @@ def test_module_loads_original_checkpoint(ref_dim):
     )
 
 
+@cpp
 def test_module_init_matches_deformable_detr():
     mod = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=2)
     bias = mod.sampling_offsets.bias.view(4, 2, 2, 2)
@@ -296,6 +418,7 @@ def test_module_init_matches_deformable_detr():
     assert mod.attention_weights.weight.abs().sum() == 0 and mod.sampling_offsets.weight.abs().sum() == 0
 
 
+@cpp
 def test_function_and_mmcv_names():
     value, shapes, starts, loc, weights = make_inputs()
     expected = reference.ms_deform_attn(value, shapes, starts, loc, weights)
@@ -303,6 +426,7 @@ def test_function_and_mmcv_names():
     torch.testing.assert_close(dnops.multi_scale_deformable_attn_pytorch(value, shapes, loc, weights), expected)
 
 
+@cpp
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_int32_level_tensors_are_accepted(backend_env, backend):
     """Users build spatial_shapes / level_start_index by hand, often as int32: the public op converts them once."""
@@ -320,3 +444,493 @@ def test_int32_level_tensors_are_accepted(backend_env, backend):
         assert torch.equal(x, y)
     with pytest.raises(ValueError, match="spatial_shapes must be int64"):
         dnops.ms_deform_attn(value, shapes.short(), starts, loc, weights)
+
+
+# ---- the Triton kernels, in Triton's interpreter ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tri():
+    from dnops.triton.ms_deform_attn import ms_deform_attn_triton
+
+    return ms_deform_attn_triton
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"d": 4},
+        {"d": 1, "p": 1, "shapes": ((3, 3),)},
+        {"d": 30, "m": 1, "lq": 2},
+        {"d": 71, "m": 1, "lq": 2, "p": 1},
+        {"shapes": ((5, 2), (1, 1), (2, 7)), "m": 3, "d": 3, "p": 3},
+    ],
+)
+@pytest.mark.parametrize("logits", [False, True])
+def test_triton_forward_and_grads(tri, kw, logits):
+    args = make_inputs(requires_grad=True, **kw)
+    out = tri(*args, logits)
+    ref = reference.ms_deform_attn(*args, logits)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [args[0], args[3], args[4]], g)
+    want = torch.autograd.grad(ref, [args[0], args[3], args[4]], g)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_triton_low_precision(tri, dtype, tol):
+    args = [t.to(dtype) if t.is_floating_point() else t for t in make_inputs(d=8)]
+    out = tri(*args)
+    assert out.dtype == dtype
+    expected = reference.ms_deform_attn(*[t.double() if t.is_floating_point() else t for t in args])
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.triton
+def test_triton_borders_and_empty(tri):
+    value, shapes, starts, loc, weights = make_inputs(n=1, shapes=((3, 4), (2, 2)), lq=6, m=1, p=1)
+    loc[0, :, 0, :, 0] = torch.tensor(
+        [[0.0, 0.0], [1.0, 1.0], [-0.5, 0.5], [1.5, 0.2], [-1 / 8, 1.0], [float("nan"), 0.5]], dtype=torch.float64
+    )[:, None, :]
+    torch.testing.assert_close(
+        tri(value, shapes, starts, loc, weights),
+        reference.ms_deform_attn(value, shapes, starts, loc.nan_to_num(nan=-10.0), weights),
+    )
+    empty = make_inputs(lq=0)
+    assert tri(*empty).shape == (2, 0, 8)
+
+
+@pytest.mark.triton
+def test_public_function_routes_to_triton(backend_env):
+    backend_env("triton")
+    args = make_inputs()
+    torch.testing.assert_close(dnops.ms_deform_attn(*args), reference.ms_deform_attn(*args))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kw", [{"d": 32, "lq": 70}, {"d": 1, "lq": 200}, {"d": 4, "lq": 150}, {"d": 71, "lq": 9}])
+def test_gpu_tiles(tri, monkeypatch, dtype, kw):
+    """The tiles a GPU gets (the interpreter runs 16 rows), checked here where the kernel can run."""
+    from dnops.triton import ms_deform_attn as module
+
+    monkeypatch.setattr(module, "interpreted", lambda: False)
+    assert module._tiles(kw["d"], dtype)[0] > module.BLOCK_R or kw["d"] % 16
+    args = [t.to(dtype) if t.is_floating_point() else t for t in make_inputs(**kw)]
+    want = reference.ms_deform_attn(*args)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(tri(*args), want, rtol=tol, atol=tol)
+
+
+# ---- hardening: bad inputs, limits, double backward ------------------------------------------------------------------
+
+
+# the Triton kernels run in the interpreter here, under the conftest's rules for the triton mark
+BACKENDS = backends("ms_deform_attn")
+
+
+def with_shapes(rows, s=None):
+    value, _, _, loc, weights = make_inputs(n=1, shapes=((2, 3), (1, 2)), lq=2, m=1, d=2, p=1)
+    shapes = torch.tensor(rows, dtype=torch.int64)
+    starts = torch.tensor([0, 6], dtype=torch.int64)
+    if s is not None:
+        value = torch.randn(1, s, 1, 2, dtype=torch.float64)
+    return value, shapes, starts, loc, weights
+
+
+BAD_SHAPES = [
+    ([[2**32, 2**32], [1, 2]], None, "spatial_shapes"),  # H * W = 2**64 wraps to 0 in int64
+    ([[2**62, 4], [1, 2]], None, "spatial_shapes"),
+    ([[2, 3], [0, 2]], None, "positive"),
+    ([[2, 3], [-1, -8]], None, "positive"),
+    ([[2, 3], [4, 4]], None, "spatial_shapes"),  # H * W > S
+    ([[2, 3], [1, 2]], 9, "S=9"),
+]
+
+
+@pytest.mark.parametrize("rows,s,match", BAD_SHAPES)
+def test_public_op_rejects_levels_outside_value(rows, s, match):
+    with pytest.raises(ValueError, match=match):
+        dnops.ms_deform_attn(*with_shapes(rows, s))
+
+
+@pytest.mark.parametrize("rows,s,match", BAD_SHAPES)
+def test_cpu_kernel_rejects_levels_outside_value(rows, s, match):
+    # the raw op, past the Python checks: its own checks must stop it before it reads
+    args = with_shapes(rows, s)
+    with pytest.raises(RuntimeError, match=match if match != "spatial_shapes" else "spatial_shapes|positions"):
+        torch.ops.dnops.ms_deform_attn(*args)
+    with pytest.raises(RuntimeError):
+        torch.ops.dnops._ms_deform_attn_backward(torch.ones(1, 2, 2, dtype=torch.float64), *args)
+
+
+def test_level_check_off_the_cpu_reads_each_shapes_tensor_once(monkeypatch):
+    """Off the CPU, reading spatial_shapes is a device sync: its values are read once per tensor, and again after
+    an in-place change or with another level_start_index (cached=True is what a GPU tensor gets)."""
+    from dnops import validation
+
+    reads = []
+    real = validation._read_levels
+    monkeypatch.setattr(validation, "_read_levels", lambda *a: reads.append(1) or real(*a))
+    value, shapes, starts, _, _ = make_inputs()
+    s = value.shape[1]
+    for _ in range(3):
+        validation._check_levels(shapes, starts, s, cached=True)
+    assert len(reads) == 1
+    validation._check_levels(shapes, starts.clone(), s, cached=True)
+    assert len(reads) == 2
+    shapes[1, 0] = 2**62  # in place: the next call reads again and rejects it
+    with pytest.raises(ValueError, match="spatial_shapes cover more than"):
+        validation._check_levels(shapes, starts, s, cached=True)
+    reads.clear()
+    cpu_shapes = torch.tensor([[4, 5], [2, 3]])
+    for _ in range(2):
+        validation._check_levels(cpu_shapes, starts, s, cached=False)
+    assert len(reads) == 2  # CPU tensors: read every time (free), never cached
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_raises(backend, backend_env):
+    backend_env(backend)
+    args = make_inputs(requires_grad=True)
+    check_double_backward("ms_deform_attn", backend, dnops.ms_deform_attn(*args), [args[0], args[3], args[4]])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_non_finite_and_huge_locations_read_zero(backend, backend_env):
+    backend_env(backend)
+    value, shapes, starts, loc, weights = make_inputs(n=1, lq=5, m=1, p=1, requires_grad=False)
+    for q, x in enumerate([float("nan"), float("inf"), -float("inf"), 3e38, -3e38]):
+        loc[0, q] = x
+    loc.requires_grad_()
+    value.requires_grad_()
+    out = dnops.ms_deform_attn(value, shapes, starts, loc, weights)
+    assert torch.equal(out, torch.zeros_like(out))
+    g_value, g_loc = torch.autograd.grad(out.sum(), [value, loc])
+    assert torch.equal(g_loc, torch.zeros_like(g_loc)) and torch.equal(g_value, torch.zeros_like(g_value))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_reference_checks_levels(dynamic):
+    from dnops import reference
+
+    torch._dynamo.reset()
+    compiled = torch.compile(reference.ms_deform_attn, dynamic=dynamic)
+    value, shapes, starts, loc, weights = make_inputs(dtype=torch.float32)
+    torch.testing.assert_close(compiled(value, shapes, starts, loc, weights), reference.ms_deform_attn(
+        value, shapes, starts, loc, weights))  # fmt: skip
+    with pytest.raises(ValueError, match="level_start_index"):
+        compiled(value, shapes, torch.tensor([0, 7]), loc, weights)
+    with pytest.raises(ValueError, match="S=26"):
+        compiled(value, torch.tensor([[4, 5], [2, 2]]), torch.tensor([0, 20]), loc, weights)
+
+
+def test_msdeformattn_rejects_more_levels_than_built_for():
+    from dnops.nn import MSDeformAttn
+
+    mod = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    shapes = torch.tensor([[4, 4], [2, 2], [1, 1]])
+    starts = torch.tensor([0, 16, 20])
+    with pytest.raises(ValueError, match="n_levels=2"):
+        mod(torch.randn(1, 3, 16), torch.rand(1, 3, 3, 2), torch.randn(1, 21, 16), shapes, starts)
+
+
+# ---- properties: random valid inputs equal the reference, random invalid ones name the argument (hypothesis) ---------
+
+
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+KERNELS = backends("ms_deform_attn", without=("reference",))
+
+
+def run(backend: str, fn, *args, **kw):
+    with _backend.use_backend(backend):
+        return fn(*args, **kw)
+
+
+@st.composite
+def msda_inputs(draw):
+    n, lq = draw(st.integers(0, 2)), draw(st.integers(0, 5))
+    shapes = draw(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=3))
+    m, d, p = draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 3))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    spatial = torch.tensor(shapes, dtype=torch.int64)
+    sizes = spatial.prod(1)
+    starts = torch.cumsum(sizes, 0) - sizes
+    value = torch.randn(n, int(sizes.sum()), m, d, generator=g, dtype=torch.float64)
+    loc = torch.rand(n, lq, m, len(shapes), p, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
+    weights = torch.randn(n, lq, m, len(shapes), p, generator=g, dtype=torch.float64)
+    return [value, spatial, starts, loc, weights], draw(st.booleans())
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@SETTINGS
+@given(case=msda_inputs())
+def test_ms_deform_attn_equals_reference(backend, case):
+    args, logits = case
+    args = [t.requires_grad_() if t.is_floating_point() else t for t in args]
+    out = run(backend, dnops.ms_deform_attn, *args, attention_logits=logits)
+    ref = reference.ms_deform_attn(*args, logits)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    if out.numel():
+        g = torch.randn_like(out)
+        inputs = [args[0], args[3], args[4]]
+        for x, y in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-8)
+
+
+def _msda_corruptions(args):
+    value, shapes, starts, loc, weights = args
+    big = torch.tensor([[2**31, 2**33]] + [[1, 1]] * (shapes.shape[0] - 1))
+    return [
+        ("value", [value.flatten(0, 1), shapes, starts, loc, weights]),
+        ("value", [value.long(), shapes, starts, loc, weights]),
+        ("spatial_shapes", [value, shapes.double(), starts, loc, weights]),
+        ("spatial_shapes", [value, shapes * 0, starts, loc, weights]),
+        ("spatial_shapes", [value, -shapes, starts, loc, weights]),
+        ("spatial_shapes", [value, big, starts, loc, weights]),
+        ("spatial_shapes", [value, shapes[:, :1], starts, loc, weights]),
+        ("level_start_index", [value, shapes, starts + 1, loc, weights]),
+        ("level_start_index", [value, shapes, starts.short(), loc, weights]),  # int32 is accepted, int16 not
+        ("sampling_locations", [value, shapes, starts, loc[..., :1], weights]),
+        ("sampling_locations", [value, shapes, starts, loc.float(), weights]),
+        ("attention_weights", [value, shapes, starts, loc, weights[..., :0]]),
+        ("attention_weights", [value, shapes, starts, loc, weights.float()]),
+    ]
+
+
+@pytest.mark.parametrize("backend", backends("ms_deform_attn"))
+@SETTINGS
+@given(case=msda_inputs(), pick=st.integers(0, 12))
+def test_ms_deform_attn_invalid_inputs_name_the_argument(backend, case, pick):
+    name, bad = _msda_corruptions(case[0])[pick]
+    with pytest.raises(ValueError, match=name):
+        run(backend, dnops.ms_deform_attn, *bad)
+
+
+# ---- autocast --------------------------------------------------------------------------------------------------------
+
+
+AMP_BACKENDS = backends("ms_deform_attn", without=("triton",))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def msda_module_inputs():
+    torch.manual_seed(0)
+    mod = MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2)
+    for p in mod.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    shapes = torch.tensor([[6, 8], [3, 4]])
+    starts = torch.tensor([0, 48])
+    src = torch.randn(2, 60, 64, requires_grad=True)
+    query = torch.randn(2, 11, 64, requires_grad=True)
+    refs = torch.rand(2, 11, 2, 2)
+    return mod, (query, refs, src, shapes, starts)
+
+
+@pytest.mark.parametrize("backend", AMP_BACKENDS)
+def test_msdeformattn_module_under_autocast(backend, backend_env):
+    backend_env(backend)
+    mod, args = msda_module_inputs()
+    want = mod(*args)
+    want_grads = torch.autograd.grad(want.sum(), [args[0], args[2], *mod.parameters()])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mod(*args)
+    assert got.dtype == torch.bfloat16  # output_proj runs in the autocast dtype
+    got_grads = torch.autograd.grad(got.float().sum(), [args[0], args[2], *mod.parameters()])
+    assert rel_err(got, want) < 2e-2
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g.dtype == torch.float32 and rel_err(g, w) < 3e-2
+
+
+@pytest.mark.parametrize("backend", AMP_BACKENDS)
+def test_op_casts_mixed_inputs_to_float32_under_autocast(backend, backend_env):
+    backend_env(backend)
+    value, shapes, starts, loc, weights = make_inputs(dtype=torch.float32)
+    want = reference.ms_deform_attn(value, shapes, starts, loc, weights)
+    mixed = (value.bfloat16(), shapes, starts, loc, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dnops.ms_deform_attn(*mixed)
+        raw = torch.ops.dnops.ms_deform_attn(*mixed)
+    assert got.dtype == raw.dtype == torch.float32
+    assert rel_err(got, want) < 1e-2 and rel_err(raw, want) < 1e-2
+    with pytest.raises(ValueError, match="sampling_locations has dtype torch.float32 but value has torch.bfloat16"):
+        dnops.ms_deform_attn(*mixed)
+    with pytest.raises(RuntimeError, match="must have value's dtype"):
+        torch.ops.dnops.ms_deform_attn(*mixed)
+
+
+# ---- on the GPU (pytest -m cuda) and the CUDA emulator (pytest -m emulated) ------------------------------------------
+
+
+MSDA_BACKENDS = backends("ms_deform_attn", "cuda")
+
+
+MSDA_SHAPES = [
+    {"d": 32},
+    {"d": 1},
+    {"d": 30},
+    {"d": 71},
+    {"d": 130, "lq": 2},  # the third channel pass of a 32-lane group has one active lane
+    {"d": 257, "lq": 2, "m": 1},
+    {"d": 8, "shapes": ((5, 7),)},
+    {"d": 16, "p": 1},
+    {"d": 4, "shapes": ((5, 2), (1, 1), (2, 7)), "m": 3, "p": 3},
+    {"d": 64, "lq": 0},
+    {"d": 32, "n": 0},
+]
+
+
+@pytest.mark.parametrize("backend", MSDA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kw", MSDA_SHAPES, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+@pytest.mark.parametrize("logits", [False, True])
+def test_gpu_backends_equal_reference(arch_dev, backend, dtype, kw, logits):
+    fn = msda(backend, logits, arch_dev)
+    ref = lambda *a: reference.ms_deform_attn(*a, logits)  # noqa: E731
+    check_against_reference(fn, ref, msda_args(dtype, arch_dev, **kw), dtype, f"ms_deform_attn[{backend}]")
+
+
+@pytest.mark.parametrize("backend", MSDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_non_contiguous_and_borders(arch_dev, backend, dtype):
+    fn = msda(backend, device=arch_dev)
+    value, shapes, starts, loc, weights = make_inputs(
+        n=2, shapes=((3, 4), (2, 2)), lq=9, m=2, d=8, p=2, device=arch_dev
+    )
+    edges = torch.tensor(
+        [[0.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.5], [-0.5, 0.5], [1.5, 0.2], [0.125, 1 / 6], [-1 / 8, 1.0], [2, 2]]
+    )
+    loc[:, :, :, :, 0] = edges.to(loc)[None, :, None, None, :]
+    # value as a (N, M, S, D) tensor seen through a transpose, locations and weights as slices of wider tensors
+    value_t = value.transpose(1, 2).contiguous().transpose(1, 2)
+    loc_wide = torch.cat([loc, loc], -1)[..., :2]
+    weights_wide = torch.cat([weights, weights], -1)[..., : weights.shape[-1]]
+    args = [value_t, shapes, starts, loc_wide, weights_wide]
+    assert not all(t.is_contiguous() for t in args)
+    args = [t.to(dtype).requires_grad_() if t.is_floating_point() else t for t in args]
+    check_against_reference(fn, reference.ms_deform_attn, args, dtype, f"ms_deform_attn[{backend}] borders")
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_ms_deform_attn_deterministic_backward_is_bitwise_repeatable(arch_dev, logits):
+    fn = msda("cuda", logits, arch_dev)
+    lq = 500 if arch_dev == "cuda" else 12  # the emulator runs one fiber per CUDA thread
+    args = msda_args(torch.float32, arch_dev, n=2, shapes=((20, 30), (10, 15)), lq=lq, m=4, d=32, p=4)
+    g = torch.randn(2, lq, 128, device=arch_dev)
+    grads = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        for _ in range(3):
+            grads.append(torch.autograd.grad(fn(*args), [args[0], args[3], args[4]], g))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for again in grads[1:]:
+        for x, y in zip(grads[0], again, strict=True):
+            assert torch.equal(x, y)
+    atomic = torch.autograd.grad(fn(*args), [args[0], args[3], args[4]], g)
+    for x, y in zip(grads[0], atomic, strict=True):
+        assert_rel(x, y, torch.float32, "deterministic vs atomic backward")
+
+
+def test_ms_deform_attn_deterministic_matches_reference(dev):
+    fn = msda("cuda", device=dev)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        args = msda_args(dtype, dev, d=30)
+        check_against_reference(fn, reference.ms_deform_attn, args, dtype, "deterministic", deterministic_kernel=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("d", [8, 32])
+def test_ms_deform_attn_misaligned_storage(arch_dev, dtype, d):
+    """value and grad_output starting one element into their storage: the kernels fall back to narrower vectors
+    (a 16-byte load or atomic on a misaligned address faults on the GPU)."""
+    fn = msda("cuda", device=arch_dev)
+    args = msda_args(dtype, arch_dev, d=d)
+
+    def shifted(t):
+        return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+    args[0] = shifted(args[0].detach()).requires_grad_()
+    assert args[0].is_contiguous() and args[0].data_ptr() % 16 != 0
+    ref_args = as_float64(args)
+    out, ref = fn(*args), reference.ms_deform_attn(*ref_args)
+    assert_rel(out, ref, dtype, "misaligned forward")
+    g = torch.randn_like(ref)
+    g_shifted = shifted(g.to(dtype))
+    assert g_shifted.data_ptr() % 16 != 0
+    got = torch.autograd.grad(out, [args[0], args[3], args[4]], g_shifted)
+    want = torch.autograd.grad(ref, [ref_args[0], ref_args[3], ref_args[4]], g)
+    for i, (x, y) in enumerate(zip(got, want, strict=True)):
+        assert_rel(x, y, dtype, f"misaligned grad {i}")
+
+
+def test_ms_deform_attn_non_finite_locations_read_zero(arch_dev):
+    fn = msda("cuda", device=arch_dev)
+    value, shapes, starts, loc, weights = make_inputs(n=1, lq=5, m=1, p=1, d=32, dtype=torch.float32, device=arch_dev)
+    for q, x in enumerate([float("nan"), float("inf"), -float("inf"), 3e38, -3e38]):
+        loc[0, q] = x
+    loc.requires_grad_()
+    value.requires_grad_()
+    out = fn(value, shapes, starts, loc, weights)
+    assert torch.equal(out, torch.zeros_like(out))
+    g_value, g_loc = torch.autograd.grad(out.sum(), [value, loc])
+    assert torch.equal(g_loc, torch.zeros_like(g_loc)) and torch.equal(g_value, torch.zeros_like(g_value))
+
+
+@pytest.mark.cuda
+def test_sanitizer_ms_deform_attn():
+    for backend in MSDA_BACKENDS:
+        for dtype in (torch.float32, torch.bfloat16):
+            for kw in ({"d": 32}, {"d": 7, "p": 1}):
+                check_against_reference(msda(backend), reference.ms_deform_attn, msda_args(dtype, **kw), dtype, "san")
+    args = msda_args(torch.float32)
+    fn = msda("cuda")
+    check_against_reference(fn, reference.ms_deform_attn, args, torch.float32, "det", deterministic_kernel=True)
+
+
+@pytest.mark.parametrize("backend", MSDA_BACKENDS)
+def test_levels_outside_value_raise_or_read_nothing(arch_dev, backend):
+    fn = msda(backend, device=arch_dev)
+    value, _, _, loc, weights = make_inputs(n=1, shapes=((2, 3), (1, 2)), lq=2, m=1, d=2, p=1, device=arch_dev)
+    for rows in ([[2**32, 2**32], [1, 2]], [[2**62, 4], [1, 2]], [[2, 3], [4, 4]]):
+        shapes = torch.tensor(rows, device=arch_dev)
+        starts = torch.tensor([0, 6], device=arch_dev)
+        with pytest.raises(ValueError, match="spatial_shapes"):
+            fn(value, shapes, starts, loc, weights)
+        if backend == "cuda":  # the raw kernel, past the checks: the bad levels read as zeros, nothing out of range
+            out = torch.ops.dnops.ms_deform_attn(value, shapes, starts, loc, weights)
+            synchronize(arch_dev)
+            assert torch.isfinite(out).all()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_msdeformattn_under_cuda_autocast(dtype):
+    from dnops.nn import MSDeformAttn
+
+    torch.manual_seed(0)
+    mod = MSDeformAttn(d_model=64, n_levels=2, n_heads=4, n_points=2).cuda()
+    for p in mod.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    shapes, starts = torch.tensor([[6, 8], [3, 4]], device="cuda"), torch.tensor([0, 48], device="cuda")
+    src = torch.randn(2, 60, 64, device="cuda", requires_grad=True)
+    query, refs = torch.randn(2, 11, 64, device="cuda"), torch.rand(2, 11, 2, 2, device="cuda")
+    want = mod(query, refs, src, shapes, starts)
+    (want_g,) = torch.autograd.grad(want.sum(), [src])
+    with torch.autocast("cuda", dtype=dtype):
+        got = mod(query, refs, src, shapes, starts)
+    (got_g,) = torch.autograd.grad(got.float().sum(), [src])
+    assert got.dtype == dtype
+    assert (got.float() - want).norm() / want.norm() < 2e-2
+    assert (got_g - want_g).norm() / want_g.norm() < 3e-2

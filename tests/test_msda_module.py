@@ -12,6 +12,7 @@ import torch
 
 from dnops import reference
 from dnops.compat import multi_scale_deformable_attention as shim
+from tests.gpu_utils import as_float64, assert_rel, msda_args
 from tests.msda_utils import make_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,3 +162,19 @@ def test_install_target_refuses_to_shadow_and_says_when_not_importable(tmp_path,
     monkeypatch.delitem(sys.modules, "MultiScaleDeformableAttention", raising=False)
     shim.install(tmp_path)
     assert "module path" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_multi_scale_deformable_attention_module_interface(dev, dtype):
+    from dnops.compat import multi_scale_deformable_attention as msda
+
+    args = msda_args(dtype, dev, d=32)
+    out = msda.ms_deform_attn_forward(*args, 64)
+    ref_args = as_float64(args)
+    ref = reference.ms_deform_attn(*ref_args)
+    assert_rel(out, ref, dtype, "MSDA.ms_deform_attn_forward")
+    g = torch.randn_like(ref)
+    got = msda.ms_deform_attn_backward(*args, g.to(dtype), 64)
+    want = torch.autograd.grad(ref, [ref_args[0], ref_args[3], ref_args[4]], g)
+    for i, (x, y) in enumerate(zip(got, want, strict=True)):
+        assert_rel(x, y, dtype, f"MSDA.ms_deform_attn_backward grad {i}")

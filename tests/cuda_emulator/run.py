@@ -1,7 +1,8 @@
 """``make test-cuda-emulated``: the CUDA kernels executed on the CPU, against the reference.
 
 Builds (or finds cached) the emulated library at -O2 and under AddressSanitizer + UndefinedBehaviorSanitizer, then
-runs the emulated tests (``pytest -m emulated``: tests/test_gpu.py's device half and the emulator's own tests)
+runs the emulated tests (``pytest -m emulated``: the device half of the GPU tests in each op's test file and in
+the module interface's, and the emulator's own tests)
 once per (build, lane order) of RUNS, and fails when any run fails.
 """
 
@@ -12,10 +13,11 @@ import subprocess
 import sys
 import time
 
+from dnops._registry import OPS
 from tests.cuda_emulator.build import ROOT, build, preload
 
 RUNS = [("o2", "forward"), ("o2", "reverse"), ("asan", "forward"), ("asan", "random:1")]
-TESTS = ["tests/test_gpu.py", "tests/test_cuda_emulator.py"]
+TESTS = [*(f"tests/test_{op}.py" for op in OPS), "tests/test_msda_module.py", "tests/test_cuda_emulator.py"]
 
 
 def main() -> int:
