@@ -219,12 +219,21 @@ def gpu_status() -> str:
 def ablation_table(path: Path = ABLATION) -> str:
     """The DN ablation's table (val COCO AP, mean of the seeds, each seed in brackets) from its json."""
     result = json.loads(path.read_text())
-    runs, summary = result["runs"], result["summary"]
+    runs, summary, cfg = result["runs"], result["summary"], result["config"]
     epochs = runs["dn"]["epoch"]
     last = len(epochs) - 1
-    picks = [i for i in (1, 3, 5, 7) if i < last] + [last]
+    # epoch 2, a quarter and half of the schedule, the last epoch before the learning-rate drop, the final one
+    picks = sorted({i for i in (1, last // 4, last // 2, cfg["lr_drop"] - 1) if 0 < i < last} | {last})
     head = " | ".join(f"AP epoch {epochs[i]}" for i in picks)
-    lines = [f"| arm | {head} | mean IS, epochs 2-{epochs[last]} |", "|" + "---|" * (len(picks) + 2)]
+    drop = f", the learning rate divided by 10 from epoch {cfg['lr_drop'] + 1}" if cfg["lr_drop"] else ""
+    lines = [
+        f"Model width {cfg['d_model']} ({cfg['enc_layers']} encoder, {cfg['dec_layers']} decoder layers),"
+        f" {cfg['image_size']}-pixel images, {len(summary['seeds'])} seeds per arm, {epochs[last]} epochs on"
+        f" {cfg['num_train']} generated images{drop}; {cfg['num_val']} val images.",
+        "",
+        f"| arm | {head} | mean IS, epochs 2-{epochs[last]} |",
+        "|" + "---|" * (len(picks) + 2),
+    ]
     for name, arm in runs.items():
         cells = [f"{arm['AP'][i]:.3f}" for i in picks[:-1]]
         seeds = ", ".join(f"{ap:.3f}" for ap in summary["final_AP_per_seed"][name])

@@ -33,6 +33,13 @@ class DigitsConfig:
     max_overlap: float = 0.2  # IoU above which a new digit is placed elsewhere
     seed: int = 0
 
+    @classmethod
+    def for_image(cls, image_size: int) -> DigitsConfig:
+        """The default scenes drawn on a canvas of ``image_size``: digit sizes scaled with the canvas (14 to 48
+        pixels at 128), so a smaller canvas holds the same scenes, not fewer and larger digits."""
+        factor = image_size / cls.image_size
+        return cls(image_size, min_scale=round(cls.min_scale * factor), max_scale=round(cls.max_scale * factor))
+
 
 def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     ax, ay, aw, ah = a

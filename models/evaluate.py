@@ -29,7 +29,7 @@ def val_set(cfg: Config, val_json: str = "", val_images: str = "") -> CocoDetect
         check_coco(val_json)
         return CocoDetection(val_images, val_json, cfg.image_size)
     root = Path(cfg.data)
-    paths = ensure_digits_dataset(root, cfg.num_train, cfg.num_val, cfg=DigitsConfig(cfg.image_size))
+    paths = ensure_digits_dataset(root, cfg.num_train, cfg.num_val, cfg=DigitsConfig.for_image(cfg.image_size))
     return CocoDetection(root / "val", paths["val"], cfg.image_size)
 
 

@@ -51,7 +51,7 @@ def datasets(cfg: Config, rank: int) -> tuple[CocoDetection, CocoDetection]:
         )
     root = Path(cfg.data)
     if rank == 0:
-        ensure_digits_dataset(root, cfg.num_train, cfg.num_val, cfg=DigitsConfig(cfg.image_size))
+        ensure_digits_dataset(root, cfg.num_train, cfg.num_val, cfg=DigitsConfig.for_image(cfg.image_size))
     if dist.is_initialized():
         dist.barrier()
     paths = ensure_digits_dataset(root)

@@ -88,11 +88,14 @@ def test_claims_verdicts_and_their_rendering(tmp_path):
     assert claims["b_matching_stability"]["reproduced"] and claims["c_mask"]["reproduced"]
     assert claims["d_cdn"]["AP_reproduced"] and claims["d_cdn"]["duplicates_reproduced"]
     path = tmp_path / "ablation.json"
-    path.write_text(json.dumps({"runs": runs, "summary": summary}))
+    config = dn_ablation.SCHEDULE.to_dict()
+    path.write_text(json.dumps({"config": config, "runs": runs, "summary": summary}))
     text = report.ablation_claims(path)
     assert text.count("reproduced") == 5 and "not reproduced" not in text and "50% / 40%" in text
     # the other way: no DN better than DN everywhere
     runs["dn"], runs["no_dn"] = runs["no_dn"], runs["dn"]
     flipped = dn_ablation.summarise(runs, probes, [0, 1, 2])["claims"]
     assert not flipped["a_convergence"]["dn"]["reproduced"] and not flipped["b_matching_stability"]["reproduced"]
-    assert report.ablation_table(path).count("\n") == 5  # header, rule and four arms
+    table = report.ablation_table(path)
+    assert table.count("\n") == 7  # the schedule, a blank line, header, rule and four arms
+    assert f"{config['image_size']}-pixel images" in table and f"from epoch {config['lr_drop'] + 1}" in table

@@ -110,3 +110,12 @@ def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
     (out / ".log.json.tmp4242").write_text("[")
     train(parse(_tiny(tmp_path / "d", out, "--epochs=1")))
     assert not list(out.glob(".*.tmp*")) and (out / "checkpoint.pth").exists()
+
+
+def test_digits_scale_with_the_canvas(tmp_path):
+    assert DigitsConfig.for_image(128) == DigitsConfig()
+    small = DigitsConfig.for_image(64)
+    assert (small.image_size, small.min_scale, small.max_scale) == (64, 7, 24)
+    paths = ensure_digits_dataset(tmp_path / "d", num_train=6, num_val=1, cfg=small)
+    boxes = [a["bbox"] for a in json.loads(paths["train"].read_text())["annotations"]]
+    assert boxes and all(max(w, h) <= small.max_scale and x + w <= 64 and y + h <= 64 for x, y, w, h in boxes)
