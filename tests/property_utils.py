@@ -8,6 +8,8 @@ import inspect
 
 import pytest
 
+from dnops import _backend
+
 try:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
@@ -45,4 +47,14 @@ except ImportError:
         return skipped_without_hypothesis
 
 
-__all__ = ["HealthCheck", "given", "settings", "st"]
+# every op's property tests: 30 examples each, no per-example deadline (the first ones compile kernels)
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def run(backend: str, fn, *args, **kw):
+    """``fn(*args, **kw)`` on ``backend``."""
+    with _backend.use_backend(backend):
+        return fn(*args, **kw)
+
+
+__all__ = ["SETTINGS", "given", "run", "st"]

@@ -18,7 +18,7 @@ from dnops.reference.philox import philox4x32, randint4x, uint32_to_uniform
 from tests.backends import backends
 from tests.dn_utils import make_gt, to_xyxy
 from tests.gpu_utils import DTYPES, backend_fn, cuda, needs
-from tests.property_utils import HealthCheck, given, settings, st
+from tests.property_utils import SETTINGS, given, run, st
 
 # ---- the reference ---------------------------------------------------------------------------------------------------
 
@@ -462,14 +462,6 @@ def test_dn_queries_backends_agree_on_large_seeds(backend):
 
 
 # ---- properties: random valid inputs equal the reference, random invalid ones name the argument (hypothesis) ---------
-
-
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def run(backend: str, fn, *args, **kw):
-    with _backend.use_backend(backend):
-        return fn(*args, **kw)
 
 
 @st.composite

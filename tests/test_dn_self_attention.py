@@ -22,7 +22,7 @@ from tests.gpu_utils import (
     cuda,
     needs,
 )
-from tests.property_utils import HealthCheck, given, settings, st
+from tests.property_utils import SETTINGS, given, run, st
 
 cpp = requires_cpp("dn_self_attention")
 
@@ -366,7 +366,6 @@ def test_sdpa_backend_gradcheck_and_low_precision(backend_env):
 
 @cpp
 def test_sdpa_is_the_gpu_default_and_an_override_everywhere(backend_env):
-    from dnops import _backend
 
     assert _backend.choose("dn_self_attention", torch.device("cuda")) == "sdpa"
     backend_env("sdpa")
@@ -527,15 +526,7 @@ def test_dn_mha_compiles_fullgraph_with_a_mask():
 # ---- properties: random valid inputs equal the reference, random invalid ones name the argument (hypothesis) ---------
 
 
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
 KERNELS = backends("dn_self_attention", without=("reference",))
-
-
-def run(backend: str, fn, *args, **kw):
-    with _backend.use_backend(backend):
-        return fn(*args, **kw)
 
 
 @st.composite

@@ -10,7 +10,7 @@ import torch
 from torch.library import opcheck
 
 import dnops
-from dnops import _backend, reference
+from dnops import reference
 from dnops.nn import MSDeformAttn
 from tests.backends import backends
 from tests.conftest import check_double_backward, requires_cpp
@@ -25,7 +25,7 @@ from tests.gpu_utils import (
     synchronize,
 )
 from tests.msda_utils import loop_ms_deform_attn, make_inputs
-from tests.property_utils import HealthCheck, given, settings, st
+from tests.property_utils import SETTINGS, given, run, st
 
 cpp = requires_cpp("ms_deform_attn")
 
@@ -642,15 +642,7 @@ def test_msdeformattn_rejects_more_levels_than_built_for():
 # ---- properties: random valid inputs equal the reference, random invalid ones name the argument (hypothesis) ---------
 
 
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
 KERNELS = backends("ms_deform_attn", without=("reference",))
-
-
-def run(backend: str, fn, *args, **kw):
-    with _backend.use_backend(backend):
-        return fn(*args, **kw)
 
 
 @st.composite
