@@ -23,6 +23,7 @@ class MSDACase:
 ENC800 = ((100, 167), (50, 84), (25, 42), (13, 21))
 MSDA_CASES = {
     "enc800": MSDACase("enc800", 1, ENC800, None),
+    "enc800-b4": MSDACase("enc800-b4", 4, ENC800, None),
     "enc512": MSDACase("enc512", 2, ((64, 64), (32, 32), (16, 16), (8, 8)), None),
     "dec": MSDACase("dec", 1, ENC800, 1100),
     "tiny": MSDACase("tiny", 1, ((8, 10), (4, 5)), 30, m=2, d=8, p=2),

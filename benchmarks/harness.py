@@ -1,50 +1,118 @@
-"""Timing and peak-memory measurement shared by the report and the pytest-benchmark suites."""
+"""Clocks, memory and op counts: how every benchmark entry point measures (benchmarks.runner calls these).
+
+A clock times a group of implementations (``Impl``: called with the index of the input set to use) and returns
+every repetition's milliseconds per implementation. Two clocks, one interface: ``WallClock`` on the CPU,
+``CudaEvents`` on a GPU.
+"""
 
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+Impl = Callable[[int], object]
 
 
-def times_ms_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int = 3, budget_s: float = 2.0
-) -> dict[str, list[float]]:
-    """Wall times in ms of every repetition of each of ``fns``, the repetitions interleaved (a, c, b, b, a, c, ...).
+class Clock(Protocol):
+    warmup: int  # calls of each implementation before the timed ones, the runner's first checked call included
+
+    def times_ms(self, fns: dict[str, Impl], sets: int) -> dict[str, list[float]]: ...
+
+
+class WallClock:
+    """Wall time of every repetition, the implementations of a group interleaved (a, c, b, b, a, c, ...).
 
     On a shared machine whose load drifts, timing one implementation after the other puts them in different
     conditions; interleaving gives every implementation samples from the same stretches of time, so their
     ratios are fair. Each round runs them in a new random order (seeded, so runs repeat): what ran just before
     a call sets how much of its code and data is still cached (a call after the 600-op dn_queries reference took
     ~1.2x as long as the same call after a small op), so a fixed order would favour whoever follows the
-    cheapest neighbour. Each gets one warm-up call, then rounds run until ``budget_s`` per implementation has
-    passed (at least ``min_reps`` rounds, at most 200).
+    cheapest neighbour. Rounds run until ``budget_s`` per implementation has passed (at least ``min_reps``
+    rounds, at most ``max_reps``).
     """
-    for fn in fns.values():
-        fn()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns.items())
-    shuffle = random.Random(0).shuffle
-    start_all = time.perf_counter()
-    rounds = 0
-    while rounds < min_reps or (time.perf_counter() - start_all < budget_s * len(fns) and rounds < 200):
-        shuffle(order)
-        for name, fn in order:
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
-    return times
+
+    warmup = 1
+
+    def __init__(self, budget_s: float = 2.0, min_reps: int = 3, max_reps: int = 200) -> None:
+        self.budget_s, self.min_reps, self.max_reps = budget_s, min_reps, max_reps
+
+    def times_ms(self, fns: dict[str, Impl], sets: int) -> dict[str, list[float]]:
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        order = list(fns.items())
+        shuffle = random.Random(0).shuffle
+        start_all = time.perf_counter()
+        rounds = 0
+        while rounds < self.min_reps or (
+            time.perf_counter() - start_all < self.budget_s * len(fns) and rounds < self.max_reps
+        ):
+            shuffle(order)
+            for name, fn in order:
+                t0 = time.perf_counter()
+                fn(rounds % sets)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            rounds += 1
+        return times
+
+
+class CudaEvents:
+    """CUDA events around each of ``reps`` calls after ``warmup`` calls, one implementation after the other; the
+    calls rotate among the input sets, so that a call does not find its inputs in L2 from the call before."""
+
+    def __init__(self, reps: int = 20, warmup: int = 3) -> None:
+        self.reps, self.warmup = reps, warmup
+
+    def times_ms(self, fns: dict[str, Impl], sets: int) -> dict[str, list[float]]:
+        times = {}
+        for name, fn in fns.items():
+            for i in range(1, self.warmup):  # the runner made the first call
+                fn(i % sets)
+            torch.cuda.synchronize()
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(self.reps)
+            ]
+            for i, (start, end) in enumerate(events):
+                start.record()
+                fn(i % sets)
+                end.record()
+            torch.cuda.synchronize()
+            times[name] = [s.elapsed_time(e) for s, e in events]
+        return times
+
+
+def clock_for(device: torch.device, budget_s: float = 2.0, reps: int = 20) -> Clock:
+    """The clock of a device: CUDA events on a GPU (``reps`` calls), the interleaved wall clock elsewhere."""
+    return CudaEvents(reps) if device.type == "cuda" else WallClock(budget_s)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large copy (read + write) on ``device``, the memory ceiling of the bounds."""
+    src = torch.randn(2**28 if device.type == "cuda" else 2**24, device=device)  # 1 GiB (64 MiB on the CPU)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    size = 8192 if device.type == "cuda" else 512
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    return 2 * size**3 / (_median_ms(lambda: a @ a, device) * 1e-3) / 1e12
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device) -> float:
+    fn()
+    clock = CudaEvents(20, warmup=2) if device.type == "cuda" else WallClock(budget_s=0.0, min_reps=5)
+    return statistics.median(clock.times_ms({"fn": lambda i: fn()}, 1)["fn"])
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -54,11 +122,11 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     CUDA: torch.cuda.max_memory_allocated.
     """
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
-        _sync(device)
+        sync(device)
         return torch.cuda.max_memory_allocated(device) - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()

@@ -17,14 +17,14 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import count_dispatched_ops, peak_bytes, times_ms_interleaved
-from benchmarks.suites import SUITES
+from benchmarks import runner
+from benchmarks.harness import WallClock, copy_bandwidth
+from benchmarks.suites import SUITES, Target
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,41 +45,12 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def run(ops: list[str], quick: bool, budget_s: float) -> list[dict]:
-    rows = []
-    device = torch.device("cpu")
-    for op in ops:
-        for bench in SUITES[op](quick=quick):
-            times = times_ms_interleaved(bench.impls, device, budget_s=budget_s)
-            measured = {
-                impl: (statistics.median(times[impl]), peak_bytes(fn, device)) for impl, fn in bench.impls.items()
-            }
-            base_ms, base_peak = measured[bench.baseline]
-            for impl, (ms, peak) in measured.items():
-                row = {
-                    "op": op,
-                    "case": bench.case,
-                    "variant": bench.variant,
-                    "impl": impl,
-                    "baseline": bench.baseline,
-                    "median_ms": round(ms, 4),
-                    "min_ms": round(min(times[impl]), 4),
-                    "max_ms": round(max(times[impl]), 4),
-                    "reps": len(times[impl]),
-                    "speedup": round(base_ms / ms, 3),
-                    "peak_mb": round(peak / 2**20, 3),
-                    "peak_vs_baseline": round(peak / base_peak, 4) if base_peak else None,
-                }
-                if bench.count_ops:
-                    row["ops"], row["sync_ops"] = count_dispatched_ops(bench.impls[impl])
-                rows.append(row)
-                ops = f"  {row['ops']} ops ({row['sync_ops']} sync)" if "ops" in row else ""
-                print(
-                    f"{op:<18} {bench.case:<8} {bench.variant:<26} {impl:<20} {ms:>11.3f} ms "
-                    f"{row['speedup']:>8.2f}x vs {bench.baseline:<12} {row['peak_mb']:>10.2f} MB{ops}",
-                    flush=True,
-                )
-    return rows
+def run(ops: list[str], quick: bool, budget_s: float) -> tuple[list[dict], float]:
+    """The rows of ``ops``' benches on the CPU, and the copy bandwidth their memory bounds are taken at."""
+    target = Target(torch.device("cpu"), quick)
+    bandwidth = copy_bandwidth(target.device)
+    benches = (bench for op in ops for bench in SUITES[op](target))
+    return runner.run(benches, target, WallClock(budget_s), bandwidth), bandwidth
 
 
 def table(rows: list[dict]) -> str:
@@ -89,6 +60,9 @@ def table(rows: list[dict]) -> str:
     )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['op']} | {r['case']} | {r['variant']} | {r['impl']} | {r['status']} | | | | |")
+            continue
         peak_ratio = "-" if r["peak_vs_baseline"] is None else f"{r['peak_vs_baseline']:.3f}"
         lines.append(
             f"| {r['op']} | {r['case']} | {r['variant']} | {r['impl']} | {r['median_ms']:.3f}"
@@ -106,11 +80,12 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    others = [r for r in rows if is_dnops(r)] or rows
+    ok = [r for r in rows if r["status"] == "ok"]
+    others = [r for r in ok if is_dnops(r)] or ok
 
     def label(r: dict) -> str:
-        # named only where a case has several dnops implementations ("dn_queries", "prepare_for_dn", ...)
-        impl = "" if r["impl"] in ("dnops", "DNMultiheadAttention") else r["impl"].removeprefix("dnops").strip(" .")
+        # the backend, and what else the row runs ("+ dn_attn_mask", "prepare_for_dn")
+        impl = "" if r["impl"] == "DNMultiheadAttention" else r["impl"].removeprefix("dnops").strip()
         return f"{r['op']} {r['case']} {r['variant']}" + (f" [{impl}]" if impl else "")
 
     labels = [label(r) for r in others]
@@ -154,7 +129,7 @@ def summary_table(rows: list[dict]) -> str:
     baseline's. Building the dense mask (dn_attn_mask, and dn_queries + dn_attn_mask) is left to the full table."""
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        if not is_dnops(r) or r["op"] == "dn_attn_mask" or "dn_attn_mask" in r["impl"]:
+        if r["status"] != "ok" or not is_dnops(r) or r["op"] == "dn_attn_mask" or "dn_attn_mask" in r["impl"]:
             continue
         column, variant = _pass(r["variant"])
         groups.setdefault((r["op"], r["case"], variant, r["baseline"], r["impl"]), {})[column] = r
@@ -344,9 +319,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     start = time.time()
-    rows = run(args.ops, args.quick, args.budget)
+    rows, bandwidth = run(args.ops, args.quick, args.budget)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine(), "quick": args.quick, "seconds": round(time.time() - start, 1)}
+    meta["copy_GBps"] = round(bandwidth / 1e9, 1)
     (args.out / "report.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     chart(rows, args.out / "report.png", meta["machine"])
     print()

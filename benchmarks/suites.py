@@ -1,7 +1,13 @@
-"""What gets benchmarked: per op, the cases and the implementations timed side by side.
+"""What gets benchmarked, for every entry point: per op, the cases and the implementations timed side by side.
 
-Each ``Bench`` holds implementations as zero-argument callables over fixed inputs; "reference" is the
-baseline every ratio is taken against. An implementation appears only if it can run here (no kernel, no row).
+``make bench`` (benchmarks.report), ``make bench-suite`` (benchmarks/test_bench.py) and ``make gpu-check``
+(benchmarks.gpu_bench) all read ``SUITES``: the same cases give the same rows. A ``Target`` is the device and the
+size of the run; each suite yields a ``Bench`` per case and variant, whose implementations are
+- the baseline every ratio is taken against (the PyTorch reference, or what DN-DETR / DINO / torch users run),
+- the peers: FlexAttention, SDPA with the dense mask, the SDPA decomposition, torch.compile of the reference, the
+  published algorithms (originals.py),
+- dnops' kernels, one row per backend with a kernel of its own on the device kind (dnops._registry): "dnops cpu",
+  "dnops cuda", "dnops triton"; an installation without one shows the row as skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -15,7 +21,38 @@ import torch.nn.functional as F
 
 import dnops
 from benchmarks import cases
-from dnops import _backend, reference
+from benchmarks.harness import Impl
+from dnops import _backend, _registry, reference
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how big: ``quick`` runs the small shapes (the smoke run of ``make test`` and the dry mode of the
+    GPU check)."""
+
+    device: torch.device
+    quick: bool = False
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def sets(self) -> int:
+        """Input sets the calls rotate among: on a GPU three, so that a call does not find its inputs in L2."""
+        return 3 if self.gpu else 1
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.bfloat16)
+
+
+@dataclass
+class Deferred:
+    """An implementation that compiles first (torch.compile, FlexAttention): timed after every other one, so that
+    its compile time cannot spend the budget of the rest of the run."""
+
+    fn: Impl
 
 
 @dataclass
@@ -23,23 +60,28 @@ class Bench:
     op: str
     case: str
     variant: str
-    impls: dict[str, Callable[[], object]] = field(default_factory=dict)
-    baseline: str = "reference"  # the implementation every ratio of this bench is taken against
+    baseline: str  # the implementation every ratio of this bench is taken against
+    impls: dict[str, Impl | Deferred | str] = field(default_factory=dict)  # a string: why it was skipped
     count_ops: bool = False  # also count the aten ops each implementation dispatches (kernel launches on a GPU)
+    bytes_moved: int | None = None  # what the call must read and write at least (the memory bound)
 
 
-def _fwd_bwd(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], object]:
-    grad_inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def run():
-        out = fn(*inputs)
-        return torch.autograd.grad(out, grad_inputs, torch.ones_like(out))
-
-    return run
+def kernels_on(op: str, device: torch.device) -> list[str]:
+    """The backends of ``op`` with a kernel of their own on ``device``'s kind in a full build: the compiled kernel
+    of that kind, and Triton on a GPU (on the CPU it only runs in its interpreter, which is not timed)."""
+    info = _registry.OPS[op]
+    names = [device.type] if device.type in info.compiled else []
+    return names + (["triton"] if info.triton and device.type == "cuda" else [])
 
 
-def _with_backend(name: str, fn: Callable[..., object]) -> Callable[..., object]:
-    """Run a public dnops function with DNOPS_BACKEND forced, restoring the environment afterwards."""
+def _missing(op: str, backend: str, device: torch.device) -> str | None:
+    if _backend.available(op, device.type)[backend]:
+        return None
+    return f"skipped: no {backend} kernel of {op} on {device.type} in this installation"
+
+
+def with_backend(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+    """A public dnops function run with DNOPS_BACKEND forced to ``name``, the environment restored afterwards."""
 
     def run(*args, **kw):
         with _backend.use_backend(name):
@@ -48,23 +90,91 @@ def _with_backend(name: str, fn: Callable[..., object]) -> Callable[..., object]
     return run
 
 
-def ms_deform_attn_benches(quick: bool = False) -> Iterator[Bench]:
-    plan = [("enc800", "realistic"), ("enc512", "realistic"), ("dec", "realistic"), ("enc800", "uniform")]
-    if quick:
-        plan = [("tiny", "realistic"), ("enc512", "realistic")]
+def passes(fn: Callable[..., object], sets: list[list], variant: str) -> Impl:
+    """``fn`` over input set i: the call alone, or (variant ending in "fwd+bwd") the call and the gradients of
+    its output's sum with respect to every input that requires grad."""
+    if not variant.endswith("fwd+bwd"):
+        return lambda i: fn(*sets[i])
+
+    def run(i):
+        inputs = sets[i]
+        out = fn(*inputs)
+        return torch.autograd.grad(
+            out, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad], torch.ones_like(out)
+        )
+
+    return run
+
+
+# ---- peers ------------------------------------------------------------------------------------------------------
+
+
+def sdpa_dense_mask(case: cases.DNAttnCase, device: torch.device) -> Callable[..., torch.Tensor]:
+    """torch's scaled_dot_product_attention with the dense (W, W) DN mask, what a DN-DETR / DINO decoder runs."""
+    visible = ~reference.dn_attn_mask(case.pad_size, case.group_size, case.num_queries, device=device)
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+
+def sdpa_decomposition(case: cases.DNAttnCase) -> Callable[..., torch.Tensor]:
+    """The DN structure as two SDPA calls without a mask (dnops' "sdpa" backend, dnops.reference)."""
+    return lambda q, k, v: reference.dn_self_attention_sdpa(q, k, v, case.pad_size, case.group_size)
+
+
+def flex(case: cases.DNAttnCase, device: torch.device) -> Callable[..., torch.Tensor]:
+    """FlexAttention with the DN structure as a block mask, compiled."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    pad, group = case.pad_size, max(case.group_size, 1)
+
+    def visible(b, h, q_idx, kv_idx):
+        return (kv_idx >= pad) | ((q_idx < pad) & (kv_idx < pad) & (q_idx // group == kv_idx // group))
+
+    block_mask = create_block_mask(visible, None, None, case.width, case.width, device=str(device))
+    compiled = torch.compile(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+# ---- suites ------------------------------------------------------------------------------------------------------
+
+
+def _msda_bytes(inputs: list[torch.Tensor], variant: str) -> int:
+    value, _, _, loc, weights = inputs
+    es = value.element_size()
+    out = loc.shape[0] * loc.shape[1] * value.shape[2] * value.shape[3] * es
+    v, lc, w = value.numel() * es, loc.numel() * es, weights.numel() * es
+    # forward: read value, locations, weights, write out; backward: read grad_out and the inputs again, write
+    # the three gradients
+    return 3 * (v + lc + w) + 2 * out if variant.endswith("fwd+bwd") else v + lc + w + out
+
+
+def ms_deform_attn_benches(target: Target) -> Iterator[Bench]:
+    """Deformable-DETR's encoder and decoder shapes against the reference (grid_sample); on a GPU also
+    torch.compile of the reference, at enc800 forward + backward only (its compile time)."""
+    if target.quick:
+        plan = [("tiny", "realistic")]
+    else:
+        plan = [("enc800", "realistic"), ("enc512", "realistic"), ("dec", "realistic"), ("enc800", "uniform")]
+        if target.gpu:
+            plan.insert(1, ("enc800-b4", "realistic"))
     for case_name, law in plan:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in target.dtypes:
             if law == "uniform" and dtype != torch.float32:
                 continue
-            for passes in ("fwd", "fwd+bwd"):
-                inputs = cases.msda_inputs(cases.MSDA_CASES[case_name], law, dtype, requires_grad=passes == "fwd+bwd")
-                impls: dict[str, Callable[..., torch.Tensor]] = {"reference": reference.ms_deform_attn}
-                if _backend.has_kernel("ms_deform_attn", "cpu"):
-                    impls["dnops"] = _with_backend("cpu", dnops.ms_deform_attn)
-                bench = Bench("ms_deform_attn", case_name, f"{law} {str(dtype)[6:]} {passes}")
-                for name, fn in impls.items():
-                    bench.impls[name] = (
-                        _fwd_bwd(fn, inputs) if passes == "fwd+bwd" else (lambda fn=fn, i=inputs: fn(*i))
+            for p in ("fwd", "fwd+bwd"):
+                variant = f"{law} {str(dtype)[6:]} {p}"
+                grad = p == "fwd+bwd"
+                case = cases.MSDA_CASES[case_name]
+                sets = [cases.msda_inputs(case, law, dtype, target.device, grad) for _ in range(target.sets)]
+                bench = Bench("ms_deform_attn", case_name, variant, "reference", bytes_moved=_msda_bytes(sets[0], p))
+                bench.impls["reference"] = passes(reference.ms_deform_attn, sets, variant)
+                if target.gpu and case_name == "enc800" and law == "realistic" and grad:
+                    bench.impls["compile(reference)"] = Deferred(
+                        passes(torch.compile(reference.ms_deform_attn), sets, variant)
+                    )
+                for b in kernels_on("ms_deform_attn", target.device):
+                    fn = with_backend(b, dnops.ms_deform_attn)
+                    bench.impls[f"dnops {b}"] = _missing("ms_deform_attn", b, target.device) or passes(
+                        fn, sets, variant
                     )
                 yield bench
 
@@ -74,23 +184,34 @@ def _targets(labels: torch.Tensor, boxes: torch.Tensor, counts: list[int]) -> li
     return [{"labels": labels[s : s + c], "boxes": boxes[s : s + c]} for s, c in zip(starts, counts, strict=True)]
 
 
-def dn_queries_benches(quick: bool = False) -> Iterator[Bench]:
+def _dn_queries_and_mask(
+    generate: Callable[..., dnops.DNQueries], labels, boxes, counts, mode: str, num_queries: int
+) -> tuple[dnops.DNQueries, torch.Tensor]:
+    """The fused generation (DN-DETR's / DINO's default noise) by ``generate`` (dnops.dn_queries on some backend)
+    and the attention mask of its layout, on the mask's default backend (dn_attn_mask has no Triton kernel)."""
+    dn = generate(labels, boxes, counts, num_classes=91, mode=mode)
+    return dn, dnops.dn_attn_mask(dn.pad_size, dn.group_size, num_queries, device=labels.device)
+
+
+def dn_queries_benches(target: Target) -> Iterator[Bench]:
     """The published DN-DETR / DINO algorithms vs dnops, two ways: generation + mask (variant "gen+mask": the
     noised GT in the padded layout and the attention mask, what dnops.dn_queries replaces) and end to end
     (variants "dn" / "cdn": the query tensors, mask and index maps, what the adapters replace).
 
     DN: 5 groups, noise 0.2 / 0.4, 300 queries; CDN: dn_number 100, noise 0.5 / 1.0, 900 queries; 91 classes.
+    dnops' attention takes the DN structure (pad_size, group_size) instead of a mask, so the fused op alone
+    replaces generation + mask; "+ dn_attn_mask" adds the dense mask that nn.MultiheadAttention users need.
     """
     import originals
     from dnops.compat import dino, dn_detr
 
+    device = target.device
     torch.manual_seed(0)
     hidden = 256
-    enc_dn, enc_cdn = torch.nn.Embedding(92, hidden - 1), torch.nn.Embedding(92, hidden)
-    anchors = torch.rand(300, 4)
-    fused = _backend.has_kernel("dn_queries", "cpu")
-    for batch in (2, 8) if quick else (2, 8, 32):
-        labels, boxes, counts = cases.dn_inputs(batch)
+    enc_dn, enc_cdn = torch.nn.Embedding(92, hidden - 1).to(device), torch.nn.Embedding(92, hidden).to(device)
+    anchors = torch.rand(300, 4, device=device)
+    for batch in (2, 8) if target.quick else (2, 8, 32):
+        labels, boxes, counts = cases.dn_inputs(batch, device=device)
         targets = _targets(labels, boxes, counts)
         for mode, algorithm, queries in (("dn", "DN-DETR", 300), ("cdn", "DINO", 900)):
             if mode == "dn":
@@ -99,166 +220,157 @@ def dn_queries_benches(quick: bool = False) -> Iterator[Bench]:
             else:
                 args = ((targets, 100, 0.5, 1.0), True, queries, 91, hidden)
                 original, adapter, enc = originals.dino_prepare_for_cdn, dino.prepare_for_cdn, enc_cdn
-            bench = Bench(
-                "dn_queries", f"B={batch}", f"{mode} gen+mask", baseline=f"{algorithm} gen+mask", count_ops=True
-            )
-            bench.impls[f"{algorithm} gen+mask"] = lambda f=original, a=args: f(*a, None)
             gen = (labels, boxes, counts, mode, queries)
-            bench.impls["reference"] = lambda a=gen: _with_backend("reference", _dn_queries_and_mask)(*a)
-            if fused:
-                # dnops' attention takes the DN structure (pad_size, group_size) instead of a mask, so the fused
-                # op alone replaces generation + mask; the dense mask is for nn.MultiheadAttention users
-                bench.impls["dnops.dn_queries"] = lambda a=gen: dnops.dn_queries(*a[:3], num_classes=91, mode=a[3])
-                bench.impls["dnops.dn_queries + dn_attn_mask"] = lambda a=gen: _dn_queries_and_mask(*a)
+            bench = Bench("dn_queries", f"B={batch}", f"{mode} gen+mask", f"{algorithm} gen+mask", count_ops=True)
+            bench.impls[f"{algorithm} gen+mask"] = lambda i, f=original, a=args: f(*a, None)
+            bench.impls["reference"] = lambda i, a=gen: with_backend("reference", _dn_queries_and_mask)(
+                dnops.dn_queries, *a
+            )
+            end_to_end = Bench("dn_queries", f"B={batch}", mode, f"{algorithm} algorithm", count_ops=True)
+            end_to_end.impls[f"{algorithm} algorithm"] = lambda i, f=original, a=args, e=enc: f(*a, e)
+            for b in kernels_on("dn_queries", device):
+                missing = _missing("dn_queries", b, device)
+                forced = with_backend(b, dnops.dn_queries)
+                bench.impls[f"dnops {b}"] = missing or (lambda i, f=forced, a=gen: f(*a[:3], num_classes=91, mode=a[3]))
+                bench.impls[f"dnops {b} + dn_attn_mask"] = missing or (
+                    lambda i, f=forced, a=gen: _dn_queries_and_mask(f, *a)
+                )
+                forced_adapter = with_backend(b, adapter)
+                end_to_end.impls[f"dnops {b} {adapter.__name__}"] = missing or (
+                    lambda i, f=forced_adapter, a=args, e=enc: f(*a, e)
+                )
             yield bench
-            bench = Bench("dn_queries", f"B={batch}", mode, baseline=f"{algorithm} algorithm", count_ops=True)
-            bench.impls[f"{algorithm} algorithm"] = lambda f=original, a=args, e=enc: f(*a, e)
-            if fused:
-                bench.impls[f"dnops {adapter.__name__}"] = lambda f=adapter, a=args, e=enc: f(*a, e)
-            yield bench
+            yield end_to_end
 
 
-def _dn_queries_and_mask(labels, boxes, counts, mode: str, num_queries: int) -> tuple[dnops.DNQueries, torch.Tensor]:
-    """The fused generation (DN-DETR's / DINO's default noise) and the attention mask of its layout."""
-    dn = dnops.dn_queries(labels, boxes, counts, num_classes=91, mode=mode)
-    return dn, dnops.dn_attn_mask(dn.pad_size, dn.group_size, num_queries)
+def _times_flex(target: Target, case: str, p: str) -> bool:
+    """FlexAttention's compile costs tens of seconds per shape: on a GPU forward + backward at the two larger cases,
+    on the CPU forward only (it has no CPU backward), never in a quick run."""
+    if target.quick:
+        return False
+    return case != "dn-detr" and p == "fwd+bwd" if target.gpu else p == "fwd"
 
 
-def _sdpa_dense_mask(case: cases.DNAttnCase) -> Callable[..., torch.Tensor]:
-    visible = ~reference.dn_attn_mask(case.pad_size, case.group_size, case.num_queries)
-
-    def run(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
-
-    return run
-
-
-def _flex(case: cases.DNAttnCase) -> Callable[..., torch.Tensor]:
-    """FlexAttention with the DN structure as a block mask, compiled (forward only: no CPU backward)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    pad, group = case.pad_size, max(case.group_size, 1)
-
-    def visible(b, h, q_idx, kv_idx):
-        return (kv_idx >= pad) | ((q_idx < pad) & (kv_idx < pad) & (q_idx // group == kv_idx // group))
-
-    block_mask = create_block_mask(visible, None, None, case.width, case.width, device="cpu")
-    compiled = torch.compile(flex_attention)
-    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
-
-
-def dn_self_attention_benches(quick: bool = False) -> Iterator[Bench]:
-    names = ["dn-detr"] if quick else list(cases.DN_ATTN_CASES)
+def dn_self_attention_benches(target: Target) -> Iterator[Bench]:
+    """Decoder self-attention under the DN structure against SDPA with the dense mask, the reference, the SDPA
+    decomposition and FlexAttention (where ``_times_flex`` says)."""
+    names = ["dn-detr"] if target.quick else list(cases.DN_ATTN_CASES)
+    dtypes = target.dtypes if target.gpu else (torch.float32,)
     for name in names:
         case = cases.DN_ATTN_CASES[name]
-        for passes in ("fwd", "fwd+bwd"):
-            inputs = cases.dn_attn_inputs(case, requires_grad=passes == "fwd+bwd")
-            impls: dict[str, Callable[..., torch.Tensor]] = {
-                "sdpa+mask": _sdpa_dense_mask(case),
-                "reference": lambda q, k, v, c=case: reference.dn_self_attention(q, k, v, c.pad_size, c.group_size),
-                "sdpa (two calls)": lambda q, k, v, c=case: reference.dn_self_attention_sdpa(
-                    q, k, v, c.pad_size, c.group_size
-                ),
-            }
-            if _backend.has_kernel("dn_self_attention", "cpu"):
-                impls["dnops"] = lambda q, k, v, c=case: _with_backend("cpu", dnops.dn_self_attention)(
-                    q, k, v, c.pad_size, c.group_size
+        for dtype in dtypes:
+            for p in ("fwd", "fwd+bwd"):
+                variant = f"{str(dtype)[6:]} {p}"
+                sets = [cases.dn_attn_inputs(case, dtype, target.device, p == "fwd+bwd") for _ in range(target.sets)]
+                bench = Bench("dn_self_attention", name, variant, "sdpa+mask")
+                bench.impls["sdpa+mask"] = passes(sdpa_dense_mask(case, target.device), sets, variant)
+                bench.impls["reference"] = passes(
+                    lambda q, k, v, c=case: reference.dn_self_attention(q, k, v, c.pad_size, c.group_size),
+                    sets,
+                    variant,
                 )
-            if passes == "fwd" and not quick:
-                impls["flex (compiled)"] = _flex(case)
-            bench = Bench("dn_self_attention", name, f"float32 {passes}", baseline="sdpa+mask")
-            for impl, fn in impls.items():
-                bench.impls[impl] = _fwd_bwd(fn, inputs) if passes == "fwd+bwd" else (lambda fn=fn, i=inputs: fn(*i))
-            yield bench
+                bench.impls["sdpa (two calls)"] = passes(sdpa_decomposition(case), sets, variant)
+                if _times_flex(target, name, p):
+                    bench.impls["flex (compiled)"] = Deferred(passes(flex(case, target.device), sets, variant))
+                for b in kernels_on("dn_self_attention", target.device):
+                    fn = with_backend(b, dnops.dn_self_attention)
+                    bench.impls[f"dnops {b}"] = _missing("dn_self_attention", b, target.device) or passes(
+                        lambda q, k, v, fn=fn, c=case: fn(q, k, v, c.pad_size, c.group_size), sets, variant
+                    )
+                yield bench
 
 
-def dn_mha_benches(quick: bool = False) -> Iterator[Bench]:
+def dn_mha_benches(target: Target) -> Iterator[Bench]:
     """DNMultiheadAttention vs nn.MultiheadAttention with the dense DN mask, as DN-DETR and DINO call it."""
     from dnops.nn import DNMultiheadAttention
 
-    names = ["dn-detr"] if quick else list(cases.DN_ATTN_CASES)
+    names = ["dn-detr"] if target.quick else list(cases.DN_ATTN_CASES)
     for name in names:
         case = cases.DN_ATTN_CASES[name]
         embed = case.heads * case.head_dim
         torch.manual_seed(0)
-        parent = torch.nn.MultiheadAttention(embed, case.heads).eval()
-        ours = DNMultiheadAttention(embed, case.heads).eval()
+        parent = torch.nn.MultiheadAttention(embed, case.heads).to(target.device).eval()
+        ours = DNMultiheadAttention(embed, case.heads).to(target.device).eval()
         ours.load_state_dict(parent.state_dict())
-        mask = reference.dn_attn_mask(case.pad_size, case.group_size, case.num_queries)
-        for passes in ("fwd", "fwd+bwd"):
-            x = torch.randn(case.width, case.batch, embed, requires_grad=passes == "fwd+bwd")
-
-            def original(x, parent=parent, mask=mask):
-                return parent(x, x, x, attn_mask=mask)[0]  # need_weights=True: nn.MultiheadAttention's default
-
-            def drop_in(x, ours=ours, mask=mask):
-                return ours(x, x, x, attn_mask=mask)[0]
-
-            bench = Bench("dn_mha", name, f"float32 {passes}", baseline="nn.MHA+mask")
-            for impl, fn in (("nn.MHA+mask", original), ("DNMultiheadAttention", drop_in)):
-                bench.impls[impl] = _fwd_bwd(fn, [x]) if passes == "fwd+bwd" else (lambda fn=fn, x=x: fn(x))
+        mask = reference.dn_attn_mask(case.pad_size, case.group_size, case.num_queries, device=target.device)
+        for p in ("fwd", "fwd+bwd"):
+            variant = f"float32 {p}"
+            x = torch.randn(case.width, case.batch, embed, device=target.device, requires_grad=p == "fwd+bwd")
+            sets = [[x]] * target.sets
+            bench = Bench("dn_mha", name, variant, "nn.MHA+mask")
+            # need_weights=True: nn.MultiheadAttention's default
+            bench.impls["nn.MHA+mask"] = passes(lambda x, f=parent, m=mask: f(x, x, x, attn_mask=m)[0], sets, variant)
+            bench.impls["DNMultiheadAttention"] = passes(
+                lambda x, f=ours, m=mask: f(x, x, x, attn_mask=m)[0], sets, variant
+            )
             yield bench
 
 
-def dn_attn_mask_benches(quick: bool = False) -> Iterator[Bench]:
+def dn_attn_mask_benches(target: Target) -> Iterator[Bench]:
     for name, case in cases.DN_ATTN_CASES.items():
-        bench = Bench("dn_attn_mask", name, "build")
+        bench = Bench("dn_attn_mask", name, "build", "reference")
         args = (case.pad_size, case.group_size, case.num_queries)
-        bench.impls["reference"] = lambda a=args: reference.dn_attn_mask(*a)
-        if _backend.has_kernel("dn_attn_mask", "cpu"):
-            bench.impls["dnops"] = lambda a=args: torch.ops.dnops.dn_attn_mask(*a)
+        bench.impls["reference"] = lambda i, a=args: reference.dn_attn_mask(*a, device=target.device)
+        for b in kernels_on("dn_attn_mask", target.device):
+            fn = with_backend(b, dnops.dn_attn_mask)
+            bench.impls[f"dnops {b}"] = _missing("dn_attn_mask", b, target.device) or (
+                lambda i, f=fn, a=args: f(*a, device=target.device)
+            )
         yield bench
 
 
-def detr_step_benches(quick: bool = False) -> Iterator[Bench]:
-    """One training step of the thin DN-DETR (forward, losses, backward, AdamW): --ops dnops vs --ops reference.
+def detr_step_benches(target: Target) -> Iterator[Bench]:
+    """One training step of the thin DN-DETR (forward, losses, backward, gradient clipping, AdamW): --ops dnops
+    vs --ops reference, from the same weights on the same batch.
 
-    Shape: batch 2, 512 x 512 input, d_model 256, 6 encoder + 6 decoder layers, 300 queries, 5 DN groups,
-    20 GT per image, 91 classes (DN-Deformable-DETR's transformer on a small input). Both models start from the
-    same weights and step on the same batch.
+    Shape: 512 x 512 input at batch 2 (on a GPU also 800 x 800 at batch 4), d_model 256, 6 encoder + 6 decoder
+    layers, 300 queries, 5 DN groups, 20 GT per image, 91 classes (DN-Deformable-DETR's transformer).
     """
     from models.config import Config
     from models.criterion import Criterion
     from models.model import DNDETR
 
-    if quick:
-        cfg = Config(d_model=32, n_heads=4, enc_layers=1, dec_layers=1, ffn_dim=64, num_queries=20, image_size=64)
-        cfg.backbone_width, gt = 8, 3
+    if target.quick:
+        tiny = Config(d_model=32, n_heads=4, enc_layers=1, dec_layers=1, ffn_dim=64, num_queries=20, image_size=64)
+        tiny.backbone_width = 8
+        plan = [("tiny", tiny, 2, 3)]
     else:
-        cfg = Config(d_model=256, enc_layers=6, dec_layers=6, ffn_dim=1024, num_queries=300, image_size=512)
-        gt = 20
-    cfg.dn_groups, cfg.batch_size = 5, 2
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=g)
-    targets = []
-    for _ in range(cfg.batch_size):
-        centre, wh = torch.rand(gt, 2, generator=g) * 0.8 + 0.1, torch.rand(gt, 2, generator=g) * 0.15 + 0.02
-        targets.append({"labels": torch.randint(0, 91, (gt,), generator=g), "boxes": torch.cat([centre, wh], 1)})
-    name = "tiny" if quick else "512px"
-    bench = Bench("detr_step", name, f"B=2 {cfg.enc_layers}+{cfg.dec_layers} layers fwd+bwd+opt")
-    state = None
-    for ops in ("reference", "dnops") if _backend.has_kernel("ms_deform_attn", "cpu") else ("reference",):
-        run_cfg = dataclasses.replace(cfg, ops=ops)
-        torch.manual_seed(0)
-        model = DNDETR(run_cfg, 91).train()
-        if state is None:
-            state = model.state_dict()
-        model.load_state_dict(state)
-        criterion = Criterion(run_cfg, 91)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+        full = dict(d_model=256, enc_layers=6, dec_layers=6, ffn_dim=1024, num_queries=300)
+        plan = [("512px", Config(image_size=512, **full), 2, 20)]
+        if target.gpu:
+            plan.append(("800px", Config(image_size=800, **full), 4, 20))
+    for name, cfg, batch, gt in plan:
+        cfg.dn_groups, cfg.batch_size = 5, batch
+        g = torch.Generator().manual_seed(0)
+        images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, generator=g).to(target.device)
+        targets = []
+        for _ in range(batch):
+            centre, wh = torch.rand(gt, 2, generator=g) * 0.8 + 0.1, torch.rand(gt, 2, generator=g) * 0.15 + 0.02
+            labels = torch.randint(0, 91, (gt,), generator=g)
+            targets.append({"labels": labels.to(target.device), "boxes": torch.cat([centre, wh], 1).to(target.device)})
+        bench = Bench("detr_step", name, f"B={batch} {cfg.enc_layers}+{cfg.dec_layers} layers fwd+bwd+opt", "reference")
+        state = None
+        for ops in ("reference", "dnops"):
+            run_cfg = dataclasses.replace(cfg, ops=ops)
+            torch.manual_seed(0)
+            model = DNDETR(run_cfg, 91).to(target.device).train()
+            state = state or model.state_dict()
+            model.load_state_dict(state)
+            criterion = Criterion(run_cfg, 91)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
 
-        def step(model=model, criterion=criterion, optimizer=optimizer):
-            loss, _ = criterion(model(images, targets), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-            optimizer.step()
+            def step(i, model=model, criterion=criterion, optimizer=optimizer, images=images, targets=targets):
+                loss, _ = criterion(model(images, targets), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+                optimizer.step()
 
-        bench.impls[ops] = step
-    yield bench
+            bench.impls[ops] = step
+        yield bench
 
 
-SUITES = {
+SUITES: dict[str, Callable[[Target], Iterator[Bench]]] = {
     "ms_deform_attn": ms_deform_attn_benches,
     "dn_queries": dn_queries_benches,
     "dn_self_attention": dn_self_attention_benches,

@@ -45,13 +45,15 @@ def test_rewrite_replaces_only_the_marked_blocks():
 
 def test_summary_table_puts_forward_and_backward_of_a_dnops_row_side_by_side():
     def row(variant, impl, ms, speedup, peak):
-        return {"op": "o", "case": "c", "variant": variant, "impl": impl, "baseline": "ref", "median_ms": ms,
-                "min_ms": ms * 0.9, "max_ms": ms * 1.2, "speedup": speedup, "peak_vs_baseline": peak}  # fmt: skip
+        return {"op": "o", "case": "c", "variant": variant, "impl": impl, "baseline": "ref", "status": "ok",
+                "median_ms": ms, "min_ms": ms * 0.9, "max_ms": ms * 1.2, "speedup": speedup,
+                "peak_vs_baseline": peak}  # fmt: skip
 
     rows = [
         row("f32 fwd", "ref", 10.0, 1.0, 1.0),
         row("f32 fwd", "dnops", 2.0, 5.0, 0.25),
         row("f32 fwd", "flex", 20.0, 0.5, 2.0),
+        {"op": "o", "case": "c", "variant": "f32 fwd", "impl": "dnops triton", "status": "skipped: no triton kernel"},
         row("f32 fwd+bwd", "ref", 30.0, 1.0, 1.0),
         row("f32 fwd+bwd", "dnops", 10.0, 3.0, 0.5),
         row("step", "ref", 100.0, 1.0, 1.0),

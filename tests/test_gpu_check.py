@@ -30,15 +30,48 @@ def test_dry_mode_runs_every_step_and_writes_every_file(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["meta"]["dry"] is True
     rows = report["rows"]
-    assert {r["op"] for r in rows} == {"ms_deform_attn", "dn_self_attention", "dn_mha", "dn_queries", "detr_step"}
-    for r in rows:
-        assert r["status"] == "ok" or r["status"].startswith("skipped: no CUDA device"), r
-        if r["impl"].startswith("dnops cuda") or r["impl"].startswith("dnops triton"):
-            assert r["status"] != "ok", r  # GPU kernels cannot run in the dry mode
-    timed = [r for r in rows if r["status"] == "ok"]
-    assert timed and all(r["median_ms"] > 0 and r["peak_mb"] >= 0 for r in timed)
-    assert all("GBps" in r and r["bytes"] > 0 for r in timed if r["op"] == "ms_deform_attn")
-    assert all(r["ops"] > 0 for r in timed if r["op"] == "dn_queries")
+    # the dry mode runs the CPU's quick cases: the rows of `make test`'s benchmark smoke run
+    assert [_key(r) for r in rows] == _suite_rows()
+    assert {r["op"] for r in rows} == {
+        "ms_deform_attn",
+        "dn_self_attention",
+        "dn_mha",
+        "dn_queries",
+        "dn_attn_mask",
+        "detr_step",
+    }
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert all(r["median_ms"] > 0 and r["peak_mb"] >= 0 and r["reps"] >= 3 for r in rows)
+    assert all(r["GBps"] > 0 and r["bytes"] > 0 and r["bound_ms"] > 0 for r in rows if r["op"] == "ms_deform_attn")
+    assert all(r["ops"] > 0 for r in rows if r["op"] == "dn_queries")
+    assert {r["impl"] for r in rows if r["op"] == "ms_deform_attn"} == {"reference", "dnops cpu"}
+
+
+def _key(row: dict) -> tuple[str, str, str, str]:
+    return row["op"], row["case"], row["variant"], row["impl"]
+
+
+def _suite_rows(ops=None) -> list[tuple[str, str, str, str]]:
+    import torch
+
+    from benchmarks.suites import SUITES, Target
+
+    target = Target(torch.device("cpu"), quick=True)
+    return [(b.op, b.case, b.variant, impl) for op in ops or SUITES for b in SUITES[op](target) for impl in b.impls]
+
+
+def test_the_report_and_the_pytest_suite_have_the_rows_of_the_suites():
+    """`make bench` and `make bench-suite` enumerate the cases `make gpu-check` runs (the test above): one stack."""
+    import torch
+
+    from benchmarks import report, test_bench
+
+    ops = ["dn_attn_mask", "dn_mha"]
+    rows, bandwidth = report.run(ops, quick=True, budget_s=0.0)
+    assert [_key(r) for r in rows] == _suite_rows(ops) and bandwidth > 0
+    assert all(r["status"] == "ok" and r["reps"] >= 3 and "speedup" in r for r in rows)
+    ids = [p.id for p in test_bench._params(test_bench.Target(torch.device("cpu"), quick=True))]
+    assert ids == ["-".join(key) for key in _suite_rows()]
 
 
 def test_only_runs_the_named_steps_and_lists_failures(tmp_path):
@@ -72,3 +105,17 @@ def test_a_sanitizer_that_cannot_run_is_a_skip(tmp_path):
     assert gpu_check._sanitizer_refused(log) == "Error: Device not supported"
     log.write_text("========= Error: out of bounds read\n1 failed, 3 passed in 9s\n")
     assert gpu_check._sanitizer_refused(log) is None
+
+
+def test_the_benchmarks_time_each_backend_with_a_kernel_on_the_device_kind():
+    """The GPU benchmark's dnops rows (one per backend, from the registry): CUDA and Triton where the op has them."""
+    import torch
+
+    from benchmarks.suites import kernels_on
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert kernels_on("ms_deform_attn", cuda) == ["cuda", "triton"]
+    assert kernels_on("dn_queries", cuda) == ["cuda", "triton"]
+    assert kernels_on("dn_self_attention", cuda) == ["triton"]  # and sdpa, the "sdpa (two calls)" peer
+    assert kernels_on("dn_attn_mask", cuda) == ["cuda"]
+    assert all(kernels_on(op, cpu) == ["cpu"] for op in ("ms_deform_attn", "dn_queries", "dn_attn_mask"))
