@@ -270,13 +270,13 @@ def dn_self_attention_benches(target: Target) -> Iterator[Bench]:
                     variant,
                 )
                 bench.impls["sdpa (two calls)"] = passes(sdpa_decomposition(case), sets, variant)
-                if _times_flex(target, name, p):
-                    bench.impls["flex (compiled)"] = Deferred(passes(flex(case, target.device), sets, variant))
                 for b in kernels_on("dn_self_attention", target.device):
                     fn = with_backend(b, dnops.dn_self_attention)
                     bench.impls[f"dnops {b}"] = _missing("dn_self_attention", b, target.device) or passes(
                         lambda q, k, v, fn=fn, c=case: fn(q, k, v, c.pad_size, c.group_size), sets, variant
                     )
+                if _times_flex(target, name, p):
+                    bench.impls["flex (compiled)"] = Deferred(passes(flex(case, target.device), sets, variant))
                 yield bench
 
 
