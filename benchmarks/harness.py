@@ -20,7 +20,7 @@ Impl = Callable[[int], object]
 
 
 class Clock(Protocol):
-    warmup: int  # calls of each implementation before the timed ones, the runner's first checked call included
+    """Times a group of implementations whose first call the runner has made."""
 
     def times_ms(self, fns: dict[str, Impl], sets: int) -> dict[str, list[float]]: ...
 
@@ -36,8 +36,6 @@ class WallClock:
     cheapest neighbour. Rounds run until ``budget_s`` per implementation has passed (at least ``min_reps``
     rounds, at most ``max_reps``).
     """
-
-    warmup = 1
 
     def __init__(self, budget_s: float = 2.0, min_reps: int = 3, max_reps: int = 200) -> None:
         self.budget_s, self.min_reps, self.max_reps = budget_s, min_reps, max_reps
@@ -85,12 +83,7 @@ class CudaEvents:
         return times
 
 
-def clock_for(device: torch.device, budget_s: float = 2.0, reps: int = 20) -> Clock:
-    """The clock of a device: CUDA events on a GPU (``reps`` calls), the interleaved wall clock elsewhere."""
-    return CudaEvents(reps) if device.type == "cuda" else WallClock(budget_s)
-
-
-def sync(device: torch.device) -> None:
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -122,11 +115,11 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     CUDA: torch.cuda.max_memory_allocated.
     """
     if device.type == "cuda":
-        sync(device)
+        _sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
-        sync(device)
+        _sync(device)
         return torch.cuda.max_memory_allocated(device) - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()

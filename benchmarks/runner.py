@@ -73,9 +73,7 @@ def run(
             row.update(baseline=bench.baseline, status=fn if isinstance(fn, str) else "pending")
             bench_rows[impl] = row
         rows.extend(bench_rows.values())
-        measure(
-            bench, {i: f for i, f in bench.impls.items() if callable(f) and not isinstance(f, Deferred)}, bench_rows
-        )
+        measure(bench, {i: f for i, f in bench.impls.items() if not isinstance(f, (str, Deferred))}, bench_rows)
         ratios(bench_rows, bench.baseline)
         for impl in bench.impls:
             if bench_rows[impl]["status"] != "pending":

@@ -42,10 +42,6 @@ class Target:
         """Input sets the calls rotate among: on a GPU three, so that a call does not find its inputs in L2."""
         return 3 if self.gpu else 1
 
-    @property
-    def dtypes(self) -> tuple[torch.dtype, ...]:
-        return (torch.float32, torch.bfloat16)
-
 
 @dataclass
 class Deferred:
@@ -95,13 +91,11 @@ def passes(fn: Callable[..., object], sets: list[list], variant: str) -> Impl:
     its output's sum with respect to every input that requires grad."""
     if not variant.endswith("fwd+bwd"):
         return lambda i: fn(*sets[i])
+    wrt = [[t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad] for inputs in sets]
 
     def run(i):
-        inputs = sets[i]
-        out = fn(*inputs)
-        return torch.autograd.grad(
-            out, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad], torch.ones_like(out)
-        )
+        out = fn(*sets[i])
+        return torch.autograd.grad(out, wrt[i], torch.ones_like(out))
 
     return run
 
@@ -157,7 +151,7 @@ def ms_deform_attn_benches(target: Target) -> Iterator[Bench]:
         if target.gpu:
             plan.insert(1, ("enc800-b4", "realistic"))
     for case_name, law in plan:
-        for dtype in target.dtypes:
+        for dtype in (torch.float32, torch.bfloat16):
             if law == "uniform" and dtype != torch.float32:
                 continue
             for p in ("fwd", "fwd+bwd"):
@@ -210,6 +204,7 @@ def dn_queries_benches(target: Target) -> Iterator[Bench]:
     hidden = 256
     enc_dn, enc_cdn = torch.nn.Embedding(92, hidden - 1).to(device), torch.nn.Embedding(92, hidden).to(device)
     anchors = torch.rand(300, 4, device=device)
+    reference_gen_and_mask = with_backend("reference", _dn_queries_and_mask)
     for batch in (2, 8) if target.quick else (2, 8, 32):
         labels, boxes, counts = cases.dn_inputs(batch, device=device)
         targets = _targets(labels, boxes, counts)
@@ -223,9 +218,7 @@ def dn_queries_benches(target: Target) -> Iterator[Bench]:
             gen = (labels, boxes, counts, mode, queries)
             bench = Bench("dn_queries", f"B={batch}", f"{mode} gen+mask", f"{algorithm} gen+mask", count_ops=True)
             bench.impls[f"{algorithm} gen+mask"] = lambda i, f=original, a=args: f(*a, None)
-            bench.impls["reference"] = lambda i, a=gen: with_backend("reference", _dn_queries_and_mask)(
-                dnops.dn_queries, *a
-            )
+            bench.impls["reference"] = lambda i, a=gen: reference_gen_and_mask(dnops.dn_queries, *a)
             end_to_end = Bench("dn_queries", f"B={batch}", mode, f"{algorithm} algorithm", count_ops=True)
             end_to_end.impls[f"{algorithm} algorithm"] = lambda i, f=original, a=args, e=enc: f(*a, e)
             for b in kernels_on("dn_queries", device):
@@ -255,7 +248,7 @@ def dn_self_attention_benches(target: Target) -> Iterator[Bench]:
     """Decoder self-attention under the DN structure against SDPA with the dense mask, the reference, the SDPA
     decomposition and FlexAttention (where ``_times_flex`` says)."""
     names = ["dn-detr"] if target.quick else list(cases.DN_ATTN_CASES)
-    dtypes = target.dtypes if target.gpu else (torch.float32,)
+    dtypes = (torch.float32, torch.bfloat16) if target.gpu else (torch.float32,)
     for name in names:
         case = cases.DN_ATTN_CASES[name]
         for dtype in dtypes:
