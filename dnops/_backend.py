@@ -10,6 +10,7 @@ honour falls back to the reference with one warning per (op, backend).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -73,14 +74,25 @@ def _triton_runs_on(device_type: str) -> bool:
     return device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def requested_backend() -> str | None:
-    """DNOPS_BACKEND as set: one of BACKENDS or ALIASES, or None."""
-    value = os.environ.get("DNOPS_BACKEND", "").strip().lower()
-    if not value:
-        return None
-    if value not in BACKENDS and value not in ALIASES:
-        raise ValueError(f"DNOPS_BACKEND must be one of {BACKENDS} (or the earlier {ALIASES}), got {value!r}")
+# dnops.use_backend's setting: per thread and per asyncio task (a new thread starts without one), over the process
+# default DNOPS_BACKEND. None: no block is active in this context.
+_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("dnops_backend", default=None)
+
+
+def _check_name(value: str, source: str) -> str:
+    value = value.strip().lower()
+    if value and value not in BACKENDS and value not in ALIASES:
+        raise ValueError(f"{source} must be one of {BACKENDS} (or the earlier {ALIASES}), got {value!r}")
     return value
+
+
+def requested_backend() -> str | None:
+    """The backend asked for in this thread / task: the innermost dnops.use_backend block's, else DNOPS_BACKEND
+    (the process default); one of BACKENDS or ALIASES, or None."""
+    value = _OVERRIDE.get()
+    if value is None:
+        value = _check_name(os.environ.get("DNOPS_BACKEND", ""), "DNOPS_BACKEND")
+    return value or None
 
 
 def _resolve(name: str, device_type: str) -> str:
@@ -93,19 +105,19 @@ def _resolve(name: str, device_type: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """``with dnops.use_backend("reference"):`` runs every op called inside on that backend (DNOPS_BACKEND's
-    values), as DNOPS_BACKEND would; None leaves the choice as it is. Restores the setting afterwards."""
+    values) in this thread or asyncio task only; None leaves the choice as it is. Other threads keep theirs (the
+    process default, DNOPS_BACKEND, in a thread that entered no block), and the setting is restored on exit
+    whatever other threads do. A graph torch.compile traced inside keeps the backend it was traced with."""
     if name is None:
         yield
         return
-    old = os.environ.get("DNOPS_BACKEND")
-    os.environ["DNOPS_BACKEND"] = name
+    if not isinstance(name, str) or not _check_name(name, "use_backend: name"):
+        raise ValueError(f"use_backend: name must be one of {BACKENDS} (or the earlier {ALIASES}), got {name!r}")
+    token = _OVERRIDE.set(name.strip().lower())
     try:
         yield
     finally:
-        if old is None:
-            del os.environ["DNOPS_BACKEND"]
-        else:
-            os.environ["DNOPS_BACKEND"] = old
+        _OVERRIDE.reset(token)
 
 
 @functools.cache

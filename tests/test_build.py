@@ -1,9 +1,11 @@
 """The extension is built, registers what it declares, and the CUDA part was compiled where nvcc allows."""
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,77 @@ def test_use_backend_overrides_and_restores(monkeypatch):
     with _backend.use_backend("reference"):
         pass
     assert os.environ["DNOPS_BACKEND"] == "cpp"
+
+
+def test_use_backend_is_per_thread_and_restores_whatever_other_threads_do(monkeypatch):
+    monkeypatch.delenv("DNOPS_BACKEND", raising=False)
+    a_entered, b_entered, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with _backend.use_backend("reference"):
+            a_entered.set()
+            assert b_entered.wait(10)
+            seen["a, both inside"] = _backend.requested_backend()
+        a_left.set()  # leaves before the block the other thread entered later: exits out of order
+        seen["a, after"] = _backend.requested_backend()
+
+    def second():
+        assert a_entered.wait(10)
+        seen["b, a inside"] = _backend.requested_backend()
+        with _backend.use_backend("sdpa"):
+            b_entered.set()
+            assert a_left.wait(10)
+            seen["b, a left"] = _backend.requested_backend()
+        seen["b, after"] = _backend.requested_backend()
+
+    threads = [threading.Thread(target=f) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {
+        "a, both inside": "reference",
+        "b, a inside": None,
+        "b, a left": "sdpa",
+        "a, after": None,
+        "b, after": None,
+    }
+    assert _backend.requested_backend() is None and "DNOPS_BACKEND" not in os.environ
+    # DNOPS_BACKEND is the process default: a thread in no block reads it while another thread is in one
+    monkeypatch.setenv("DNOPS_BACKEND", "cpp")
+    with _backend.use_backend("reference"):
+        other = []
+        t = threading.Thread(target=lambda: other.append(_backend.requested_backend()))
+        t.start()
+        t.join(10)
+        assert other == ["cpp"] and _backend.requested_backend() == "reference"
+    assert _backend.requested_backend() == "cpp" and os.environ["DNOPS_BACKEND"] == "cpp"
+
+
+def test_use_backend_is_per_asyncio_task(monkeypatch):
+    monkeypatch.delenv("DNOPS_BACKEND", raising=False)
+
+    async def task(name, entered, other_entered):
+        with _backend.use_backend(name):
+            entered.set()
+            await other_entered.wait()
+            return _backend.requested_backend()
+
+    async def main():
+        a, b = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(task("reference", a, b), task("sdpa", b, a))
+
+    assert asyncio.run(main()) == ["reference", "sdpa"]
+    assert _backend.requested_backend() is None
+
+
+def test_use_backend_names_a_bad_backend(monkeypatch):
+    monkeypatch.delenv("DNOPS_BACKEND", raising=False)
+    with pytest.raises(ValueError, match="use_backend: name must be one of"):
+        with _backend.use_backend("gpu"):
+            pass
+    assert _backend.requested_backend() is None
 
 
 @pytest.mark.skipif(not _backend.HAS_C, reason="dnops._C is not built")
