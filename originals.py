@@ -1,6 +1,11 @@
 """The DN-DETR and DINO denoising-query algorithms as published (their step sequence: per-image Python lists,
 nonzero, repeat, scatter, per-group mask slicing), re-written device-agnostic. The oracle of the dnops.compat
-adapter tests and the baseline of the dn_queries benchmarks."""
+adapter tests and the baseline of the dn_queries benchmarks.
+
+Each function names the repository, commit and file it transcribes; each was read against that file line by line
+(docs/testing.md, "Transcriptions"). Differences every function shares: ``.cuda()`` / ``.to('cuda')`` become the
+inputs' device, and Python ints stand where the original sums one-element tensors; any other difference is in the
+function's docstring."""
 
 from __future__ import annotations
 
@@ -37,8 +42,9 @@ def dn_detr_group_mask(pad_size: int, single_pad: int, groups: int, tgt_size: in
 
 
 def dn_detr_prepare_for_dn(dn_args, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc):
-    """DN-DETR's prepare_for_dn (models/DN_DAB_DETR): (input_query_label (W, B, C), input_query_bbox (W, B, 4),
-    attn_mask, mask_dict).
+    """DN-DETR's prepare_for_dn (IDEA-Research/DN-DETR ff3902a, models/DN_DAB_DETR/dn_components.py; the one of
+    models/dn_dab_deformable_detr_deformable_encoder_only is the same): (input_query_label (W, B, C),
+    input_query_bbox (W, B, 4), attn_mask, mask_dict).
 
     ``label_enc=None`` stops at the generation and the mask (what dnops.dn_queries + dnops.dn_attn_mask replace):
     the noised labels and boxes are scattered into the padded layout dnops.dn_queries returns, (B, pad) and
@@ -63,7 +69,8 @@ def dn_detr_prepare_for_dn(dn_args, embedweight, batch_size, training, num_queri
 def dn_deformable_detr_prepare_for_dn(
     dn_args, tgt_weight, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc
 ):
-    """DN-Deformable-DETR's prepare_for_dn (models/dn_dab_deformable_detr): the matching part is the learned
+    """DN-Deformable-DETR's prepare_for_dn (IDEA-Research/DN-DETR ff3902a,
+    models/dn_dab_deformable_detr/dn_components.py): the matching part is the learned
     [tgt_weight | 0] (plus label_enc's first weight times 0, so label_enc is always in the graph) and the anchors
     embedweight as given; batch-first (B, W, C), (B, W, 4)."""
     num_patterns = max(dn_args[4] if training else dn_args, 1)
@@ -78,9 +85,14 @@ def dn_deformable_detr_prepare_for_dn(
 def dn_dino_deformable_detr_prepare_for_dn(
     dn_args, tgt_weight, embedweight, batch_size, training, num_queries, num_classes, hidden_dim, label_enc
 ):
-    """DN-DETR's models/dn_dab_dino_deformable_detr prepare_for_dn: dn_args with a contrastive flag, each image's GT
-    extended by negatives labelled num_classes when contrastive, corner (xyxy) box noise, a scalar of 100 or more
-    read as a DN query count, and no matching part without tgt_weight / embedweight. Batch-first."""
+    """DN-DETR's models/dn_dab_dino_deformable_detr prepare_for_dn (IDEA-Research/DN-DETR ff3902a,
+    models/dn_dab_dino_deformable_detr/dn_components.py): dn_args with a contrastive flag, each image's GT extended
+    by a copy labelled num_classes when contrastive, corner (xyxy) box noise, a scalar of 100 or more read as a DN
+    query count, and no matching part without tgt_weight / embedweight. Batch-first.
+
+    The negatives (far noise, label num_classes after the label noise) are the second half of each group's entries
+    over the whole batch, as in the original. Differences: the original builds its negative indices inside the box
+    noise branch, so with contrastive and box_noise_scale <= 0 it raises NameError; here they are built before it."""
     device = label_enc.weight.device
     num_patterns = max(dn_args[4] if training else dn_args, 1)
     tgt = refpoint_emb = None
@@ -114,10 +126,10 @@ def dn_dino_deformable_detr_prepare_for_dn(
     )
     noised_boxes = known_bboxs.clone()
     if contrastive:
-        # each image's negatives: the second half of its entries, in every group
-        starts = torch.cumsum(torch.tensor([0] + known_num[:-1]), 0).tolist()
-        negative = torch.cat([s + n // 2 + torch.arange(n // 2) for s, n in zip(starts, known_num, strict=True)])
-        negative_idx = (negative[None, :] + (torch.arange(scalar) * len(boxes))[:, None]).flatten().to(device)
+        # the negatives: the second half of each group's entries over the whole concatenated batch (not each
+        # image's copies), as the original indexes them
+        positive_idx = (torch.arange(len(boxes) // 2)[None, :] + (torch.arange(scalar) * len(boxes))[:, None]).flatten()
+        negative_idx = (positive_idx + len(boxes) // 2).to(device)
     if box_noise_scale > 0:
         xyxy = torch.cat([known_bboxs[:, :2] - known_bboxs[:, 2:] / 2, known_bboxs[:, :2] + known_bboxs[:, 2:] / 2], 1)
         diff = torch.cat([known_bboxs[:, 2:] / 2, known_bboxs[:, 2:] / 2], 1)
@@ -232,7 +244,8 @@ def _dn_detr_queries(dn_args, tgt, refpoint_emb, matching, batch_size, training,
 
 
 def dino_prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim, label_enc):
-    """DINO's prepare_for_cdn: (input_query_label (B, pad, C), input_query_bbox (B, pad, 4), attn_mask, dn_meta).
+    """DINO's prepare_for_cdn (IDEA-Research/DINO faa8520, models/dino/dn_components.py): (input_query_label
+    (B, pad, C), input_query_bbox (B, pad, 4), attn_mask, dn_meta).
 
     ``label_enc=None`` stops at the generation and the mask, as in dn_detr_prepare_for_dn."""
     if not training:
@@ -300,3 +313,30 @@ def dino_prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim
         input_query_bbox[(known_bid.long(), map_known)] = bbox_embed
     attn_mask = dn_detr_group_mask(pad_size, single_pad * 2, dn_number, pad_size + num_queries, device)
     return input_query_label, input_query_bbox, attn_mask, {"pad_size": pad_size, "num_dn_group": dn_number}
+
+
+def dn_dino_deformable_detr_prepare_for_loss(mask_dict):
+    """DN-DETR's prepare_for_loss (IDEA-Research/DN-DETR ff3902a, models/dn_dab_dino_deformable_detr/dn_components.py),
+    after dn_post_process put ``output_known_lbs_bboxes`` into mask_dict: (known_labels, known_bboxs,
+    output_known_class, output_known_coord, num_tgt), the DN predictions paired with their targets. With
+    contrastive, the box targets are the first half of each group's entries over the whole batch."""
+    output_known_class, output_known_coord = mask_dict["output_known_lbs_bboxes"]
+    known_labels, known_bboxs = mask_dict["known_lbs_bboxes"]
+    map_known_indice = mask_dict["map_known_indice"]
+    known_indice = mask_dict["known_indice"]
+    batch_idx = mask_dict["batch_idx"]
+    bid = batch_idx[known_indice]
+    num_tgt = known_indice.numel()
+    if len(output_known_class) > 0:
+        output_known_class = output_known_class.permute(1, 2, 0, 3)[(bid, map_known_indice)].permute(1, 0, 2)
+        output_known_coord = output_known_coord.permute(1, 2, 0, 3)[(bid, map_known_indice)].permute(1, 0, 2)
+    if mask_dict["contrastive"]:
+        scalar = mask_dict["scalar"]
+        num_tgt = num_tgt // 2
+        num_box = num_tgt // scalar
+        positive_idx = torch.arange(num_box).unsqueeze(0).repeat(scalar, 1)
+        positive_idx += (torch.arange(scalar) * num_box * 2).unsqueeze(1)
+        positive_idx = positive_idx.flatten().to(known_bboxs.device)
+        output_known_coord = output_known_coord[:, positive_idx, :]
+        known_bboxs = known_bboxs[positive_idx, :]
+    return known_labels, known_bboxs, output_known_class, output_known_coord, num_tgt

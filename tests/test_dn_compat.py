@@ -14,8 +14,9 @@ from originals import (
     dn_deformable_detr_prepare_for_dn,
     dn_detr_prepare_for_dn,
     dn_dino_deformable_detr_prepare_for_dn,
+    dn_dino_deformable_detr_prepare_for_loss,
 )
-from tests.dn_utils import make_gt
+from tests.dn_utils import make_gt, to_xyxy
 
 NUM_CLASSES, HIDDEN, QUERIES = 9, 16, 12
 
@@ -306,7 +307,7 @@ def test_deformable_prepare_for_dn_inference_noise_and_bad_shapes(modules):
 
 
 @pytest.mark.parametrize("path", DN_PATHS)
-@pytest.mark.parametrize("counts", [[3, 0, 5], [1], [0, 0], [4, 2]])
+@pytest.mark.parametrize("counts", [[3, 0, 5], [1], [0, 0], [4, 2], [3, 2]])
 @pytest.mark.parametrize("contrastive", [False, True])
 @pytest.mark.parametrize("scalar", [3, 100])
 @pytest.mark.parametrize("two_stage", [False, True])
@@ -329,18 +330,102 @@ def test_dino_variant_noise_and_inference():
     torch.manual_seed(0)
     label_enc = torch.nn.Embedding(NUM_CLASSES + 1, HIDDEN - 1)
     targets = targets_for([3, 5])
-    out = dn_detr.prepare_for_dn((targets, 4, 0.5, 1.0, 1, True), None, None, 2, True, QUERIES, NUM_CLASSES, HIDDEN,
+    out = dn_detr.prepare_for_dn((targets, 4, 0.0, 1.0, 1, True), None, None, 2, True, QUERIES, NUM_CLASSES, HIDDEN,
                                  label_enc)  # fmt: skip
     mask_dict = out[3]
     assert mask_dict["pad_size"] == 4 * 10 and out[0].shape == (2, 40, HIDDEN)  # DN part only (two-stage)
-    # negatives: every slot of an image's second half carries the label_enc row of num_classes
+    # label num_classes: image 0's copies (slots 3..5) and the batch-wide second half (image 1's entries 2..9)
     neg_embed = torch.cat([label_enc.weight[NUM_CLASSES], torch.ones(1)])
-    assert torch.allclose(out[0][0, 3], neg_embed) and torch.allclose(out[1].new_zeros(4), out[1][0, 6])
+    assert torch.allclose(out[0][0, 3], neg_embed) and torch.allclose(out[0][1, 2], neg_embed)
+    assert not torch.allclose(out[0][1, 1], neg_embed) and torch.allclose(out[1].new_zeros(4), out[1][0, 6])
     for args in ((1, None, None), (1, torch.randn(QUERIES, HIDDEN - 1), torch.rand(QUERIES, 4))):
         ours = dn_detr.prepare_for_dn(*args, 2, False, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
         theirs = dn_dino_deformable_detr_prepare_for_dn(*args, 2, False, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
         for a, b in zip(ours, theirs, strict=True):
             assert (a is None and b is None) or torch.equal(a, b)
+
+
+def _dino_variant(counts, scalar, label_noise, box_noise, original=False, seed=0):
+    torch.manual_seed(seed)
+    label_enc = torch.nn.Embedding(NUM_CLASSES + 1, HIDDEN - 1)
+    dn_args = (targets_for(counts), scalar, label_noise, box_noise, 1, True)
+    fn = dn_dino_deformable_detr_prepare_for_dn if original else dn_detr.prepare_for_dn
+    return fn(dn_args, None, None, len(counts), True, QUERIES, NUM_CLASSES, HIDDEN, label_enc), label_enc
+
+
+def _corner_moves(query_boxes, gt_boxes, scale):
+    """|corner shift| / (half the side * scale) per entry (N,): < 1 for near noise, in [1, 2) for far noise."""
+    noised = torch.sigmoid(query_boxes)
+    half = torch.cat([gt_boxes[:, 2:], gt_boxes[:, 2:]], 1) / 2
+    return ((to_xyxy(noised) - to_xyxy(gt_boxes)).abs() / (half * scale)).amax(1)
+
+
+def test_dino_variant_box_loss_sees_positives_only():
+    """The repository's prepare_for_loss takes its box targets from the batch-wide first half of each group: with
+    the adapter's queries every one of them is a near-noised query, as with the original's (GT counts [3, 2])."""
+    (label, bbox, _, mask_dict), _ = _dino_variant([3, 2], 3, 0.0, 0.4)
+    mask_dict["output_known_lbs_bboxes"] = (label[None, ..., :1], bbox[None])  # the decoder returns its input
+    _, known_bboxs, _, coord, num_tgt = dn_dino_deformable_detr_prepare_for_loss(mask_dict)
+    assert num_tgt == 15 and coord.shape == (1, 15, 4)
+    assert (_corner_moves(coord[0], known_bboxs, 0.4) < 1 + 1e-4).all()
+    # the far-noised queries exist: the second half of each group, which the box loss leaves out
+    far = torch.cat([torch.arange(5, 10) + 10 * g for g in range(3)])
+    entries = mask_dict["known_lbs_bboxes"][1]
+    queries = bbox[mask_dict["batch_idx"][mask_dict["known_indice"]], mask_dict["map_known_indice"]]
+    assert (_corner_moves(queries[far], entries[far], 0.4) > 1 - 1e-4).all()
+
+
+def test_dino_variant_noise_law_equals_the_original():
+    """Per slot of the layout: the share of labels num_classes (0.6 for image 0's copies, which the label noise
+    flips with 0.4 to a class in [0, num_classes); 0 for positives; 1 for negatives) and the largest corner shift
+    (near: mean 0.8, far: mean 1.8) agree with the original's over 1000 groups."""
+
+    def stats(original):
+        # a scalar >= 100 counts DN queries: 6000 // 6 (image 0's entries) = 1000 groups
+        (label, bbox, _, mask_dict), label_enc = _dino_variant([3, 2], 6000, 0.4, 0.4, original=original, seed=1)
+        idx = (mask_dict["batch_idx"][mask_dict["known_indice"]], mask_dict["map_known_indice"])
+        num_classes_row = torch.cat([label_enc.weight[NUM_CLASSES], torch.ones(1)])
+        negative = (label[idx] == num_classes_row).all(1).float().view(1000, 10)
+        move = _corner_moves(bbox[idx], mask_dict["known_lbs_bboxes"][1], 0.4).view(1000, 10)
+        return negative.mean(0), move.mean(0), move.min(0).values
+
+    ours, theirs = stats(False), stats(True)
+    torch.testing.assert_close(ours[0], theirs[0], atol=0.1, rtol=0)
+    torch.testing.assert_close(ours[1], theirs[1], atol=0.05, rtol=0)
+    # the batch-wide halves, not each image's copies: entries 0..4 near (min shift < 0.5), 5..9 far (min shift >= 1)
+    assert (ours[2][:5] < 0.5).all() and (ours[2][5:] > 1 - 1e-4).all()
+    assert (theirs[2][:5] < 0.5).all() and (theirs[2][5:] > 1 - 1e-4).all()
+
+
+@pytest.mark.parametrize("path", DN_PATHS)
+def test_dino_variant_bad_inputs_raise(path):
+    label_enc = torch.nn.Embedding(NUM_CLASSES + 1, HIDDEN - 1)
+    tgt_weight, anchors = torch.randn(QUERIES, HIDDEN - 1), torch.rand(QUERIES, 4)
+    targets = targets_for([2, 1])
+
+    def call(targets, batch_size, tgt_weight=tgt_weight, anchors=anchors):
+        dn_args = (targets, 3, 0.2, 0.4, 1, True)
+        return dn_detr.prepare_for_dn(dn_args, tgt_weight, anchors, batch_size, True, QUERIES, NUM_CLASSES, HIDDEN,
+                                      label_enc)  # fmt: skip
+
+    with _backend.use_backend(path):
+        with pytest.raises(ValueError, match="one labels and one boxes tensor per image, got no targets"):
+            call([], 0)
+        with pytest.raises(ValueError, match="batch_size is 3 but there are 2 targets"):
+            call(targets, 3)
+        with pytest.raises(ValueError, match="tgt_weight must be \\(num_queries \\* num_patterns, 15\\)"):
+            call(targets, 2, tgt_weight=tgt_weight[:, 1:])
+        with pytest.raises(ValueError, match="embedweight must be \\(num_queries \\* num_patterns, 4\\)"):
+            call(targets, 2, anchors=anchors[1:])
+        targets[1]["labels"] = targets[1]["labels"] + NUM_CLASSES
+        with pytest.raises(ValueError, match="labels must be in \\[0, num_classes=9\\)"):
+            call(targets, 2)
+
+
+def test_prepare_for_cdn_without_targets_raises(modules):
+    _, label_enc = modules
+    with pytest.raises(ValueError, match="prepare_for_cdn: need one labels and one boxes tensor per image"):
+        dino.prepare_for_cdn(([], 100, 0.5, 1.0), True, QUERIES, NUM_CLASSES, HIDDEN, label_enc)
 
 
 def test_prepare_for_dn_inference_returns_fresh_tensors():

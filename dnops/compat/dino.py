@@ -19,6 +19,8 @@ def prepare_for_cdn(dn_args, training, num_queries, num_classes, hidden_dim, lab
     if not training:
         return None, None, None, None
     targets, dn_number, label_noise_ratio, box_noise_scale = dn_args
+    if not isinstance(targets, list | tuple) or not targets:
+        raise ValueError("prepare_for_cdn: need one labels and one boxes tensor per image, got no targets")
     labels, _, _, dn = queries_from_targets(
         targets, "cdn", num_classes, label_noise_ratio, box_noise_scale, dn_number=dn_number
     )

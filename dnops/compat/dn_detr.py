@@ -64,12 +64,7 @@ def _prepare_deformable(
     if tgt_weight is None or embedweight is None:  # models/dn_dab_dino_deformable_detr's two-stage inference
         return None, None, None, None
     matching = num_queries * num_patterns
-    for name, t, width in (("tgt_weight", tgt_weight, hidden_dim - 1), ("embedweight", embedweight, 4)):
-        if t.dim() != 2 or tuple(t.shape) != (matching, width):
-            raise ValueError(
-                f"prepare_for_dn: {name} must be (num_queries * num_patterns, {width}) = ({matching}, {width}), got "
-                f"{tuple(t.shape)}"
-            )
+    _check_matching(tgt_weight, embedweight, matching, hidden_dim)
     tgt = _learned_content(tgt_weight, label_enc)
     if not training:
         return tgt.repeat(batch_size, 1, 1), embedweight.repeat(batch_size, 1, 1), None, None
@@ -87,33 +82,62 @@ def _prepare_dino_variant(
     dn_args, tgt_weight, embedweight, batch_size, num_queries, num_classes, hidden_dim, label_enc
 ):
     """models/dn_dab_dino_deformable_detr's training branch: dn_args ends with a ``contrastive`` flag, each image's
-    GT come in [positives | negatives labelled num_classes] (negatives only when contrastive), the box noise moves
-    the corners (xyxy: DINO's positives, and its negatives with the extra unit of distance), the label noise flips
-    with the full ratio, a scalar of 100 or more counts DN queries rather than groups, and without tgt_weight /
-    embedweight (two-stage) the queries are the DN part alone. Batch-first, as the original."""
+    GT come in [positives | copies labelled num_classes] (copies only when contrastive), the box noise moves the
+    corners (xyxy), the label noise flips with the full ratio, a scalar of 100 or more counts DN queries rather
+    than groups, and without tgt_weight / embedweight (two-stage) the queries are the DN part alone. Batch-first.
+
+    Reproduces the original's layout, bug included: its negatives (far box noise, label num_classes) are the
+    second half of each group's entries over the whole batch, not each image's copies. With GT counts [3, 2] the
+    entries of a group are [3 GT, 3 copies | 2 GT, 2 copies] and the negatives its last five: image 0's last copy
+    and all of image 1's entries; image 0's first two copies get near noise and keep their label num_classes
+    unless the label noise flips it. The repository's prepare_for_loss takes the box targets from the first half
+    by the same indexing, so its box loss sees near-noised queries only. dnops.dn_queries' own CDN layout (each
+    image's negatives) is unaffected."""
     targets, scalar, label_noise_scale, box_noise_scale, num_patterns, contrastive = dn_args
     matching = num_queries * max(int(num_patterns), 1)
+    _check_targets(targets, batch_size, label_enc, num_classes)
+    if tgt_weight is not None and embedweight is not None:
+        _check_matching(tgt_weight, embedweight, matching, hidden_dim)
     labels, boxes, counts = flatten_targets(targets)
-    per_image = [2 * c if contrastive else c for c in counts]
-    single_pad = max(per_image) if per_image else 0  # not max(..., default=): torch 2.11 Dynamo fails on it
+    entries = [2 * c if contrastive else c for c in counts]  # the original's known_num
+    single_pad = max(entries)
     groups = int(scalar)
     groups = 1 if single_pad == 0 else groups // single_pad if groups >= 100 else groups
     groups = max(groups, 1)
-    most = max(counts) if counts else 0
     flip, scale = max(float(label_noise_scale), 0.0), max(float(box_noise_scale), 0.0)
-    out_labels, out_boxes, _, _ = generate(labels, boxes, counts, groups, most, True, num_classes, flip, scale, None)
+    if contrastive:  # the original's entries: each image's GT, then a copy of them
+        labels = torch.cat([torch.cat([t["labels"], t["labels"]]) for t in targets]).long()
+        boxes = torch.cat([torch.cat([t["boxes"], t["boxes"]]) for t in targets])
+    # every entry of every group one independent draw in dnops' CDN layout: its positive slot holds it with near
+    # noise, its negative slot with far noise
+    out_labels, out_boxes, _, _ = generate(
+        labels, boxes, entries, groups, single_pad, True, num_classes, flip, scale, None
+    )
     device = labels.device
-    # where each of the original's slots (group i, entry j of image b) is in dnops' CDN layout (-1: padding), and
-    # which are negatives; made on the host from the counts, one copy to the device
-    maps = torch.full((2, batch_size, groups, single_pad), -1, dtype=torch.long)
-    for b, c in enumerate(counts):
-        within = list(range(c)) + ([most + j for j in range(c)] if contrastive else [])
-        maps[0, b, :, : len(within)] = torch.tensor(within) + 2 * most * torch.arange(groups)[:, None]
-        maps[1, b, :, c : len(within)] = 1
-    slots, negative = maps.view(2, batch_size, -1).to(device)
+    # per slot of the original's layout (group i, entry j of image b): the dnops slot it takes (-1: padding), whether
+    # it is a negative (batch-wide second half) and whether it is an image's copy; made on the host from the counts
+    maps = torch.zeros((3, batch_size, groups, single_pad), dtype=torch.long)
+    maps[0] = -1
+    half, first = sum(counts), 0  # half: the original's len(boxes) // 2
+    for b, (c, n) in enumerate(zip(counts, entries, strict=True)):
+        j = torch.arange(n)
+        far = (first + j >= half).long()
+        maps[0, b, :, :n] = j + far * single_pad + 2 * single_pad * torch.arange(groups)[:, None]
+        maps[1, b, :, :n] = far
+        maps[2, b, :, c:n] = 1
+        first += n
+    slots, far, copy = maps.view(3, batch_size, -1).to(device).unbind(0)
     valid = slots >= 0
     index = slots.clamp(min=0)
-    dn_labels = torch.where(negative > 0, num_classes, out_labels.gather(1, index))
+    dn_labels = out_labels.gather(1, index)
+    if contrastive:
+        # a copy's label is num_classes before the label noise, which then flips it like any entry: drawn here as
+        # the original draws it (dnops' slot flipped the GT label, which the copy does not carry)
+        copy_labels = torch.full_like(dn_labels, num_classes)
+        if flip > 0:
+            drawn = torch.randint(0, num_classes, dn_labels.shape, device=device)
+            copy_labels = torch.where(torch.rand(dn_labels.shape, device=device) < flip, drawn, copy_labels)
+        dn_labels = torch.where(far > 0, num_classes, torch.where(copy > 0, copy_labels, dn_labels))
     dn_boxes = out_boxes.gather(1, index[..., None].expand(-1, -1, 4)).to(label_enc.weight.dtype)
     label_embed = F.embedding(dn_labels, label_enc.weight)
     label_embed = torch.cat([label_embed, label_embed.new_ones(*label_embed.shape[:2], 1)], -1) * valid[..., None]
@@ -124,25 +148,44 @@ def _prepare_dino_variant(
         label_embed = torch.cat([label_embed, tgt.expand(batch_size, -1, -1)], 1)
         bbox_embed = torch.cat([bbox_embed, embedweight.expand(batch_size, -1, -1)], 1)
     attn_mask = dn_attn_mask(pad_size, single_pad, matching, device=device)
-    # mask_dict over the GT as the original extends them (each image's positives, then its negatives)
-    doubled = [(t["labels"], t["boxes"]) for t in targets]
+    # mask_dict over the GT as the original extends them (each image's GT, then its copies labelled num_classes)
+    gt_labels, gt_boxes = labels, boxes
     if contrastive:
-        doubled = [(torch.cat([lb, torch.full_like(lb, num_classes)]), torch.cat([bx, bx])) for lb, bx in doubled]
-    gt_labels = torch.cat([lb for lb, _ in doubled]) if doubled else labels
-    gt_boxes = torch.cat([bx for _, bx in doubled]) if doubled else boxes
-    known = sum(per_image)
-    within = torch.cat([torch.arange(c, device=device) for c in per_image]) if per_image else labels.new_zeros(0)
+        gt_labels = torch.cat([torch.cat([t["labels"], torch.full_like(t["labels"], num_classes)]) for t in targets])
+    known = sum(entries)
+    within = torch.cat([torch.arange(n, device=device) for n in entries])
     mask_dict = {
         "known_indice": torch.arange(known, device=device).repeat(groups),
-        "batch_idx": torch.cat([torch.full((c,), b, device=device) for b, c in enumerate(per_image)]),
+        "batch_idx": torch.cat([torch.full((n,), b, device=device) for b, n in enumerate(entries)]),
         "map_known_indice": torch.cat([within + single_pad * i for i in range(groups)]),
         "known_lbs_bboxes": (gt_labels.repeat(groups), gt_boxes.repeat(groups, 1)),
-        "know_idx": list(within.unsqueeze(1).split(per_image)),
+        "know_idx": list(within.unsqueeze(1).split(entries)),
         "pad_size": pad_size,
         "scalar": groups,
         "contrastive": contrastive,
     }
     return label_embed, bbox_embed, attn_mask, mask_dict
+
+
+def _check_targets(targets, batch_size, label_enc, num_classes) -> None:
+    """The training branch's inputs, checked before anything is indexed (also under torch.compile)."""
+    if not isinstance(targets, list | tuple) or not targets:
+        raise ValueError("prepare_for_dn: need one labels and one boxes tensor per image, got no targets")
+    if batch_size != len(targets):
+        raise ValueError(f"prepare_for_dn: batch_size is {batch_size} but there are {len(targets)} targets")
+    if label_enc.weight.shape[0] <= num_classes:
+        raise ValueError(
+            f"prepare_for_dn: label_enc needs num_classes + 1 = {num_classes + 1} rows, has {label_enc.weight.shape[0]}"
+        )
+
+
+def _check_matching(tgt_weight, embedweight, matching, hidden_dim) -> None:
+    for name, t, width in (("tgt_weight", tgt_weight, hidden_dim - 1), ("embedweight", embedweight, 4)):
+        if t.dim() != 2 or tuple(t.shape) != (matching, width):
+            raise ValueError(
+                f"prepare_for_dn: {name} must be (num_queries * num_patterns, {width}) = ({matching}, {width}), got "
+                f"{tuple(t.shape)}"
+            )
 
 
 def _learned_content(tgt_weight: torch.Tensor, label_enc: torch.nn.Embedding) -> torch.Tensor:
@@ -170,14 +213,7 @@ def _prepare(dn_args, embedweight, batch_size, training, num_queries, num_classe
 
     groups = int(scalar)
     # the C++ path checks the same, with the same words; checked here first so that both paths raise alike
-    if not targets:
-        raise ValueError("prepare_for_dn: need one labels and one boxes tensor per image, got no targets")
-    if batch_size != len(targets):
-        raise ValueError(f"prepare_for_dn: batch_size is {batch_size} but there are {len(targets)} targets")
-    if label_enc.weight.shape[0] <= num_classes:
-        raise ValueError(
-            f"prepare_for_dn: label_enc needs num_classes + 1 = {num_classes + 1} rows, has {label_enc.weight.shape[0]}"
-        )
+    _check_targets(targets, batch_size, label_enc, num_classes)
     labels, boxes = [t["labels"] for t in targets], [t["boxes"] for t in targets]
     counts = [len(x) for x in labels]
     # under torch.compile the constants are made in the graph (Dynamo warns on, and skips, an lru_cache)
