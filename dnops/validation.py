@@ -19,6 +19,20 @@ def _fail(op: str, msg: str) -> None:
     raise ValueError(f"dnops.{op}: {msg}")
 
 
+def structure_int(value: object, name: str, op: str) -> int:
+    """``value`` (pad_size, group_size, num_queries) as a Python int: an int, a numpy integer, a float with an
+    integral value or an integral 0-dim tensor; a SymInt (torch.compile's dynamic size) stays one."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    _fail(op, f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+
+
 def check_dn_structure(pad_size: int, group_size: int, num_queries: int, op: str = "dn_attn_mask") -> None:
     if pad_size < 0:
         _fail(op, f"pad_size must be >= 0, got {pad_size}")
@@ -200,11 +214,37 @@ def check_dn_queries_args(
         _fail(op, f"counts sum to {sum(counts)} but there are {labels.shape[0]} GT rows")
     if num_classes < 1:
         _fail(op, f"num_classes must be >= 1, got {num_classes}")
-    if check_values and labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+    if check_values and labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_gt_values(labels, boxes, num_classes)
+
+
+def _check_gt_values(labels: torch.Tensor, boxes: torch.Tensor, num_classes: int) -> None:
+    if labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
-            _fail(op, f"labels must be in [0, num_classes={num_classes}), got values in [{lo}, {hi}]")
+            _fail("dn_queries", f"labels must be in [0, num_classes={num_classes}), got values in [{lo}, {hi}]")
         # one rule for every backend: a NaN or infinite box is a data error (on a GPU, where reading the values
         # would cost a sync, its slots come out non-finite instead)
         if not bool(torch.isfinite(boxes).all()):
-            _fail(op, "boxes must be finite, got NaN or infinite values")
+            _fail("dn_queries", "boxes must be finite, got NaN or infinite values")
+
+
+@torch.library.custom_op("dnops::_checked_gt_labels", mutates_args=())
+def _checked_gt_labels(labels: torch.Tensor, boxes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    _check_gt_values(labels, boxes, num_classes)
+    return labels.clone()
+
+
+@_checked_gt_labels.register_fake
+def _(labels, boxes, num_classes):
+    return torch.empty_like(labels)
+
+
+def checked_gt_labels(labels: torch.Tensor, boxes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``labels``, whose values (and the boxes') check_dn_queries_args checks on the host in eager mode, checked
+    inside a torch.compile graph too (CPU tensors): a copy that the generation then reads, so the check runs before
+    any kernel indexes with a label, and raises eager's error. Inductor's own bounds checks would raise an error
+    naming nothing, or abort the process from a parallel region."""
+    if labels.device.type == "cpu" and torch.compiler.is_compiling():
+        return torch.ops.dnops._checked_gt_labels(labels, boxes, num_classes)
+    return labels

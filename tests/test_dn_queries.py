@@ -461,6 +461,64 @@ def test_dn_queries_backends_agree_on_large_seeds(backend):
     torch.testing.assert_close(outs[1].boxes, outs[0].boxes, rtol=0, atol=1e-6)
 
 
+# User errors inside torch.compile(fullgraph=True), inductor on two threads, in a child process: an out-of-range
+# index inside a parallel region of inductor's code aborts the process instead of raising.
+COMPILED_ERRORS = """
+import torch, dnops
+from dnops.compat import dino
+torch.set_num_threads(2)
+label_enc = torch.nn.Embedding(10, 8)
+def queries(labels, boxes):
+    return dnops.dn_queries(labels, boxes, [2, 1], num_classes=9, mode="cdn", seed=1).labels
+def cdn(labels, boxes):
+    targets = [{"labels": labels[:2], "boxes": boxes[:2]}, {"labels": labels[2:], "boxes": boxes[2:]}]
+    return dino.prepare_for_cdn((targets, 100, 0.5, 1.0), True, 10, 9, 8, label_enc)[0]
+boxes = torch.rand(3, 4) * 0.5 + 0.25
+nan = boxes.index_fill(0, torch.tensor([1]), float("nan"))
+bad = [(torch.tensor([1, 12, 3]), boxes), (torch.tensor([1, -1, 3]), boxes), (torch.tensor([1, 2, 3]), nan)]
+with dnops.use_backend("reference"):
+    for fn in (queries, cdn):
+        for labels, b in bad:
+            try:
+                torch.compile(fn, fullgraph=True)(labels, b)
+                print("no error")
+            except ValueError as exc:
+                print(exc)
+"""
+
+
+def test_user_errors_under_torch_compile_raise_as_in_eager():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", COMPILED_ERRORS], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    labels = "dnops.dn_queries: labels must be in [0, num_classes=9), got values in "
+    boxes = "dnops.dn_queries: boxes must be finite, got NaN or infinite values"
+    assert lines == [labels + "[1, 12]", labels + "[-1, 3]", boxes] * 2
+
+
+@pytest.mark.parametrize("counts", [[2], [3], [2, 0]])
+def test_reference_compiles_with_a_fixed_seed_in_seconds(counts):
+    """Inductor once took over 15 minutes to lower the reference's Philox rounds for one image and a fixed seed."""
+    import time
+
+    labels, boxes, counts = make_gt(counts, num_classes=5)
+
+    def f(labels, boxes):
+        out = dnops.dn_queries(labels, boxes, counts, num_classes=5, mode="cdn", seed=1)
+        return out.labels, out.boxes
+
+    with _backend.use_backend("reference"):
+        start = time.monotonic()
+        compiled = torch.compile(f, fullgraph=True)(labels, boxes)
+        seconds = time.monotonic() - start
+        eager = f(labels, boxes)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True))
+    assert seconds < 120, f"compiling took {seconds:.0f} s"
+
+
 # ---- properties: random valid inputs equal the reference, random invalid ones name the argument (hypothesis) ---------
 
 

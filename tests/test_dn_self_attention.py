@@ -466,6 +466,25 @@ def test_double_backward_raises(backend, backend_env):
     check_double_backward("dn_self_attention", backend, dnops.dn_self_attention(*inputs, 6, 3), inputs)
 
 
+@pytest.mark.parametrize("backend", backends("dn_self_attention"))
+def test_structure_sizes_as_any_integer_the_same_on_every_backend(backend, backend_env):
+    """pad_size / group_size as a numpy integer, an integral float or a 0-dim tensor run as the int would; a
+    fractional or non-numeric one raises naming the argument, before any backend sees it."""
+    import numpy as np
+
+    backend_env(backend)
+    q, k, v = (torch.randn(1, 2, 12, 4, dtype=torch.float64) for _ in range(3))
+    want = reference.dn_self_attention_dense(q, k, v, 6, 3)
+    for pad, group in ((np.int64(6), np.int32(3)), (6.0, 3.0), (torch.tensor(6), torch.tensor(3, dtype=torch.int32))):
+        torch.testing.assert_close(dnops.dn_self_attention(q, k, v, pad, group), want, rtol=1e-10, atol=1e-10)
+    for pad, group, name in ((6.5, 3, "pad_size"), (6, "3", "group_size"), (6, torch.tensor([3]), "group_size")):
+        with pytest.raises(ValueError, match=f"dn_self_attention: {name} must be an integer"):
+            dnops.dn_self_attention(q, k, v, pad, group)
+    torch.testing.assert_close(dnops.dn_attn_mask(np.int64(6), 3.0, torch.tensor(6)), dnops.dn_attn_mask(6, 3, 6))
+    with pytest.raises(ValueError, match="dn_attn_mask: num_queries must be an integer"):
+        dnops.dn_attn_mask(6, 3, 6.5)
+
+
 def test_dn_self_attention_rejects_zero_head_dim():
     q = torch.randn(1, 2, 10, 0)
     with pytest.raises(ValueError, match="Dh >= 1"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from dnops import _backend, reference
-from dnops.validation import check_dn_structure
+from dnops.validation import check_dn_structure, structure_int
 
 if _backend.HAS_C:
 
@@ -22,6 +22,10 @@ def dn_attn_mask(
     [DN part | matching part]; matching queries see matching keys only; a DN query of group g (slots
     g * group_size .. (g + 1) * group_size - 1) sees its own group and every matching key.
     """
+    pad_size, group_size, num_queries = (
+        structure_int(x, name, "dn_attn_mask")
+        for x, name in ((pad_size, "pad_size"), (group_size, "group_size"), (num_queries, "num_queries"))
+    )
     check_dn_structure(pad_size, group_size, num_queries)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if _backend.is_compiled(_backend.choose("dn_attn_mask", device)):

@@ -9,7 +9,7 @@ import torch
 from dnops import _backend, reference
 from dnops._types import DNQueries
 from dnops.reference.dn_queries import dn_layout
-from dnops.validation import check_counts, check_dn_queries_args
+from dnops.validation import check_counts, check_dn_queries_args, checked_gt_labels
 
 if _backend.HAS_C:
 
@@ -114,9 +114,11 @@ def generate(
     elif seed is None:
         seed = _backend.draw_seed()
     seed = seed if isinstance(seed, torch.Tensor) else int(seed)
-    args = (labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, seed)
     # the C++ kernel range-checks the labels while it reads them
     check_dn_queries_args(labels, boxes, counts, num_classes, check_values=not _backend.is_compiled(backend))
+    if not _backend.is_compiled(backend):
+        labels = checked_gt_labels(labels, boxes, num_classes)
+    args = (labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, seed)
     if _backend.is_compiled(backend):
         # the overload itself: the packet's overload resolution is ~5 us of a ~60 us call in a training step
         return torch.ops.dnops.dn_queries.default(*args)

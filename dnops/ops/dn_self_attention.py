@@ -4,7 +4,7 @@ import torch
 
 from dnops import _backend, reference
 from dnops._autograd import register_dn_self_attention
-from dnops.validation import check_dn_self_attention_args
+from dnops.validation import check_dn_self_attention_args, structure_int
 
 if _backend.HAS_C:
 
@@ -38,7 +38,7 @@ def dn_self_attention(
     Args:
         q, k, v: (B, H, W, Dh) with W = pad_size + Nq, laid out [DN part | matching part].
         pad_size: length of the DN part, a multiple of group_size; 0 gives plain attention.
-        group_size: DN queries per group.
+        group_size: DN queries per group. Both integers (a numpy integer, an integral float or 0-dim tensor too).
         scale: score scale, default Dh ** -0.5.
 
     Returns:
@@ -49,6 +49,8 @@ def dn_self_attention(
             "dnops.dn_self_attention is not exported: DN structure exists in training only. Export the model in "
             "eval mode, without dn= or DN queries (DNMultiheadAttention then exports as nn.MultiheadAttention)"
         )
+    pad_size = structure_int(pad_size, "pad_size", "dn_self_attention")
+    group_size = structure_int(group_size, "group_size", "dn_self_attention")
     check_dn_self_attention_args(q, k, v, pad_size, group_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = _backend.choose("dn_self_attention", q.device)

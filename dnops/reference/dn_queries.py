@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dnops.reference.philox import philox4x32, uint32_to_uniform
+from dnops.reference.philox import philox4x32_compilable, uint32_to_uniform
 from dnops.validation import check_dn_queries_args
 
 BLOCKS_PER_GROUP = 8
@@ -88,7 +88,7 @@ def dn_queries(
     def words(block: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
         c1 = (group * BLOCKS_PER_GROUP + block).expand_as(k)
         zero = torch.zeros_like(k)
-        return philox4x32(seed, k, c1, zero, zero)
+        return philox4x32_compilable(seed, k, c1, zero, zero)
 
     first = negative_half.long() * 3 if contrastive else 0
     w0 = words(first)

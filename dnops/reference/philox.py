@@ -43,6 +43,33 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
+@torch.library.custom_op("dnops::_philox4x32", mutates_args=())
+def _philox4x32_op(
+    seed: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    words = philox4x32(seed, *torch.broadcast_tensors(c0, c1, c2, c3))
+    return tuple(w.contiguous() for w in words)
+
+
+@_philox4x32_op.register_fake
+def _(seed, c0, c1, c2, c3):
+    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape)
+    return tuple(c0.new_empty(shape) for _ in range(4))
+
+
+def philox4x32_compilable(
+    seed: int | torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """philox4x32 (ten rounds); under torch.compile one opaque op. Inlined, inductor fuses the ten rounds into one
+    expression in which every word appears several times: its lowering grows as a tree, exponentially (a seed
+    known while tracing, one image: no compile finished in 15 minutes)."""
+    if not torch.compiler.is_compiling():
+        return philox4x32(seed, c0, c1, c2, c3)
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64, device=c0.device)
+    return torch.ops.dnops._philox4x32(seed, c0, c1, c2, c3)
+
+
 def randint4x(seed: int, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``tl.randint4x(seed, offset)`` for int64 ``offset``: four uint32 words as int64 tensors."""
     offset = offset.to(torch.int64)
