@@ -17,8 +17,9 @@ from tests.msda_utils import make_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A transcription of the pattern in Deformable-DETR's models/ops/functions/ms_deform_attn_func.py (written here,
-# not copied): the Function the model files call, importing the compiled module by its name.
+# A transcription of the pattern in Deformable-DETR's models/ops/functions/ms_deform_attn_func.py (fundamentalvision/
+# Deformable-DETR 11169a6; written here, not copied): the Function the model files call, importing the compiled
+# module by its name and saving the level tensors for its backward.
 MODEL_CODE = textwrap.dedent(
     """
     import torch
@@ -66,10 +67,11 @@ def model_function(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("d", [1, 8, 30])
-def test_unmodified_function_matches_reference(model_function, backend_env, backend, d):
+@pytest.mark.parametrize("levels", [torch.int64, torch.int32], ids=str)  # int32 level tensors reach the backward
+def test_unmodified_function_matches_reference(model_function, backend_env, backend, d, levels):
     backend_env(backend)
     args = make_inputs(d=d, requires_grad=True)
-    out = model_function.apply(*args, 64)
+    out = model_function.apply(args[0], args[1].to(levels), args[2].to(levels), *args[3:], 64)
     ref = reference.ms_deform_attn(*args)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(out)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dnops import _backend
-from dnops.ops.ms_deform_attn import ms_deform_attn
+from dnops.ops.ms_deform_attn import as_int64_levels, ms_deform_attn
 
 SHIM = "MultiScaleDeformableAttention.py"
 SHIM_TEXT = (
@@ -81,6 +81,7 @@ def ms_deform_attn_backward(
         grads = ms_deform_attn_backward(cast[0], spatial_shapes, level_start_index, *cast[1:], grad_output, im2col_step)
         return [g.to(t.dtype) for g, t in zip(grads, (value, sampling_loc, attn_weight), strict=True)]
     grad_output = grad_output.to(value.dtype)
+    spatial_shapes, level_start_index = as_int64_levels(spatial_shapes, level_start_index)  # int32, as the forward
     args = (value, spatial_shapes, level_start_index, sampling_loc, attn_weight)
     if _backend.is_compiled(_backend.choose("ms_deform_attn", value.device)):
         grads = torch.ops.dnops._ms_deform_attn_backward.default(grad_output.contiguous(), *args, False)

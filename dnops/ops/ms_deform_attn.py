@@ -46,10 +46,13 @@ def _autocast_float32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     )
 
 
-def _as_int64(t: torch.Tensor) -> torch.Tensor:
+def as_int64_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 level tensors (often built by hand) as the int64 the kernels index with; other dtypes are left to the
     checks, which name the argument."""
-    return t.long() if isinstance(t, torch.Tensor) and t.dtype == torch.int32 else t
+    return tuple(
+        t.long() if isinstance(t, torch.Tensor) and t.dtype == torch.int32 else t
+        for t in (spatial_shapes, level_start_index)
+    )
 
 
 def ms_deform_attn(
@@ -79,7 +82,7 @@ def ms_deform_attn(
     """
     if isinstance(value, torch.Tensor) and torch.is_autocast_enabled(value.device.type):
         value, sampling_locations, attention_weights = _autocast_float32(value, sampling_locations, attention_weights)
-    spatial_shapes, level_start_index = _as_int64(spatial_shapes), _as_int64(level_start_index)
+    spatial_shapes, level_start_index = as_int64_levels(spatial_shapes, level_start_index)
     check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
     if _backend.exporting():
