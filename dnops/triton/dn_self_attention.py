@@ -329,9 +329,10 @@ def _launch_args(q: torch.Tensor) -> dict:
         dot = tl.float32  # the interpreter's tl.dot misreads bfloat16 operands (numpy has no bfloat16)
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     block = _block(block_d, q.shape[-1], q.dtype)
-    # exact (float32 / float64) tiles of 128-wide heads spill with 4 warps: 8 spread them over twice the registers
+    # exact (float32 / float64) tiles of 128-wide heads spill with 4 warps, and float32's 32 x 32 tiles park values on
+    # the stack (the forward at DN-DETR's shapes): 8 warps spread them over twice the registers
     exact = q.dtype in (torch.float32, torch.float64)
-    warps = 8 if exact and block_d >= 128 and not interpreted() else 4
+    warps = 8 if exact and (block_d >= 128 or block >= 32) and not interpreted() else 4
     return {
         "ACC": acc,
         "PREC": "ieee",
@@ -341,6 +342,15 @@ def _launch_args(q: torch.Tensor) -> dict:
         "BLOCK_D": block_d,
         "num_warps": warps,
     }
+
+
+def _dkdv_launch_args(args: dict, dtype: torch.dtype) -> dict:
+    """The dK / dV kernel's: float32 32-key tiles step over the queries 16 rows at a time, on 4 warps. It holds four
+    tiles across its loop; 32-row steps take 255 registers and 8 bytes of stack on sm_90 with 4 warps, 128 and 8
+    with 8 warps, 16-row steps 138 and none (tests/gpu_compile.py)."""
+    if dtype == torch.float32 and args["BLOCK_N"] == 32:
+        return {**args, "BLOCK_M": 16, "num_warps": 4}
+    return args
 
 
 def _block(block_d: int, dh: int, dtype: torch.dtype) -> int:
@@ -399,7 +409,9 @@ def dn_self_attention_triton_backward(
         args = _launch_args(q)
         grid = (triton.cdiv(width, args["BLOCK_M"]), b * h)
         common = (width, pad_size, max(group_size, 1), dh, *scale_parts(scale))
-        wrap_triton(_dkdv_kernel)[grid](q, k, v, grad_out, lse.contiguous(), delta, dk, dv, *common, **args)
+        kv_args = _dkdv_launch_args(args, q.dtype)
+        kv_grid = (triton.cdiv(width, kv_args["BLOCK_N"]), b * h)
+        wrap_triton(_dkdv_kernel)[kv_grid](q, k, v, grad_out, lse.contiguous(), delta, dk, dv, *common, **kv_args)
         wrap_triton(_dq_kernel)[grid](q, k, v, grad_out, lse.contiguous(), delta, dq, *common, **args)
     return dq, dk, dv
 
