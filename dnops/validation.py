@@ -93,6 +93,50 @@ def check_ms_deform_attn_args(
         _check_levels(spatial_shapes, level_start_index, s, cached=spatial_shapes.device.type != "cpu")
 
 
+SAMPLINGS = ("bilinear", "discrete")
+
+
+def check_points_per_level(
+    points_per_level: object,
+    spatial_shapes: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> list[int]:
+    """``points_per_level`` as a list of ints, one count >= 1 per level of spatial_shapes, adding up to the point
+    axis of sampling_locations (N, Lq, M, sum_l P_l, 2) and attention_weights (N, Lq, M, sum_l P_l)."""
+    op = "ms_deform_attn"
+    if isinstance(points_per_level, torch.Tensor) and points_per_level.dim() == 1:
+        points_per_level = points_per_level.tolist()
+    if isinstance(points_per_level, str | bytes) or not isinstance(points_per_level, Sequence):
+        _fail(op, f"points_per_level must be a sequence of ints, got {type(points_per_level).__name__}")
+    if any(isinstance(c, bool) or not isinstance(c, numbers.Integral | torch.SymInt) for c in points_per_level):
+        _fail(op, f"points_per_level must be a sequence of ints, got {list(points_per_level)}")
+    points = [c if isinstance(c, torch.SymInt) else int(c) for c in points_per_level]
+    levels = spatial_shapes.shape[0] if isinstance(spatial_shapes, torch.Tensor) and spatial_shapes.dim() == 2 else None
+    if levels is not None and len(points) != levels:
+        _fail(op, f"points_per_level has {len(points)} counts but spatial_shapes has {levels} levels")
+    if not points or any(c < 1 for c in points):
+        _fail(op, f"points_per_level must hold one count >= 1 per level, got {points}")
+    for name, t, rank, shape in (
+        ("sampling_locations", sampling_locations, 5, "(N, Lq, M, sum_l P_l, 2)"),
+        ("attention_weights", attention_weights, 4, "(N, Lq, M, sum_l P_l)"),
+    ):
+        if not isinstance(t, torch.Tensor) or t.dim() != rank:
+            _fail(op, f"{name} must have rank {rank} {shape} with points_per_level, got shape {tuple(t.shape)}")
+    total = sum(points)
+    if sampling_locations.shape[3] != total or sampling_locations.shape[4] != 2:
+        _fail(
+            op,
+            f"sampling_locations must be (N, Lq, M, sum_l P_l = {total}, 2) for points_per_level {points}, got "
+            f"{tuple(sampling_locations.shape)}",
+        )
+    if tuple(attention_weights.shape) != tuple(sampling_locations.shape[:4]):
+        _fail(
+            op, f"attention_weights must be {tuple(sampling_locations.shape[:4])}, got {tuple(attention_weights.shape)}"
+        )
+    return points
+
+
 def assert_levels_in_graph(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> None:
     """The level checks as asserts inside a compiled graph (torch.compile, where reading the values on the host
     would break the graph): a violation raises a RuntimeError naming the argument when the compiled code runs.

@@ -5,6 +5,8 @@ the nn.MSDeformAttn module's drop-in tests. The compile matrix of every op is te
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -18,10 +20,12 @@ from tests.gpu_utils import (
     DTYPES,
     as_float64,
     assert_rel,
+    backend_fn,
     check_against_reference,
     cuda,
     msda,
     msda_args,
+    needs,
     synchronize,
 )
 from tests.msda_utils import loop_ms_deform_attn, make_inputs
@@ -526,6 +530,143 @@ def test_gpu_tiles(tri, monkeypatch, dtype, kw):
     torch.testing.assert_close(tri(*args), want, rtol=tol, atol=tol)
 
 
+# ---- a point count per level and discrete sampling (RT-DETR v2, D-FINE, DEIM) ----------------------------------------
+
+LEVELS3 = ((4, 5), (2, 3), (3, 1))
+
+
+def points_inputs(points=(1, 3, 2), shapes=LEVELS3, dtype=torch.float64, requires_grad=False):
+    """(value, spatial_shapes, level_start_index, locations (N, Lq, M, sum P, 2), weights (N, Lq, M, sum P))."""
+    value, spatial_shapes, starts, _, _ = make_inputs(n=2, shapes=shapes, lq=3, m=2, d=4, p=1, dtype=dtype)
+    loc = torch.rand(2, 3, 2, sum(points), 2, dtype=dtype) * 1.3 - 0.15
+    weights = torch.rand(2, 3, 2, sum(points), dtype=dtype)
+    for t in (value, loc, weights):
+        t.requires_grad_(requires_grad)
+    return value, spatial_shapes, starts, loc, weights
+
+
+def discrete_loop(value, spatial_shapes, starts, loc, weights, points):
+    """The discrete rule written literally, one point at a time: the pixel (floor(x * W + 0.5), floor(y * H + 0.5)),
+    each clamped into the map, times the point's weight (float64)."""
+    n, _, m, d = value.shape
+    lq = loc.shape[1]
+    out = torch.zeros(n, lq, m, d, dtype=torch.float64)
+    for b in range(n):
+        for q in range(lq):
+            for head in range(m):
+                first = 0
+                for level, p in enumerate(points):
+                    h, w = (int(x) for x in spatial_shapes[level])
+                    for j in range(first, first + p):
+                        x, y = (float(c) for c in loc[b, q, head, j].detach())
+                        ix = min(max(math.floor(x * w + 0.5), 0), w - 1)
+                        iy = min(max(math.floor(y * h + 0.5), 0), h - 1)
+                        row = int(starts[level]) + iy * w + ix
+                        out[b, q, head] += (
+                            float(weights[b, q, head, j].detach()) * value[b, row, head].detach().double()
+                        )
+                    first += p
+    return out.reshape(n, lq, m * d)
+
+
+def test_points_reference_with_one_count_is_the_definition():
+    args = make_inputs(p=3)
+    value, shapes, starts, loc, weights = args
+    got = reference.ms_deform_attn_points(value, shapes, starts, loc.flatten(3, 4), weights.flatten(3, 4), [3, 3])
+    torch.testing.assert_close(got, reference.ms_deform_attn(*args), rtol=1e-12, atol=1e-12)
+    logits = reference.ms_deform_attn_points(
+        value, shapes, starts, loc.flatten(3, 4), weights.flatten(3, 4), [3, 3], True
+    )
+    torch.testing.assert_close(logits, reference.ms_deform_attn(*args, True), rtol=1e-12, atol=1e-12)
+
+
+def test_points_reference_with_unequal_counts_is_the_loop_on_each_level():
+    value, shapes, starts, loc, weights = points_inputs()
+    got = reference.ms_deform_attn_points(value, shapes, starts, loc, weights, [1, 3, 2])
+    # each level alone is the definition with one count: level l's points and zero weight elsewhere
+    want, first = 0, 0
+    for level, p in enumerate((1, 3, 2)):
+        one = torch.zeros(2, 3, 2, 3, p, 2, dtype=torch.float64)
+        one[:, :, :, level] = loc[:, :, :, first : first + p]
+        w = torch.zeros(2, 3, 2, 3, p, dtype=torch.float64)
+        w[:, :, :, level] = weights[:, :, :, first : first + p]
+        want = want + loop_ms_deform_attn(value, shapes, starts, one, w)
+        first += p
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_points_reference_discrete_is_the_loop_with_no_location_gradient():
+    value, shapes, starts, loc, weights = points_inputs(requires_grad=True)
+    got = reference.ms_deform_attn_points(value, shapes, starts, loc, weights, [1, 3, 2], sampling="discrete")
+    torch.testing.assert_close(
+        got, discrete_loop(value, shapes, starts, loc, weights, (1, 3, 2)), rtol=1e-12, atol=1e-12
+    )
+    grad_loc = torch.autograd.grad(got.sum(), loc, allow_unused=True, materialize_grads=True)[0]
+    assert torch.equal(grad_loc, torch.zeros_like(loc))
+    fn = lambda v, w: reference.ms_deform_attn_points(v, shapes, starts, loc, w, [1, 3, 2], sampling="discrete")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (value, weights))
+
+
+@pytest.mark.parametrize("backend", POINTS_BACKENDS := backends("ms_deform_attn"))
+@pytest.mark.parametrize("points", [(1, 3, 2), (2, 2, 2)])
+@pytest.mark.parametrize("logits", [False, True])
+@pytest.mark.parametrize("sampling", ["bilinear", "discrete"])
+def test_points_per_level_on_every_backend(backend, backend_env, points, logits, sampling):
+    backend_env(backend)
+    args = points_inputs(points, requires_grad=True)
+    out = dnops.ms_deform_attn(*args, logits, points_per_level=list(points), sampling=sampling)
+    ref = reference.ms_deform_attn_points(*args, list(points), logits, sampling)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    inputs = [args[0], args[3], args[4]]
+    grads = [torch.autograd.grad(o, inputs, g, allow_unused=True, materialize_grads=True) for o in (out, ref)]
+    for x, y in zip(*grads, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    if sampling == "discrete":
+        assert torch.equal(grads[0][1], torch.zeros_like(args[3]))
+
+
+@pytest.mark.parametrize("backend", POINTS_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_points_per_level_half_types(backend, backend_env, dtype):
+    backend_env(backend)
+    args = points_inputs((3, 6, 3))
+    out = dnops.ms_deform_attn(*[a.to(dtype) if a.is_floating_point() else a for a in args], True,
+                               points_per_level=[3, 6, 3])  # fmt: skip
+    assert out.dtype == dtype
+    assert_rel(out, reference.ms_deform_attn_points(*args, [3, 6, 3], True), dtype, f"{backend} {dtype}")
+
+
+@cpp
+def test_points_per_level_gradcheck_and_compile():
+    value, shapes, starts, loc, weights = points_inputs(requires_grad=True)
+
+    def fn(v, loc, w):
+        return dnops.ms_deform_attn(v, shapes, starts, loc, w, True, points_per_level=[1, 3, 2])
+
+    assert torch.autograd.gradcheck(fn, (value, loc, weights))
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(value, loc, weights), fn(value, loc, weights), rtol=1e-12, atol=1e-12)
+
+
+def test_points_per_level_bad_inputs_name_the_argument():
+    value, shapes, starts, loc, weights = points_inputs()
+    cases = [
+        ([1, 3], loc, weights, "points_per_level has 2 counts but spatial_shapes has 3 levels"),
+        ([0, 4, 2], loc, weights, "points_per_level must hold one count >= 1 per level"),
+        ([1, 3, 3], loc, weights, "sampling_locations must be \\(N, Lq, M, sum_l P_l = 7, 2\\)"),
+        ([1.5, 3, 2], loc, weights, "points_per_level must be a sequence of ints"),
+        (6, loc, weights, "points_per_level must be a sequence of ints"),
+        ([1, 3, 2], loc.unsqueeze(3), weights, "sampling_locations must have rank 5"),
+        ([1, 3, 2], loc, weights[..., :-1], "attention_weights must be \\(2, 3, 2, 6\\)"),
+    ]
+    for points, loc_, weights_, match in cases:
+        with pytest.raises(ValueError, match=match):
+            dnops.ms_deform_attn(value, shapes, starts, loc_, weights_, points_per_level=points)
+    with pytest.raises(ValueError, match="sampling must be one of \\('bilinear', 'discrete'\\)"):
+        dnops.ms_deform_attn(value, shapes, starts, loc, weights, points_per_level=[1, 3, 2], sampling="nearest")
+
+
 # ---- hardening: bad inputs, limits, double backward ------------------------------------------------------------------
 
 
@@ -812,6 +953,19 @@ def test_gpu_non_contiguous_and_borders(arch_dev, backend, dtype):
     assert not all(t.is_contiguous() for t in args)
     args = [t.to(dtype).requires_grad_() if t.is_floating_point() else t for t in args]
     check_against_reference(fn, reference.ms_deform_attn, args, dtype, f"ms_deform_attn[{backend}] borders")
+
+
+@pytest.mark.parametrize("backend", MSDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("logits", [False, True])
+def test_gpu_points_per_level(arch_dev, backend, dtype, logits):
+    """D-FINE's counts [3, 6, 3]: the kernels on the padded points against the level-by-level definition."""
+    name = needs("ms_deform_attn", backend, arch_dev)
+    fn = backend_fn(name, lambda *a: dnops.ms_deform_attn(*a, logits, points_per_level=[3, 6, 3]))
+    ref = lambda *a: reference.ms_deform_attn_points(*a, [3, 6, 3], logits)  # noqa: E731
+    args = [t.to(arch_dev) for t in points_inputs((3, 6, 3))]
+    args = [t.to(dtype).requires_grad_() if t.is_floating_point() else t for t in args]
+    check_against_reference(fn, ref, args, dtype, f"ms_deform_attn[{backend}] points_per_level")
 
 
 @pytest.mark.parametrize("logits", [False, True])

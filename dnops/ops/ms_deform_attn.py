@@ -6,7 +6,7 @@ import torch
 
 from dnops import _backend, reference
 from dnops._autograd import register_ms_deform_attn
-from dnops.validation import assert_levels_in_graph, check_ms_deform_attn_args
+from dnops.validation import SAMPLINGS, assert_levels_in_graph, check_ms_deform_attn_args, check_points_per_level
 
 # What an export writes instead of the standard-op graph, when an adapter sets one (dnops.compat.tensorrt's
 # plugin_export): called with the op's six arguments. A slot the adapter fills, so that the op knows no adapter.
@@ -55,6 +55,36 @@ def as_int64_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tenso
     )
 
 
+def _points_as_levels(
+    points: list[int], sampling_locations: torch.Tensor, attention_weights: torch.Tensor, attention_logits: bool
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(N, Lq, M, sum_l P_l, 2) locations and (N, Lq, M, sum_l P_l) weights in the (N, Lq, M, L, P, 2) / (N, Lq, M,
+    L, P) layout of one count P = max_l P_l: a view when every level has P points, else each level's points padded
+    to P with zero weights, which is exact (a padded point adds nothing, and what the kernels return for it is
+    dropped). Logits are softmaxed over all sum_l P_l points first (in float32 for half weights), as the padding
+    must not take part in the softmax."""
+    levels, most = len(points), max(points)
+    if all(c == most for c in points):
+        return (
+            sampling_locations.unflatten(3, (levels, most)),
+            attention_weights.unflatten(3, (levels, most)),
+            attention_logits,
+        )
+    if attention_logits:
+        half = attention_weights.dtype in (torch.float16, torch.bfloat16)
+        attention_weights = attention_weights.softmax(-1, dtype=torch.float32 if half else None)
+        attention_weights = attention_weights.to(sampling_locations.dtype)
+    # per (level, slot): the point it holds, or level's first point for a padding slot (whose weight is zero)
+    first = [sum(points[:level]) for level in range(levels)]
+    index = [[f + (j if j < c else 0) for j in range(most)] for f, c in zip(first, points, strict=True)]
+    valid = [[j < c for j in range(most)] for c in points]
+    device = sampling_locations.device
+    index = torch.tensor(index, dtype=torch.int64, device=device)
+    valid = torch.tensor(valid, dtype=torch.bool, device=device)
+    weights = attention_weights[:, :, :, index]
+    return sampling_locations[:, :, :, index], torch.where(valid, weights, torch.zeros_like(weights)), False
+
+
 def ms_deform_attn(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -62,6 +92,9 @@ def ms_deform_attn(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     attention_logits: bool = False,
+    *,
+    points_per_level: list[int] | None = None,
+    sampling: str = "bilinear",
 ) -> torch.Tensor:
     """Multi-scale deformable attention (Deformable-DETR), differentiable in value, locations and weights.
 
@@ -73,6 +106,15 @@ def ms_deform_attn(
         attention_weights: (N, Lq, M, L, P).
         attention_logits: the weights are logits; the softmax over the L * P weights of each (query, head)
             runs inside the kernel (as DCNv4 fuses it), gradient included.
+        points_per_level: a point count per level (P_0, ..., P_{L-1}), as RT-DETR v2, D-FINE and DEIM sample; then
+            sampling_locations is (N, Lq, M, sum_l P_l, 2) and attention_weights (N, Lq, M, sum_l P_l), level-major
+            (level 0's P_0 points first), and logits are softmaxed over all sum_l P_l. Counts that do not add up to
+            the point axis, a count < 1 or a list of the wrong length raise naming the argument. Levels of unequal
+            counts run the kernels on each level's points padded to the largest count with zero weights.
+        sampling: "bilinear" (the definition above) or "discrete" (RT-DETR v2's ``method="discrete"``): each point
+            reads the one pixel (clamp(floor(x * W_l + 0.5), 0, W_l - 1), clamp(floor(y * H_l + 0.5), 0, H_l - 1))
+            with weight 1; gradients reach value and attention_weights, none the locations (zero). It runs as the
+            reference's gather formulation on every device (``reference.ms_deform_attn_points`` defines it).
 
     Returns:
         (N, Lq, M * D) in value's dtype (float16 / bfloat16 accumulate in float32); under torch.autocast the
@@ -80,11 +122,22 @@ def ms_deform_attn(
         (torch.export, torch.onnx.export) it becomes ``reference.ms_deform_attn_gather``'s standard ops, or, inside
         ``dnops.compat.tensorrt.plugin_export()``, TensorRT's plugin node.
     """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"dnops.ms_deform_attn: sampling must be one of {SAMPLINGS}, got {sampling!r}")
     if isinstance(value, torch.Tensor) and torch.is_autocast_enabled(value.device.type):
         value, sampling_locations, attention_weights = _autocast_float32(value, sampling_locations, attention_weights)
     spatial_shapes, level_start_index = as_int64_levels(spatial_shapes, level_start_index)
+    if points_per_level is not None:
+        points = check_points_per_level(points_per_level, spatial_shapes, sampling_locations, attention_weights)
+        sampling_locations, attention_weights, attention_logits = _points_as_levels(
+            points, sampling_locations, attention_weights, attention_logits
+        )
     check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
+    if sampling == "discrete":
+        if torch.compiler.is_compiling():
+            assert_levels_in_graph(spatial_shapes, level_start_index, value.shape[1])
+        return reference.ms_deform_attn_gather(*args, sampling="discrete")
     if _backend.exporting():
         if EXPORT_OVERRIDE:
             return EXPORT_OVERRIDE[-1](*args)

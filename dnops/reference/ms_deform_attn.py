@@ -71,6 +71,62 @@ def ms_deform_attn(
     return out.transpose(1, 2).contiguous().to(out_dtype)
 
 
+def ms_deform_attn_points(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    points_per_level: list[int],
+    attention_logits: bool = False,
+    sampling: str = "bilinear",
+) -> torch.Tensor:
+    """The op with a point count per level (RT-DETR v2, D-FINE, DEIM) and either sampling, level by level: the
+    definition those cases are tested against.
+
+    Args:
+        value: (N, S, M, D).
+        spatial_shapes, level_start_index: as ``ms_deform_attn``.
+        sampling_locations: (N, Lq, M, sum_l P_l, 2) normalized (x, y), level-major (level 0's P_0 points first).
+        attention_weights: (N, Lq, M, sum_l P_l); with ``attention_logits`` logits, softmaxed over all sum_l P_l.
+        points_per_level: (P_0, ..., P_{L-1}).
+        sampling: "bilinear" (grid_sample's, corners outside the map read 0) or "discrete": the one pixel
+            (clamp(floor(x * W_l + 0.5), 0, W_l - 1), clamp(floor(y * H_l + 0.5), 0, H_l - 1)) with weight 1, no
+            gradient to the locations (autograd sees none: zero). NaN locations read as -1 (discrete: the first
+            pixel; bilinear: nothing).
+
+    Returns:
+        (N, Lq, M * D); float16 / bfloat16 computed in float32 and rounded once.
+    """
+    out_dtype = value.dtype
+    value, sampling_locations, attention_weights = _in_float(value, sampling_locations, attention_weights)
+    n, _, m, d = value.shape
+    lq = sampling_locations.shape[1]
+    if attention_logits:
+        attention_weights = attention_weights.softmax(-1)
+    sampling_locations = _finite_locations(sampling_locations)
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    value_levels = value.split([h * w for h, w in shapes], dim=1)
+    out = value.new_zeros(n, lq, m, d)
+    first = 0
+    for (h, w), v, p in zip(shapes, value_levels, points_per_level, strict=True):
+        loc = sampling_locations[:, :, :, first : first + p]  # (N, Lq, M, P, 2)
+        weights = attention_weights[:, :, :, first : first + p]
+        if sampling == "bilinear":
+            image = v.flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
+            grid = (2 * loc - 1).transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
+            picked = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            picked = picked.view(n, m, d, lq, p).permute(0, 3, 1, 4, 2)  # (N, Lq, M, P, D)
+        else:
+            ix = (loc[..., 0] * w + 0.5).floor().clamp(0, w - 1).long()
+            iy = (loc[..., 1] * h + 0.5).floor().clamp(0, h - 1).long()
+            rows = (iy * w + ix).permute(0, 2, 1, 3).reshape(n, m, lq * p, 1).expand(-1, -1, -1, d)
+            picked = torch.gather(v.transpose(1, 2), 2, rows).view(n, m, lq, p, d).permute(0, 2, 1, 3, 4)
+        out = out + (picked * weights.unsqueeze(-1)).sum(3)
+        first += p
+    return out.reshape(n, lq, m * d).to(out_dtype)
+
+
 def ms_deform_attn_gather(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -78,11 +134,13 @@ def ms_deform_attn_gather(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     attention_logits: bool = False,
+    sampling: str = "bilinear",
 ) -> torch.Tensor:
     """The same op written with one gather of corner rows instead of a grid_sample per level: every size it needs
     (H_l, W_l, level starts) is read from the tensors as data, never as Python numbers, so a traced or exported
     graph stays correct for any spatial_shapes given as its input (ONNX export uses it). Shapes and result as
-    ``ms_deform_attn``; it holds the (N, M, Lq * L * P * 4, D) gathered corners in memory."""
+    ``ms_deform_attn``; it holds the (N, M, Lq * L * P * 4, D) gathered corners in memory. ``sampling="discrete"``
+    gathers the one pixel of ``ms_deform_attn_points``' discrete rule per point instead of four corners."""
     out_dtype = value.dtype
     value, sampling_locations, attention_weights = _in_float(value, sampling_locations, attention_weights)
     n, _, m, d = value.shape
@@ -91,6 +149,14 @@ def ms_deform_attn_gather(
         attention_weights = softmax_rows(attention_weights)
     sampling_locations = _finite_locations(sampling_locations)
     size = spatial_shapes.flip(-1).to(sampling_locations.dtype).view(num_levels, 1, 2)  # (W_l, H_l)
+    if sampling == "discrete":
+        xy = torch.minimum((sampling_locations * size + 0.5).floor().clamp(min=0), size - 1)  # (N, Lq, M, L, P, 2)
+        row = level_start_index.to(xy.dtype).view(num_levels, 1) + xy[..., 1] * size[..., 0] + xy[..., 0]
+        index = row.to(torch.int64).permute(0, 2, 1, 3, 4).reshape(n, m, lq * num_levels * p)
+        rows = torch.gather(value.transpose(1, 2), 2, index.unsqueeze(-1).expand(-1, -1, -1, d))
+        weight = attention_weights.permute(0, 2, 1, 3, 4).reshape(n, m, lq, num_levels * p, 1)
+        out = (rows.view(n, m, lq, num_levels * p, d) * weight).sum(3).permute(0, 2, 1, 3).reshape(n, lq, m * d)
+        return out if out.dtype == out_dtype else out.to(out_dtype)
     pixel = sampling_locations * size - 0.5  # (N, Lq, M, L, P, 2)
     origin = pixel.floor()
     frac = pixel - origin
