@@ -1,6 +1,6 @@
 """The DN-DETR and DINO denoising-query algorithms as published (their step sequence: per-image Python lists,
-nonzero, repeat, scatter, per-group mask slicing), re-written device-agnostic. The oracle of the dnops.compat
-adapter tests and the baseline of the dn_queries benchmarks.
+nonzero, repeat, scatter, per-group mask slicing), re-written device-agnostic, and the real-time DETRs'
+deformable-attention functions. The oracle of the dnops.compat adapter tests and the baseline of the benchmarks.
 
 Each function names the repository, commit and file it transcribes; each was read against that file line by line
 (docs/testing.md, "Transcriptions"). Differences every function shares: ``.cuda()`` / ``.to('cuda')`` become the
@@ -10,6 +10,7 @@ function's docstring."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _inverse_sigmoid(x, eps=1e-3):
@@ -340,3 +341,62 @@ def dn_dino_deformable_detr_prepare_for_loss(mask_dict):
         output_known_coord = output_known_coord[:, positive_idx, :]
         known_bboxs = known_bboxs[positive_idx, :]
     return known_labels, known_bboxs, output_known_class, output_known_coord, num_tgt
+
+
+def rtdetr_deformable_attention_core_func(value, value_spatial_shapes, sampling_locations, attention_weights):
+    """RT-DETR's deformable_attention_core_func (lyuwenyu/RT-DETR 068dfde, rtdetr_pytorch/src/zoo/rtdetr/utils.py; the
+    same function is in rtdetrv2_pytorch's): Deformable-DETR's layout, (N, Lq, M * D) as a transposed view."""
+    bs, _, n_head, c = value.shape
+    _, len_q, _, n_levels, n_points, _ = sampling_locations.shape
+    value_list = value.split([h * w for h, w in value_spatial_shapes], dim=1)
+    sampling_grids = 2 * sampling_locations - 1
+    sampling_value_list = []
+    for level, (h, w) in enumerate(value_spatial_shapes):
+        value_l = value_list[level].flatten(2).permute(0, 2, 1).reshape(bs * n_head, c, h, w)
+        grid_l = sampling_grids[:, :, :, level].permute(0, 2, 1, 3, 4).flatten(0, 1)
+        sampling_value_list.append(
+            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    attention_weights = attention_weights.permute(0, 2, 1, 3, 4).reshape(bs * n_head, 1, len_q, n_levels * n_points)
+    output = (torch.stack(sampling_value_list, dim=-2).flatten(-2) * attention_weights).sum(-1)
+    return output.reshape(bs, n_head * c, len_q).permute(0, 2, 1)
+
+
+def deim_deformable_attention_core_func_v2(
+    value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method="default",
+    value_shape="default",
+):  # fmt: skip
+    """DEIM's deformable_attention_core_func_v2 (ShihuaHuang95/DEIM a9aa4ad, engine/deim/utils.py). With
+    value_shape="reshape" it is RT-DETR v2's (lyuwenyu/RT-DETR 068dfde, rtdetrv2_pytorch/src/zoo/rtdetr/utils.py,
+    value (N, S, M, D)); with "default" D-FINE's (Peterande/D-FINE 4a1f73a, src/zoo/dfine/utils.py, one
+    (N, M, D, H_l * W_l) value per level): read line by line, the three differ in nothing else. "discrete" clamps
+    both coordinates to [0, H_l - 1], as the originals do."""
+    if value_shape == "default":
+        bs, n_head, c, _ = value[0].shape
+    elif value_shape == "reshape":
+        bs, _, n_head, c = value.shape
+        value = value.permute(0, 2, 3, 1).flatten(0, 1).split([h * w for h, w in value_spatial_shapes], dim=-1)
+    _, len_q, _, _, _ = sampling_locations.shape
+    if method == "default":
+        sampling_grids = 2 * sampling_locations - 1
+    elif method == "discrete":
+        sampling_grids = sampling_locations
+    sampling_grids = sampling_grids.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    sampling_locations_list = sampling_grids.split(num_points_list, dim=-2)
+    sampling_value_list = []
+    for level, (h, w) in enumerate(value_spatial_shapes):
+        value_l = value[level].reshape(bs * n_head, c, h, w)
+        grid_l = sampling_locations_list[level]
+        if method == "default":
+            sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        elif method == "discrete":
+            coord = (grid_l * torch.tensor([[w, h]], device=value_l.device) + 0.5).to(torch.int64)
+            coord = coord.clamp(0, h - 1)
+            coord = coord.reshape(bs * n_head, len_q * num_points_list[level], 2)
+            s_idx = torch.arange(coord.shape[0], device=value_l.device).unsqueeze(-1).repeat(1, coord.shape[1])
+            sampled = value_l[s_idx, :, coord[..., 1], coord[..., 0]]
+            sampled = sampled.permute(0, 2, 1).reshape(bs * n_head, c, len_q, num_points_list[level])
+        sampling_value_list.append(sampled)
+    attn_weights = attention_weights.permute(0, 2, 1, 3).reshape(bs * n_head, 1, len_q, sum(num_points_list))
+    output = (torch.concat(sampling_value_list, dim=-1) * attn_weights).sum(-1).reshape(bs, n_head * c, len_q)
+    return output.permute(0, 2, 1)

@@ -4,7 +4,7 @@ dnops.compat.dn_detr (prepare_for_dn, dn_post_process) and dnops.compat.dino (pr
 keep their module names apart, as their originals do.
 """
 
-from dnops.compat import dino, dn_detr  # noqa: F401  (dnops.compat.dn_detr / .dino after `import dnops`)
+from dnops.compat import dino, dn_detr, rtdetr  # noqa: F401  (dnops.compat.dn_detr / .dino / .rtdetr after `import dnops`)
 from dnops.compat.deformable_detr import MSDeformAttnFunction, ms_deform_attn_core_pytorch
 from dnops.compat.mmcv import multi_scale_deformable_attn_pytorch
 
