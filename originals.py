@@ -400,3 +400,84 @@ def deim_deformable_attention_core_func_v2(
     attn_weights = attention_weights.permute(0, 2, 1, 3).reshape(bs * n_head, 1, len_q, sum(num_points_list))
     output = (torch.concat(sampling_value_list, dim=-1) * attn_weights).sum(-1).reshape(bs, n_head * c, len_q)
     return output.permute(0, 2, 1)
+
+
+def rtdetr_get_contrastive_denoising_training_group(
+    targets, num_classes, num_queries, class_embed, num_denoising=100, label_noise_ratio=0.5, box_noise_scale=1.0
+):
+    """RT-DETR v2's get_contrastive_denoising_training_group (lyuwenyu/RT-DETR 068dfde,
+    rtdetrv2_pytorch/src/zoo/rtdetr/denoising.py), with its box_ops and inverse_sigmoid (eps 1e-5) inlined. A
+    batch without GT gets one dummy group. With box_noise_scale <= 0 it raises UnboundLocalError, as the original."""
+    if num_denoising <= 0:
+        return None, None, None, None
+    num_gts = [len(t["labels"]) for t in targets]
+    device = targets[0]["labels"].device
+    max_gt_num = max(num_gts)
+    is_empty_batch = False
+    if max_gt_num == 0:
+        is_empty_batch = True
+        max_gt_num = 1
+        num_group = 1
+    else:
+        num_group = num_denoising // max_gt_num
+        num_group = 1 if num_group == 0 else num_group
+    bs = len(num_gts)
+    input_query_class = torch.full([bs, max_gt_num], num_classes, dtype=torch.int32, device=device)
+    input_query_bbox = torch.zeros([bs, max_gt_num, 4], device=device)
+    pad_gt_mask = torch.zeros([bs, max_gt_num], dtype=torch.bool, device=device)
+    if is_empty_batch:
+        input_query_bbox[..., :2] = 0.5
+        input_query_bbox[..., 2:] = 0.1
+    for i in range(bs):
+        num_gt = num_gts[i]
+        if num_gt > 0:
+            input_query_class[i, :num_gt] = targets[i]["labels"]
+            input_query_bbox[i, :num_gt] = targets[i]["boxes"]
+            pad_gt_mask[i, :num_gt] = 1
+    input_query_class = input_query_class.tile([1, 2 * num_group])
+    input_query_bbox = input_query_bbox.tile([1, 2 * num_group, 1])
+    pad_gt_mask = pad_gt_mask.tile([1, 2 * num_group])
+    negative_gt_mask = torch.zeros([bs, max_gt_num * 2, 1], device=device)
+    negative_gt_mask[:, max_gt_num:] = 1
+    negative_gt_mask = negative_gt_mask.tile([1, num_group, 1])
+    positive_gt_mask = 1 - negative_gt_mask
+    positive_gt_mask = positive_gt_mask.squeeze(-1) * pad_gt_mask
+    dn_positive_idx = torch.nonzero(positive_gt_mask)[:, 1]
+    dn_positive_idx = torch.split(dn_positive_idx, [n * num_group for n in num_gts])
+    num_denoising = int(max_gt_num * 2 * num_group)
+    if label_noise_ratio > 0:
+        mask = torch.rand_like(input_query_class, dtype=torch.float) < (label_noise_ratio * 0.5)
+        new_label = torch.randint_like(mask, 0, num_classes, dtype=input_query_class.dtype)
+        input_query_class = torch.where(mask & pad_gt_mask, new_label, input_query_class)
+    if box_noise_scale > 0:
+        x_c, y_c, w, h = input_query_bbox.unbind(-1)
+        known_bbox = torch.stack([x_c - 0.5 * w, y_c - 0.5 * h, x_c + 0.5 * w, y_c + 0.5 * h], dim=-1)
+        diff = torch.tile(input_query_bbox[..., 2:] * 0.5, [1, 1, 2]) * box_noise_scale
+        rand_sign = torch.randint_like(input_query_bbox, 0, 2) * 2.0 - 1.0
+        rand_part = torch.rand_like(input_query_bbox)
+        rand_part = (rand_part + 1.0) * negative_gt_mask + rand_part * (1 - negative_gt_mask)
+        known_bbox += rand_sign * rand_part * diff
+        known_bbox = torch.clip(known_bbox, min=0.0, max=1.0)
+        x0, y0, x1, y1 = known_bbox.unbind(-1)
+        input_query_bbox = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+        x = input_query_bbox.clip(min=0.0, max=1.0)
+        input_query_bbox_unact = torch.log(x.clip(min=1e-5) / (1 - x).clip(min=1e-5))
+    input_query_logits = class_embed(input_query_class)
+    tgt_size = num_denoising + num_queries
+    attn_mask = torch.full([tgt_size, tgt_size], False, dtype=torch.bool, device=device)
+    attn_mask[num_denoising:, :num_denoising] = True
+    for i in range(num_group):
+        rows = slice(max_gt_num * 2 * i, max_gt_num * 2 * (i + 1))
+        if i == 0:
+            attn_mask[rows, max_gt_num * 2 * (i + 1) : num_denoising] = True
+        if i == num_group - 1:
+            attn_mask[rows, : max_gt_num * i * 2] = True
+        else:
+            attn_mask[rows, max_gt_num * 2 * (i + 1) : num_denoising] = True
+            attn_mask[rows, : max_gt_num * 2 * i] = True
+    dn_meta = {
+        "dn_positive_idx": dn_positive_idx,
+        "dn_num_group": num_group,
+        "dn_num_split": [num_denoising, num_queries],
+    }
+    return input_query_logits, input_query_bbox_unact, attn_mask, dn_meta

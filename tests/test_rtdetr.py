@@ -1,5 +1,6 @@
 """dnops.compat.rtdetr: RT-DETR v1 / v2, D-FINE and DEIM's deformable-attention functions against transcriptions of
-the originals (originals.py), float64 to 1e-12, forward and gradients."""
+the originals (originals.py), float64 to 1e-12, forward and gradients; RT-DETR v2's contrastive denoising group
+against its transcription, exactly where the original draws no noise and by the noise law where it does."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import pytest
 import torch
 
 from dnops.compat import rtdetr
-from originals import deim_deformable_attention_core_func_v2, rtdetr_deformable_attention_core_func
+from originals import (
+    deim_deformable_attention_core_func_v2,
+    rtdetr_deformable_attention_core_func,
+    rtdetr_get_contrastive_denoising_training_group,
+)
 from tests.backends import backends
+from tests.dn_utils import make_gt
 
 SHAPES = [(6, 5), (3, 3), (1, 2)]  # rectangles both ways: the discrete clamp's case
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -123,3 +129,129 @@ def test_bad_arguments_name_themselves():
         rtdetr.deformable_attention_core_func_v2(value, SHAPES, loc, weights, [1, 1, 1], "nearest")
     with pytest.raises(ValueError, match="points_per_level has 2 counts but spatial_shapes has 3 levels"):
         rtdetr.deformable_attention_core_func_v2(value, SHAPES, loc, weights, [2, 1])
+
+
+# ---- RT-DETR v2's get_contrastive_denoising_training_group -----------------------------------------------------------
+
+CLASSES, HIDDEN, QUERIES = 7, 8, 6
+
+
+def cdn_targets(counts, seed=0):
+    labels, boxes, counts = make_gt(counts, num_classes=CLASSES, seed=seed, centered=True)
+    return [{"labels": lb, "boxes": bx} for lb, bx in zip(labels.split(counts), boxes.split(counts), strict=True)]
+
+
+def corner_moves(unact, gt):
+    """|corner shift| / (half side * 1.0) of noised boxes (given unactivated) against their GT, per slot (B, T)."""
+
+    def xyxy(b):
+        return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
+
+    half = torch.cat([gt[..., 2:], gt[..., 2:]], -1) / 2
+    return ((xyxy(unact.sigmoid()) - xyxy(gt)).abs() / half.clamp(min=1e-9)).amax(-1)
+
+
+def slot_gt(targets, groups, max_gt):
+    """(B, T, 4) the GT box of each slot of the CDN layout (zeros in padding), (B, T) bool valid, (B, T) bool
+    negative."""
+    b = len(targets)
+    gt = torch.zeros(b, 2 * max_gt * groups, 4)
+    valid = torch.zeros(b, 2 * max_gt * groups, dtype=torch.bool)
+    negative = torch.zeros_like(valid)
+    for i, t in enumerate(targets):
+        n = len(t["labels"])
+        for g in range(groups):
+            for half in range(2):
+                first = (2 * g + half) * max_gt
+                gt[i, first : first + n] = t["boxes"]
+                valid[i, first : first + n] = True
+                negative[i, first : first + n] = half == 1
+    return gt, valid, negative
+
+
+@pytest.mark.parametrize("backend", backends("dn_queries"))
+@pytest.mark.parametrize("counts", [[3, 1], [2, 0, 4], [5]])
+def test_cdn_group_equals_the_original_without_label_noise(backend, backend_env, counts):
+    """Labels, mask, dn_meta and padding exactly; the boxes by the noise law: every positive corner within its
+    half-size, every negative one beyond it (centered boxes: nothing clipped)."""
+    backend_env(backend)
+    targets = cdn_targets(counts)
+    embed = torch.nn.Embedding(CLASSES + 1, HIDDEN, padding_idx=CLASSES)
+    ours = rtdetr.get_contrastive_denoising_training_group(targets, CLASSES, QUERIES, embed, 20, 0.0, 1.0)
+    theirs = rtdetr_get_contrastive_denoising_training_group(targets, CLASSES, QUERIES, embed, 20, 0.0, 1.0)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+    assert torch.equal(ours[2], theirs[2])
+    assert ours[3]["dn_num_group"] == theirs[3]["dn_num_group"] and ours[3]["dn_num_split"] == theirs[3]["dn_num_split"]
+    assert [t.tolist() for t in ours[3]["dn_positive_idx"]] == [t.tolist() for t in theirs[3]["dn_positive_idx"]]
+    assert ours[1].shape == theirs[1].shape and ours[1].dtype == theirs[1].dtype
+    gt, valid, negative = slot_gt(targets, ours[3]["dn_num_group"], max(counts))
+    for unact in (ours[1], theirs[1]):
+        assert torch.equal(unact[~valid], torch.full_like(unact[~valid], torch.log(torch.tensor(1e-5)).item()))
+        moves = corner_moves(unact, gt)
+        assert (moves[valid & ~negative] < 1 + 1e-3).all() and (moves[valid & negative] > 1 - 1e-3).all()
+    # gradients reach the label embedding as in the original
+    grads = [torch.autograd.grad(out[0].sum(), embed.weight)[0] for out in (ours, theirs)]
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_cdn_group_noise_law_equals_the_original():
+    """Over 300 groups: the share of flipped labels (label_noise_ratio / 2) and the mean largest corner shift of
+    positive and negative slots agree with the original's."""
+    targets = cdn_targets([3, 2], seed=1)
+    embed = torch.nn.Embedding(CLASSES + 1, 1)
+    with torch.no_grad():
+        embed.weight.copy_(torch.arange(CLASSES + 1, dtype=torch.float32)[:, None])  # the embedding is the label
+
+    def stats(fn):
+        torch.manual_seed(0)
+        label, unact, _, meta = fn(targets, CLASSES, QUERIES, embed, 900, 0.6, 0.5)
+        gt, valid, negative = slot_gt(targets, meta["dn_num_group"], 3)
+        moves = corner_moves(unact, gt) / 0.5
+        flipped = (label[..., 0][valid] != _slot_labels(targets, meta["dn_num_group"], 3)[valid]).float().mean()
+        return flipped, moves[valid & ~negative].mean(), moves[valid & negative].mean()
+
+    ours, theirs = (
+        stats(rtdetr.get_contrastive_denoising_training_group),
+        stats(rtdetr_get_contrastive_denoising_training_group),
+    )
+    # a flip draws a uniform class, which may be the GT's: 0.3 * 6 / 7 of the labels change
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=0.03, rtol=0)
+    torch.testing.assert_close(ours[0], torch.tensor(0.3 * 6 / 7), atol=0.03, rtol=0)
+
+
+def _slot_labels(targets, groups, max_gt):
+    out = torch.full((len(targets), 2 * max_gt * groups), float(CLASSES))
+    for i, t in enumerate(targets):
+        n = len(t["labels"])
+        for half in range(2 * groups):
+            out[i, half * max_gt : half * max_gt + n] = t["labels"].float()
+    return out
+
+
+@pytest.mark.parametrize("backend", backends("dn_queries"))
+def test_cdn_group_without_gt_is_one_noised_dummy_group(backend, backend_env):
+    backend_env(backend)
+    targets = cdn_targets([0, 0])
+    embed = torch.nn.Embedding(CLASSES + 1, HIDDEN, padding_idx=CLASSES)
+    ours = rtdetr.get_contrastive_denoising_training_group(targets, CLASSES, QUERIES, embed, 100, 0.5, 1.0)
+    theirs = rtdetr_get_contrastive_denoising_training_group(targets, CLASSES, QUERIES, embed, 100, 0.5, 1.0)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)  # label num_classes: no noise on the dummy
+    assert ours[1].shape == (2, 2, 4) and torch.equal(ours[2], theirs[2]) and ours[2].shape == (2 + QUERIES,) * 2
+    assert ours[3]["dn_num_split"] == [2, QUERIES] and [t.numel() for t in ours[3]["dn_positive_idx"]] == [0, 0]
+    dummy = torch.tensor([0.5, 0.5, 0.1, 0.1]).expand(2, 2, 4)
+    for unact in (ours[1], theirs[1]):
+        moves = corner_moves(unact, dummy)
+        assert (moves[:, 0] < 1 + 1e-3).all() and (moves[:, 1] > 1 - 1e-3).all()
+    assert rtdetr.get_contrastive_denoising_training_group(targets, CLASSES, QUERIES, embed, 0) == (None,) * 4
+
+
+def test_cdn_group_without_box_noise_returns_the_gt():
+    """The original fails there (UnboundLocalError); the drop-in returns the GT boxes, inverse-sigmoided."""
+    targets = cdn_targets([2, 1])
+    embed = torch.nn.Embedding(CLASSES + 1, HIDDEN)
+    with pytest.raises(UnboundLocalError):
+        rtdetr_get_contrastive_denoising_training_group(targets, CLASSES, QUERIES, embed, 10, 0.0, 0.0)
+    _, unact, _, meta = rtdetr.get_contrastive_denoising_training_group(targets, CLASSES, QUERIES, embed, 10, 0.0, 0.0)
+    gt, valid, _ = slot_gt(targets, meta["dn_num_group"], 2)
+    torch.testing.assert_close(unact[valid].sigmoid(), gt[valid])

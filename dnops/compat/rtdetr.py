@@ -1,7 +1,8 @@
 """The real-time DETRs' deformable-attention functions on dnops.ms_deform_attn: RT-DETR's
 ``deformable_attention_core_func`` (v1, Deformable-DETR's layout) and ``deformable_attention_core_func_v2`` in the
 three forms its descendants call (RT-DETR v2's ``src/zoo/rtdetr/utils.py``, D-FINE's ``src/zoo/dfine/utils.py``,
-DEIM's ``engine/deim/utils.py``): a point count per level and ``method="discrete"``.
+DEIM's ``engine/deim/utils.py``): a point count per level and ``method="discrete"``; and RT-DETR v2's contrastive
+denoising group, ``get_contrastive_denoising_training_group``, on dnops.dn_queries.
 
 Same names, argument order, shapes and values (float64 to 1e-12 against transcriptions in ``originals.py``); the
 output is contiguous where the originals return a transposed view.
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from dnops.compat.deformable_detr import ms_deform_attn_core_pytorch
+from dnops.ops.dn_attn_mask import dn_attn_mask
+from dnops.ops.dn_queries import generate
 from dnops.ops.ms_deform_attn import ms_deform_attn
 
 deformable_attention_core_func = ms_deform_attn_core_pytorch
@@ -119,3 +122,81 @@ def channel_major_levels_as_value(levels: Sequence[torch.Tensor]) -> torch.Tenso
         alive = weakref.ref(first, lambda _, key=key: _CONVERTED.pop(key, None))
         _CONVERTED[key] = (alive, state, value)
     return value
+
+
+def _inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RT-DETR's inverse_sigmoid (eps 1e-5, where DETR's is 1e-3)."""
+    x = x.clip(min=0.0, max=1.0)
+    return torch.log(x.clip(min=eps) / (1 - x).clip(min=eps))
+
+
+def get_contrastive_denoising_training_group(
+    targets: Sequence[dict],
+    num_classes: int,
+    num_queries: int,
+    class_embed: torch.nn.Module,
+    num_denoising: int = 100,
+    label_noise_ratio: float = 0.5,
+    box_noise_scale: float = 1.0,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, dict | None]:
+    """RT-DETR v2's ``get_contrastive_denoising_training_group`` (``src/zoo/rtdetr/denoising.py``) on
+    dnops.dn_queries and dnops.dn_attn_mask.
+
+    Args:
+        targets: per image {"labels": (n,), "boxes": (n, 4) cxcywh}.
+        class_embed: the label embedding (nn.Embedding(num_classes + 1, hidden), padding label num_classes).
+        num_denoising: DN queries wanted; num_denoising // max_gt groups (at least one) of [positives | negatives].
+
+    Returns:
+        (input_query_logits (B, T, hidden), input_query_bbox_unact (B, T, 4), attn_mask (T + num_queries,) * 2,
+        dn_meta {"dn_positive_idx": one (n_b * groups,) tensor per image, "dn_num_group", "dn_num_split":
+        [T, num_queries]}) with T = 2 * max_gt * groups; four Nones when num_denoising <= 0.
+
+    As the original: labels flip with label_noise_ratio / 2 to a class in [0, num_classes) (positives and
+    negatives alike), corners move by sign * r * half-size * box_noise_scale with r in [0, 1) for positives and
+    [1, 2) for negatives and are clipped to [0, 1], boxes come back through inverse_sigmoid with eps 1e-5; padding
+    slots hold label num_classes and box 0. A batch without GT gets one dummy group (box (0.5, 0.5, 0.1, 0.1),
+    noised, label num_classes, no positive), T = 2, so every DDP rank runs the same graph. The noise comes from
+    dnops.dn_queries (counter-based Philox: other numbers than torch.rand's, the same law), the positive indices
+    from the host counts (the original's nonzero is a device sync). With box_noise_scale <= 0 the original fails
+    (its unactivated boxes exist only inside the noise branch); here they are the GT boxes', inverse-sigmoided.
+    """
+    if num_denoising <= 0:
+        return None, None, None, None
+    if not isinstance(targets, list | tuple) or not targets:
+        raise ValueError("get_contrastive_denoising_training_group: need one target dict per image, got none")
+    counts = [len(t["labels"]) for t in targets]
+    device = targets[0]["labels"].device
+    dtype = torch.get_default_dtype()  # the original's box tensor: torch.zeros without a dtype
+    empty = max(counts) == 0
+    if empty:
+        labels = torch.zeros(len(counts), dtype=torch.int64, device=device)
+        boxes = torch.tensor([[0.5, 0.5, 0.1, 0.1]], dtype=dtype, device=device).repeat(len(counts), 1)
+        counts, max_gt, groups = [1] * len(counts), 1, 1
+    else:
+        labels = torch.cat([t["labels"] for t in targets]).long()
+        boxes = torch.cat([t["boxes"] for t in targets]).to(dtype)
+        max_gt = max(counts)
+        groups = max(num_denoising // max_gt, 1)
+    flip = 0.0 if empty else max(float(label_noise_ratio), 0.0) * 0.5
+    scale = max(float(box_noise_scale), 0.0)
+    out_labels, out_boxes, gt_index, _ = generate(
+        labels, boxes, counts, groups, max_gt, True, num_classes, flip, scale, None
+    )
+    valid = gt_index >= 0
+    if empty:
+        out_labels = torch.full_like(out_labels, num_classes)
+    noised = out_boxes if scale > 0 else boxes[gt_index.clamp(min=0)]  # no noise: the GT exactly, no round trip
+    unact = _inverse_sigmoid(torch.where(valid[..., None], noised, torch.zeros_like(noised)))
+    pad_size = 2 * max_gt * groups
+    attn_mask = dn_attn_mask(pad_size, 2 * max_gt, num_queries, device=device)
+    # each image's positive slots, group by group: made from the host counts, one copy to the device
+    real = [0] * len(counts) if empty else counts
+    slots = [[g * 2 * max_gt + j for g in range(groups) for j in range(n)] for n in real]
+    flat = torch.tensor([s for per_image in slots for s in per_image], dtype=torch.int64).to(device)
+    dn_meta = {
+        "dn_positive_idx": flat.split([len(s) for s in slots]),
+        "dn_num_group": groups,
+        "dn_num_split": [pad_size, num_queries],
+    }
+    return class_embed(out_labels.int()), unact, attn_mask, dn_meta
