@@ -4,15 +4,16 @@ Deformable DETR, RT-DETR, Grounding DINO (and the other transformers models buil
 DINO, OmDet-Turbo, LW-DETR, ...) compute their deformable attention in a ``MultiScaleDeformableAttention``
 submodule (grid_sample in PyTorch, or a kernel from the hub). ``use_dnops`` replaces each of them in a loaded
 model with one that calls ``dnops.ms_deform_attn``: same inputs, same outputs, no parameters (so state_dicts are
-unchanged). RT-DETR v2 computes its attention in a module-level function instead
-(``multi_scale_deformable_attention_v2``, a point count per level and an optional "discrete" sampling): its
-attention modules get a subclass whose forward is the original's code reading that name from dnops, which runs
-``dnops.ms_deform_attn`` for the default sampling with one point count for all levels (transformers' only
-layout) and the original function otherwise.
+unchanged). RT-DETR v2, D-FINE and DEIMv2 compute theirs in a module-level function instead
+(``multi_scale_deformable_attention_v2``: a point count per level, "default" or "discrete" sampling), which
+becomes ``dnops.ms_deform_attn`` with ``points_per_level`` and ``sampling``: RT-DETR v2's attention modules get a
+subclass whose forward is the original's code reading that name from dnops; D-FINE's and DEIMv2's hold the function
+in their ``ms_deformable_attn_core`` attribute, which is replaced.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable, Sequence
 
@@ -61,27 +62,36 @@ def _level_tensors(sizes: Sequence[Sequence[int]], device: torch.device) -> tupl
     return _LEVELS[key]
 
 
-def _v2_on_dnops(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def multi_scale_deformable_attention_v2(
-        value: torch.Tensor,
-        value_spatial_shapes: Sequence[Sequence[int]],
-        sampling_locations: torch.Tensor,
-        attention_weights: torch.Tensor,
-        num_points_list: list[int],
-        method: str = "default",
-    ) -> torch.Tensor:
-        """value (N, S, M, D), sampling_locations (N, Lq, M, L * P, 2), attention_weights (N, Lq, M, L * P),
-        level-major -> (N, Lq, M * D)."""
-        points = set(num_points_list)
-        if method != "default" or len(points) != 1:
-            return original(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method)
-        n, lq, m = sampling_locations.shape[:3]
-        levels, p = len(num_points_list), points.pop()
-        shapes, starts = _level_tensors(value_spatial_shapes, value.device)
-        loc = sampling_locations.reshape(n, lq, m, levels, p, 2)
-        return ms_deform_attn(value, shapes, starts, loc, attention_weights.reshape(n, lq, m, levels, p))
+def _v2_dnops(
+    original: Callable[..., torch.Tensor],
+    value: torch.Tensor,
+    value_spatial_shapes: Sequence[Sequence[int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    num_points_list: list[int],
+    method: str = "default",
+) -> torch.Tensor:
+    """transformers' multi_scale_deformable_attention_v2 on dnops.ms_deform_attn: value (N, S, M, D),
+    sampling_locations (N, Lq, M, sum_l P_l, 2), attention_weights (N, Lq, M, sum_l P_l), level-major ->
+    (N, Lq, M * D). transformers' "discrete" clamps each axis to its own size, as dnops' discrete sampling does; a
+    method transformers does not know goes to its function (which fails on it)."""
+    if method not in ("default", "discrete"):
+        return original(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method)
+    shapes, starts = _level_tensors(value_spatial_shapes, value.device)
+    sampling = "discrete" if method == "discrete" else "bilinear"
+    points = list(num_points_list)
+    return ms_deform_attn(
+        value, shapes, starts, sampling_locations, attention_weights, points_per_level=points, sampling=sampling
+    )
 
-    return multi_scale_deformable_attention_v2
+
+def _v2_on_dnops(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The dnops version of ``original`` (a partial of module-level functions: it pickles with its module)."""
+    return functools.partial(_v2_dnops, original)
+
+
+def _is_v2_function(fn: object) -> bool:
+    return getattr(fn, "__name__", None) == _V2_FUNCTION and getattr(fn, "__module__", "").startswith("transformers.")
 
 
 def _v2_class(cls: type) -> type:
@@ -143,4 +153,12 @@ def use_dnops(model: nn.Module) -> int:
     ]
     for module in v2:
         module.__class__ = _v2_class(type(module))
-    return len(swaps) + len(v2)
+    # D-FINE and DEIMv2 keep the function in an attribute, ms_deformable_attn_core
+    held = [
+        module
+        for module in model.modules()
+        if _is_transformers(module) and _is_v2_function(getattr(module, "ms_deformable_attn_core", None))
+    ]
+    for module in held:
+        module.ms_deformable_attn_core = _v2_on_dnops(module.ms_deformable_attn_core)
+    return len(swaps) + len(v2) + len(held)
