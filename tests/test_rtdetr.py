@@ -4,6 +4,8 @@ against its transcription, exactly where the original draws no noise and by the 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -255,3 +257,105 @@ def test_cdn_group_without_box_noise_returns_the_gt():
     _, unact, _, meta = rtdetr.get_contrastive_denoising_training_group(targets, CLASSES, QUERIES, embed, 10, 0.0, 0.0)
     gt, valid, _ = slot_gt(targets, meta["dn_num_group"], 2)
     torch.testing.assert_close(unact[valid].sigmoid(), gt[valid])
+
+
+# ---- use_dnops on a model built by the repositories' own code --------------------------------------------------------
+# Stand-ins with what use_dnops reads of the repositories' modules (checked against RT-DETR v2's rtdetrv2_decoder.py,
+# D-FINE's dfine_decoder.py and DEIM's engine/deim/*_decoder.py): the deformable attention keeps its core function in
+# ms_deformable_attn_core (a partial of deformable_attention_core_func_v2, or RT-DETR v1's function) and calls it
+# (value, value_spatial_shapes, sampling_locations, attention_weights[, num_points_list]); a decoder layer holds
+# self_attn (nn.MultiheadAttention, batch_first) beside cross_attn and calls self_attn(q, k, value=, attn_mask=).
+
+
+def deformable_attention_core_func_v2(*args, **kwargs):  # the original's name, on its transcription
+    return deim_deformable_attention_core_func_v2(*args, **kwargs)
+
+
+class CrossAttention(torch.nn.Module):
+    def __init__(self, dim, heads, points, method="default", value_shape="reshape"):
+        super().__init__()
+        self.heads, self.points = heads, points
+        self.num_points_list = list(points)
+        self.sampling_offsets = torch.nn.Linear(dim, heads * sum(points) * 2)
+        self.attention_weights = torch.nn.Linear(dim, heads * sum(points))
+        self.value_proj = torch.nn.Linear(dim, dim)
+        self.ms_deformable_attn_core = functools.partial(
+            deformable_attention_core_func_v2, method=method, value_shape=value_shape
+        )
+
+    def forward(self, query, reference_points, value, shapes):
+        b, q = query.shape[:2]
+        value = self.value_proj(value).reshape(b, value.shape[1], self.heads, -1)
+        offsets = self.sampling_offsets(query).reshape(b, q, self.heads, sum(self.points), 2)
+        weights = self.attention_weights(query).reshape(b, q, self.heads, sum(self.points)).softmax(-1)
+        loc = reference_points[:, :, None, None, :] + offsets * 0.05
+        if self.ms_deformable_attn_core.keywords.get("value_shape") == "default":
+            value = value.permute(0, 2, 3, 1).split([h * w for h, w in shapes], dim=-1)
+        return self.ms_deformable_attn_core(value, shapes, loc, weights, self.num_points_list)
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, dim=16, heads=2, points=(3, 6, 3), **kw):
+        super().__init__()
+        self.self_attn = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.cross_attn = CrossAttention(dim, heads, points, **kw)
+
+    def forward(self, target, reference_points, memory, shapes, attn_mask):
+        target = target + self.self_attn(target, target, value=target, attn_mask=attn_mask, need_weights=False)[0]
+        return target + self.cross_attn(target, reference_points, memory, shapes)
+
+
+@pytest.mark.parametrize("kw", [{}, {"value_shape": "default"}, {"method": "discrete"}], ids=str)
+def test_use_dnops_routes_a_repository_decoder_layer(kw, monkeypatch):
+    import copy
+
+    import dnops.nn.dn_mha as dn_mha
+
+    torch.manual_seed(0)
+    theirs = DecoderLayer(**kw).double()
+    ours = copy.deepcopy(theirs)
+    assert rtdetr.use_dnops(ours) == 2 and rtdetr.use_dnops(ours) == 0
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    targets = cdn_targets([3, 2])
+    _, _, mask, meta = rtdetr.get_contrastive_denoising_training_group(
+        targets, CLASSES, QUERIES, torch.nn.Embedding(CLASSES + 1, 16), 12, 0.5, 1.0
+    )
+    width = meta["dn_num_split"][0] + QUERIES
+    target = torch.randn(2, width, 16, dtype=torch.float64, requires_grad=True)
+    shapes = [(4, 4), (2, 2), (1, 1)]  # square, as the repositories' 640 x 640 inputs give (see the discrete clamp)
+    memory = torch.randn(2, sum(h * w for h, w in shapes), 16, dtype=torch.float64)
+    reference = torch.rand(2, width, 2, dtype=torch.float64) * 0.8 + 0.1
+    calls = []
+    monkeypatch.setattr(dn_mha, "dn_self_attention", lambda *a: calls.append(1) or rtdetr_dn_self_attention(*a))
+    outs = [m(target, reference, memory, shapes, mask) for m in (theirs, ours)]
+    assert calls, "the DN mask takes the block-sparse path"
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(outs[0])
+    params = [[target, *m.parameters()] for m in (theirs, ours)]
+    grads = [grads_of(o, p, g) for o, p in zip(outs, params, strict=True)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def rtdetr_dn_self_attention(*args):
+    import dnops
+
+    return dnops.dn_self_attention(*args)
+
+
+def grads_of(out, tensors, g):
+    wanted = [t for t in tensors if t.requires_grad]
+    return torch.autograd.grad(out, wanted, g, allow_unused=True, materialize_grads=True)
+
+
+def deformable_attention_core_func(*args):  # RT-DETR v1's name, on its transcription
+    return rtdetr_deformable_attention_core_func(*args)
+
+
+def test_use_dnops_routes_rtdetr_v1_attention():
+    module = torch.nn.Module()
+    module.ms_deformable_attn_core = deformable_attention_core_func
+    assert rtdetr.use_dnops(module) == 1 and module.ms_deformable_attn_core is rtdetr.deformable_attention_core_func
+    value, loc, weights = inputs([2, 2, 2])
+    args = (value, SHAPES, loc.unflatten(3, (3, 2)), weights.unflatten(3, (3, 2)))
+    torch.testing.assert_close(module.ms_deformable_attn_core(*args), deformable_attention_core_func(*args), **TOL)

@@ -10,12 +10,14 @@ output is contiguous where the originals return a transposed view.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Sequence
 
 import torch
 
 from dnops.compat.deformable_detr import ms_deform_attn_core_pytorch
+from dnops.nn.dn_mha import DNMultiheadAttention
 from dnops.ops.dn_attn_mask import dn_attn_mask
 from dnops.ops.dn_queries import generate
 from dnops.ops.ms_deform_attn import ms_deform_attn
@@ -200,3 +202,35 @@ def get_contrastive_denoising_training_group(
         "dn_num_split": [pad_size, num_queries],
     }
     return class_embed(out_labels.int()), unact, attn_mask, dn_meta
+
+
+def use_dnops(model: torch.nn.Module, self_attention: bool = True) -> int:
+    """Routes a model built by RT-DETR's, RT-DETR v2's, D-FINE's or DEIM's own code to dnops, in place.
+
+    Each deformable-attention module holds its core function in ``ms_deformable_attn_core``: RT-DETR v1's
+    ``deformable_attention_core_func``, or the others' ``functools.partial(deformable_attention_core_func_v2,
+    method=..., [value_shape=...])``; it becomes this module's function with the same arguments. With
+    ``self_attention``, the decoder layers' ``self_attn`` (an nn.MultiheadAttention beside a ``cross_attn``) becomes
+    a DNMultiheadAttention: same parameters and state_dict, block-sparse when handed the DN mask these decoders
+    build (``attn_mask`` from get_contrastive_denoising_training_group), nn.MultiheadAttention's own path otherwise.
+    Nothing else changes; returns how many modules were routed (0: none, or already routed).
+    """
+    routed = 0
+    for module in model.modules():
+        core = getattr(module, "ms_deformable_attn_core", None)
+        if getattr(core, "__name__", None) == "deformable_attention_core_func" and core is not (
+            deformable_attention_core_func
+        ):
+            module.ms_deformable_attn_core = deformable_attention_core_func
+            routed += 1
+        elif isinstance(core, functools.partial) and core.func is not deformable_attention_core_func_v2:
+            if getattr(core.func, "__name__", None) == "deformable_attention_core_func_v2":
+                module.ms_deformable_attn_core = functools.partial(
+                    deformable_attention_core_func_v2, *core.args, **core.keywords
+                )
+                routed += 1
+        attn = getattr(module, "self_attn", None)
+        if self_attention and type(attn) is torch.nn.MultiheadAttention and hasattr(module, "cross_attn"):
+            attn.__class__ = DNMultiheadAttention
+            routed += 1
+    return routed
