@@ -83,17 +83,18 @@ def _blocks(text: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def test_every_readme_block_runs_or_names_its_tests():
-    blocks = _blocks(README.read_text())
+@pytest.mark.parametrize("doc", [README, ROOT / "docs" / "dropins.md"], ids=lambda p: p.name)
+def test_every_readme_block_runs_or_names_its_tests(doc):
+    blocks = _blocks(doc.read_text())
     assert blocks
     for marker, lang, code in blocks:
-        assert marker, f"README block without <!-- run --> or <!-- tested by: ... -->:\n{code}"
+        assert marker, f"{doc.name} block without <!-- run --> or <!-- tested by: ... -->:\n{code}"
         if marker == "run":
             assert lang == "python"
             continue
         for ref in marker.removeprefix("tested by:").split():
             path, _, name = ref.partition("::")
-            assert (ROOT / path).exists(), f"README names {path}, which does not exist"
+            assert (ROOT / path).exists(), f"{doc.name} names {path}, which does not exist"
             if name:
                 assert re.search(rf"^def {re.escape(name)}\(", (ROOT / path).read_text(), re.M), f"no test {ref}"
 
