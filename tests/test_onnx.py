@@ -134,3 +134,40 @@ def test_tensorrt_plugin_node_behind_its_flag(tmp_path, exporter):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), dynamo=exporter == "dynamo", opset_version=18)
     assert not any(n.op_type == tensorrt.PLUGIN for n in onnx.load(str(path)).graph.node)
+
+
+class RealTimeAttention(torch.nn.Module):
+    """The real-time DETRs' core call: dnops.compat.rtdetr's deformable_attention_core_func_v2 on D-FINE's point
+    counts per level, with the model's own softmax of the weights."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, value, loc, logits):
+        from dnops.compat.rtdetr import deformable_attention_core_func_v2
+
+        weights = logits.softmax(-1)
+        return deformable_attention_core_func_v2(value, [(6, 6), (3, 3), (2, 2)], loc, weights, [3, 6, 3], self.method)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_real_time_detr_attention_exports_without_grid_sample(tmp_path, exporter, method):
+    """Per-level point counts and discrete sampling export as standard ops (no GridSample, which older TensorRT
+    lacks and FP16 TensorRT mis-computes), and onnxruntime gives PyTorch's output in float32."""
+    import onnx
+
+    torch.manual_seed(0)
+    value = torch.randn(2, 49, 4, 8)
+    loc = torch.rand(2, 5, 4, 12, 2) * 0.9 + 0.05
+    logits = torch.randn(2, 5, 4, 12)
+    names = ["value", "loc", "logits"]
+    module = RealTimeAttention(method).eval()
+    session = export(module, (value, loc, logits), tmp_path / "rt.onnx", exporter, names)
+    model = onnx.load(str(tmp_path / "rt.onnx"))
+    ops = {node.op_type for graph in (model.graph, *model.functions) for node in graph.node}
+    assert "GridSample" not in ops and ops & {"Gather", "GatherElements"}
+    with dnops._backend.use_backend("reference"):
+        want = module(value, loc, logits)
+    torch.testing.assert_close(run(session, names, (value, loc, logits)), want, rtol=1e-4, atol=1e-5)
