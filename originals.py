@@ -408,12 +408,35 @@ def rtdetr_get_contrastive_denoising_training_group(
     """RT-DETR v2's get_contrastive_denoising_training_group (lyuwenyu/RT-DETR 068dfde,
     rtdetrv2_pytorch/src/zoo/rtdetr/denoising.py), with its box_ops and inverse_sigmoid (eps 1e-5) inlined. A
     batch without GT gets one dummy group. With box_noise_scale <= 0 it raises UnboundLocalError, as the original."""
+    return _contrastive_group(
+        targets, num_classes, num_queries, class_embed, num_denoising, label_noise_ratio, box_noise_scale, False
+    )
+
+
+def dfine_get_contrastive_denoising_training_group(
+    targets, num_classes, num_queries, class_embed, num_denoising=100, label_noise_ratio=0.5, box_noise_scale=1.0
+):
+    """D-FINE's get_contrastive_denoising_training_group (Peterande/D-FINE 4a1f73a, src/zoo/dfine/denoising.py; DEIM's
+    engine/deim/denoising.py at a9aa4ad is the same code): RT-DETR v2's up to a batch without GT, which returns
+    (None, None, None, dn_meta), and the noised boxes' negative values turned positive before inverse_sigmoid."""
+    return _contrastive_group(
+        targets, num_classes, num_queries, class_embed, num_denoising, label_noise_ratio, box_noise_scale, True
+    )
+
+
+def _contrastive_group(
+    targets, num_classes, num_queries, class_embed, num_denoising, label_noise_ratio, box_noise_scale, dfine
+):
+    """The two originals above, read line by line: they differ in the two places marked ``dfine``."""
     if num_denoising <= 0:
         return None, None, None, None
     num_gts = [len(t["labels"]) for t in targets]
     device = targets[0]["labels"].device
     max_gt_num = max(num_gts)
     is_empty_batch = False
+    if max_gt_num == 0 and dfine:
+        dn_meta = {"dn_positive_idx": None, "dn_num_group": 0, "dn_num_split": [0, num_queries]}
+        return None, None, None, dn_meta
     if max_gt_num == 0:
         is_empty_batch = True
         max_gt_num = 1
@@ -460,6 +483,8 @@ def rtdetr_get_contrastive_denoising_training_group(
         known_bbox = torch.clip(known_bbox, min=0.0, max=1.0)
         x0, y0, x1, y1 = known_bbox.unbind(-1)
         input_query_bbox = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+        if dfine:
+            input_query_bbox[input_query_bbox < 0] *= -1
         x = input_query_bbox.clip(min=0.0, max=1.0)
         input_query_bbox_unact = torch.log(x.clip(min=1e-5) / (1 - x).clip(min=1e-5))
     input_query_logits = class_embed(input_query_class)

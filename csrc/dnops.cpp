@@ -16,7 +16,8 @@ TORCH_LIBRARY(dnops, m) {
   // one per call (a seed drawn in Python while tracing would become a constant)
   m.def(
       "dn_queries(Tensor labels, Tensor boxes, SymInt[] counts, SymInt num_groups, SymInt max_gt, bool contrastive, "
-      "int num_classes, float label_noise_ratio, float box_noise_scale, int seed) -> (Tensor, Tensor, Tensor, Tensor)",
+      "int num_classes, float label_noise_ratio, float box_noise_scale, int seed, bool abs_size=False) -> (Tensor, "
+      "Tensor, Tensor, Tensor)",
       {at::Tag::nondeterministic_seeded});
   // DN-DETR's prepare_for_dn training branch in one call (dnops.compat.dn_detr), seed as dn_queries'
   m.def(

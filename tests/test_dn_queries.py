@@ -388,6 +388,35 @@ def test_cuda_matches_reference():
     assert_same([t.cpu() for t in got], dn_queries_reference(*kernel_args([3, 0, 5], "cdn", {})))
 
 
+def abs_size_args(abs_size=True):
+    """CDN with box_noise_scale 1: negatives' corners cross often, where abs_size decides the size."""
+    args = list(kernel_args([3, 0, 5], "cdn", {"dn_number": 20}))
+    args[8] = 1.0
+    return (*args, abs_size)
+
+
+def test_reference_abs_size_turns_crossed_sizes_into_distances():
+    crossed, kept = dn_queries_reference(*abs_size_args(True)), dn_queries_reference(*abs_size_args(False))
+    assert torch.equal(crossed[0], kept[0]) and torch.equal(crossed[1][..., :2], kept[1][..., :2])
+    zero = kept[1][..., 2:] == 0
+    assert zero.any() and (crossed[1][..., 2:][zero] > 0).all()
+    assert torch.equal(crossed[1][..., 2:][~zero], kept[1][..., 2:][~zero])
+
+
+@cpp
+def test_cpp_abs_size_matches_reference():
+    for flag in (True, False):
+        assert_same(torch.ops.dnops.dn_queries(*abs_size_args(flag)), dn_queries_reference(*abs_size_args(flag)))
+
+
+@pytest.mark.triton
+def test_triton_abs_size_matches_reference():
+    from dnops.triton.dn_queries import dn_queries_triton
+
+    for flag in (True, False):
+        assert_same(dn_queries_triton(*abs_size_args(flag)), dn_queries_reference(*abs_size_args(flag)))
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("counts,mode,kw", CASES)
 def test_triton_matches_reference(counts, mode, kw):
@@ -623,6 +652,16 @@ def test_gpu_backends_equal_reference(dev, backend, mode, dtype, counts):
     assert torch.equal(got.negative.cpu(), want.negative)
     tol = 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2  # FMA contraction on the GPU may move the last bit
     torch.testing.assert_close(got.boxes.cpu(), want.boxes, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", backends("dn_queries", "cuda"))
+def test_gpu_abs_size_equals_reference(dev, backend):
+    from dnops.ops.dn_queries import generate
+
+    name = needs("dn_queries", backend, dev)
+    args = [t.to(dev) if isinstance(t, torch.Tensor) else t for t in abs_size_args()]
+    got = backend_fn(name, generate)(*args[:-1], abs_size=True)
+    assert_same([t.cpu() for t in got], dn_queries_reference(*abs_size_args()))
 
 
 def test_dn_queries_batch_limit(dev):

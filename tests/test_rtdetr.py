@@ -9,9 +9,10 @@ import functools
 import pytest
 import torch
 
-from dnops.compat import rtdetr
+from dnops.compat import dfine, rtdetr
 from originals import (
     deim_deformable_attention_core_func_v2,
+    dfine_get_contrastive_denoising_training_group,
     rtdetr_deformable_attention_core_func,
     rtdetr_get_contrastive_denoising_training_group,
 )
@@ -171,16 +172,25 @@ def slot_gt(targets, groups, max_gt):
     return gt, valid, negative
 
 
+VARIANTS = {
+    "rtdetr": (rtdetr.get_contrastive_denoising_training_group, rtdetr_get_contrastive_denoising_training_group),
+    "dfine": (dfine.get_contrastive_denoising_training_group, dfine_get_contrastive_denoising_training_group),
+}
+
+
 @pytest.mark.parametrize("backend", backends("dn_queries"))
 @pytest.mark.parametrize("counts", [[3, 1], [2, 0, 4], [5]])
-def test_cdn_group_equals_the_original_without_label_noise(backend, backend_env, counts):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cdn_group_equals_the_original_without_label_noise(backend, backend_env, counts, variant):
     """Labels, mask, dn_meta and padding exactly; the boxes by the noise law: every positive corner within its
-    half-size, every negative one beyond it (centered boxes: nothing clipped)."""
+    half-size times the scale, every negative one beyond it (centered boxes: nothing clipped; scale 0.5: no
+    corners cross)."""
     backend_env(backend)
     targets = cdn_targets(counts)
     embed = torch.nn.Embedding(CLASSES + 1, HIDDEN, padding_idx=CLASSES)
-    ours = rtdetr.get_contrastive_denoising_training_group(targets, CLASSES, QUERIES, embed, 20, 0.0, 1.0)
-    theirs = rtdetr_get_contrastive_denoising_training_group(targets, CLASSES, QUERIES, embed, 20, 0.0, 1.0)
+    fn, original = VARIANTS[variant]
+    ours = fn(targets, CLASSES, QUERIES, embed, 20, 0.0, 0.5)
+    theirs = original(targets, CLASSES, QUERIES, embed, 20, 0.0, 0.5)
     torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
     assert torch.equal(ours[2], theirs[2])
     assert ours[3]["dn_num_group"] == theirs[3]["dn_num_group"] and ours[3]["dn_num_split"] == theirs[3]["dn_num_split"]
@@ -189,7 +199,7 @@ def test_cdn_group_equals_the_original_without_label_noise(backend, backend_env,
     gt, valid, negative = slot_gt(targets, ours[3]["dn_num_group"], max(counts))
     for unact in (ours[1], theirs[1]):
         assert torch.equal(unact[~valid], torch.full_like(unact[~valid], torch.log(torch.tensor(1e-5)).item()))
-        moves = corner_moves(unact, gt)
+        moves = corner_moves(unact, gt) / 0.5
         assert (moves[valid & ~negative] < 1 + 1e-3).all() and (moves[valid & negative] > 1 - 1e-3).all()
     # gradients reach the label embedding as in the original
     grads = [torch.autograd.grad(out[0].sum(), embed.weight)[0] for out in (ours, theirs)]
@@ -359,3 +369,32 @@ def test_use_dnops_routes_rtdetr_v1_attention():
     value, loc, weights = inputs([2, 2, 2])
     args = (value, SHAPES, loc.unflatten(3, (3, 2)), weights.unflatten(3, (3, 2)))
     torch.testing.assert_close(module.ms_deformable_attn_core(*args), deformable_attention_core_func(*args), **TOL)
+
+
+def test_dfine_cdn_group_turns_crossed_sizes_positive_as_the_original():
+    """With box_noise_scale 1 a negative's corners often cross (sign -1 on the right corner, +1 on the left): RT-DETR
+    v2's size is then 0 (its inverse_sigmoid clips), D-FINE's the corners' distance. Over 300 groups the share of
+    zero sizes and the mean size of negatives agree with each original's."""
+    targets = cdn_targets([3, 2], seed=2)
+    embed = torch.nn.Embedding(CLASSES + 1, 1)
+
+    def stats(fn):
+        torch.manual_seed(0)
+        _, unact, _, meta = fn(targets, CLASSES, QUERIES, embed, 900, 0.0, 1.0)
+        _, valid, negative = slot_gt(targets, meta["dn_num_group"], 3)
+        sizes = unact.sigmoid()[..., 2:][valid & negative]
+        return (sizes < 1e-4).float().mean(), sizes.mean()
+
+    got = {name: (stats(fn), stats(original)) for name, (fn, original) in VARIANTS.items()}
+    for ours, theirs in got.values():
+        torch.testing.assert_close(ours[0], theirs[0], atol=0.03, rtol=0)
+        torch.testing.assert_close(ours[1], theirs[1], atol=0.004, rtol=0)
+    assert got["rtdetr"][0][0] > 0.1 and got["dfine"][0][0] < 0.01
+
+
+def test_dfine_cdn_group_without_gt_returns_its_meta():
+    embed = torch.nn.Embedding(CLASSES + 1, HIDDEN)
+    targets = cdn_targets([0, 0])
+    ours = dfine.get_contrastive_denoising_training_group(targets, CLASSES, QUERIES, embed)
+    theirs = dfine_get_contrastive_denoising_training_group(targets, CLASSES, QUERIES, embed)
+    assert ours == theirs == (None, None, None, {"dn_positive_idx": None, "dn_num_group": 0, "dn_num_split": [0, 6]})

@@ -55,7 +55,7 @@ std::vector<at::Tensor> dn_detr_prepare(at::TensorList labels, at::TensorList bo
                                   .findSchemaOrThrow("dnops::dn_queries", "")
                                   .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                                       const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, int64_t, bool,
-                                      int64_t, double, double, int64_t)>();
+                                      int64_t, double, double, int64_t, bool)>();
   static auto dn_attn_mask_op = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("dnops::dn_attn_mask", "")
                                     .typed<at::Tensor(int64_t, int64_t, int64_t, std::optional<at::Device>)>();
@@ -76,8 +76,9 @@ std::vector<at::Tensor> dn_detr_prepare(at::TensorList labels, at::TensorList bo
   }
   const int64_t max_gt = *std::max_element(counts.begin(), counts.end());
   const at::Tensor gt_labels = at::cat(labels).to(at::kLong), gt_boxes = at::cat(boxes);
-  auto [dn_labels, dn_boxes, gt_index, negative] = dn_queries_op.call(
-      gt_labels, gt_boxes, counts, num_groups, max_gt, false, num_classes, label_noise_ratio, box_noise_scale, seed);
+  auto [dn_labels, dn_boxes, gt_index, negative] =
+      dn_queries_op.call(gt_labels, gt_boxes, counts, num_groups, max_gt, false, num_classes, label_noise_ratio,
+                         box_noise_scale, seed, false);
 
   // One lookup writes the whole sequence-first query tensor (the step's largest write): rows 0..C-1 are the class
   // embeddings with indicator 1, row C the zero padding slot, row C+1 the matching queries' embedding.

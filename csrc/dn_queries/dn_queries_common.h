@@ -54,6 +54,7 @@ struct Layout {
   float flip_prob;
   float box_scale;
   uint64_t seed;
+  bool abs_size;  // CDN: a size whose corners crossed is their distance (D-FINE / DEIM), not 0
 };
 
 struct Slot {
@@ -102,8 +103,8 @@ C10_HOST_DEVICE inline Slot make_slot(const Layout& lay, int64_t s, int64_t star
     const float bw = xyxy[2] - xyxy[0], bh = xyxy[3] - xyxy[1];
     out.box[0] = (xyxy[0] + xyxy[2]) * 0.5f;
     out.box[1] = (xyxy[1] + xyxy[3]) * 0.5f;
-    out.box[2] = bw > 0.f ? bw : 0.f;
-    out.box[3] = bh > 0.f ? bh : 0.f;
+    out.box[2] = bw > 0.f ? bw : (lay.abs_size ? -bw : 0.f);
+    out.box[3] = bh > 0.f ? bh : (lay.abs_size ? -bh : 0.f);
   } else {
     const Words w1 = philox(lay.seed, c0, static_cast<uint32_t>(group * kBlocksPerGroup + 1));
     const float u[4] = {uniform(w0.w[2]), uniform(w0.w[3]), uniform(w1.w[0]), uniform(w1.w[1])};

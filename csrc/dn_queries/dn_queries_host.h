@@ -22,7 +22,7 @@ inline int64_t draw_seed() {
 
 inline Layout check_and_layout(const at::Tensor& labels, const at::Tensor& boxes, at::IntArrayRef counts,
                                int64_t num_groups, int64_t max_gt, bool contrastive, int64_t num_classes,
-                               double label_noise_ratio, double box_noise_scale, int64_t seed) {
+                               double label_noise_ratio, double box_noise_scale, int64_t seed, bool abs_size) {
   TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong, "dn_queries: labels must be (K,) int64, got ",
               labels.scalar_type(), " ", labels.sizes());
   TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4 && at::isFloatingType(boxes.scalar_type()),
@@ -48,7 +48,8 @@ inline Layout check_and_layout(const at::Tensor& labels, const at::Tensor& boxes
           num_classes,
           static_cast<float>(label_noise_ratio),
           static_cast<float>(box_noise_scale),
-          static_cast<uint64_t>(seed)};
+          static_cast<uint64_t>(seed),
+          abs_size};
 }
 
 }  // namespace dnq

@@ -156,13 +156,32 @@ def get_contrastive_denoising_training_group(
 
     As the original: labels flip with label_noise_ratio / 2 to a class in [0, num_classes) (positives and
     negatives alike), corners move by sign * r * half-size * box_noise_scale with r in [0, 1) for positives and
-    [1, 2) for negatives and are clipped to [0, 1], boxes come back through inverse_sigmoid with eps 1e-5; padding
-    slots hold label num_classes and box 0. A batch without GT gets one dummy group (box (0.5, 0.5, 0.1, 0.1),
-    noised, label num_classes, no positive), T = 2, so every DDP rank runs the same graph. The noise comes from
-    dnops.dn_queries (counter-based Philox: other numbers than torch.rand's, the same law), the positive indices
-    from the host counts (the original's nonzero is a device sync). With box_noise_scale <= 0 the original fails
-    (its unactivated boxes exist only inside the noise branch); here they are the GT boxes', inverse-sigmoided.
+    [1, 2) for negatives and are clipped to [0, 1] (a size whose corners crossed comes out 0), boxes come back
+    through inverse_sigmoid with eps 1e-5; padding slots hold label num_classes and box 0. A batch without GT gets
+    one dummy group (box (0.5, 0.5, 0.1, 0.1), noised, label num_classes, no positive), T = 2, so every DDP rank
+    runs the same graph. The noise comes from dnops.dn_queries (counter-based Philox: other numbers than
+    torch.rand's, the same law), the positive indices from the host counts (the original's nonzero is a device
+    sync). With box_noise_scale <= 0 the original fails (its unactivated boxes exist only inside the noise branch);
+    here they are the GT boxes', inverse-sigmoided.
     """
+    return contrastive_group(
+        targets, num_classes, num_queries, class_embed, num_denoising, label_noise_ratio, box_noise_scale, False
+    )
+
+
+def contrastive_group(
+    targets: Sequence[dict],
+    num_classes: int,
+    num_queries: int,
+    class_embed: torch.nn.Module,
+    num_denoising: int,
+    label_noise_ratio: float,
+    box_noise_scale: float,
+    dfine: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, dict | None]:
+    """The contrastive denoising group of RT-DETR v2 (``dfine=False``) or of D-FINE / DEIM (``dfine=True``: a size
+    whose corners crossed is their distance, and a batch without GT returns (None, None, None, dn_meta) with
+    dn_num_group 0)."""
     if num_denoising <= 0:
         return None, None, None, None
     if not isinstance(targets, list | tuple) or not targets:
@@ -171,6 +190,8 @@ def get_contrastive_denoising_training_group(
     device = targets[0]["labels"].device
     dtype = torch.get_default_dtype()  # the original's box tensor: torch.zeros without a dtype
     empty = max(counts) == 0
+    if empty and dfine:
+        return None, None, None, {"dn_positive_idx": None, "dn_num_group": 0, "dn_num_split": [0, num_queries]}
     if empty:
         labels = torch.zeros(len(counts), dtype=torch.int64, device=device)
         boxes = torch.tensor([[0.5, 0.5, 0.1, 0.1]], dtype=dtype, device=device).repeat(len(counts), 1)
@@ -183,7 +204,7 @@ def get_contrastive_denoising_training_group(
     flip = 0.0 if empty else max(float(label_noise_ratio), 0.0) * 0.5
     scale = max(float(box_noise_scale), 0.0)
     out_labels, out_boxes, gt_index, _ = generate(
-        labels, boxes, counts, groups, max_gt, True, num_classes, flip, scale, None
+        labels, boxes, counts, groups, max_gt, True, num_classes, flip, scale, None, abs_size=dfine
     )
     valid = gt_index >= 0
     if empty:

@@ -14,7 +14,7 @@ from dnops.validation import check_counts, check_dn_queries_args, checked_gt_lab
 if _backend.HAS_C:
 
     @torch.library.register_fake("dnops::dn_queries")
-    def _(labels, boxes, counts, num_groups, max_gt, contrastive, num_classes, ratio, scale, seed):
+    def _(labels, boxes, counts, num_groups, max_gt, contrastive, num_classes, ratio, scale, seed, abs_size=False):
         pad = num_groups * max_gt * (2 if contrastive else 1)
         batch = len(counts)
         return (
@@ -101,10 +101,12 @@ def generate(
     flip: float,
     scale: float,
     seed: int | None,
+    abs_size: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel with an explicit layout (``groups`` groups of ``max_gt`` GT slots, twice that for contrastive)
     and label flip probability, on the chosen backend: (labels, boxes, gt_index, negative), each (B, pad[, 4]).
-    For adapters whose originals lay out or flip otherwise than DN-DETR / DINO; counts as check_counts returns."""
+    For adapters whose originals lay out or flip otherwise than DN-DETR / DINO; counts as check_counts returns.
+    ``abs_size``: CDN sizes whose corners crossed are their distance (D-FINE / DEIM), not 0."""
     backend = _backend.choose("dn_queries", labels.device)
     if seed is None and _backend.is_compiled(backend):
         seed = -1  # the C++ op draws its own key: under torch.compile it is drawn per call, not frozen while tracing
@@ -118,7 +120,7 @@ def generate(
     check_dn_queries_args(labels, boxes, counts, num_classes, check_values=not _backend.is_compiled(backend))
     if not _backend.is_compiled(backend):
         labels = checked_gt_labels(labels, boxes, num_classes)
-    args = (labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, seed)
+    args = (labels, boxes, counts, groups, max_gt, contrastive, num_classes, flip, scale, seed, abs_size)
     if _backend.is_compiled(backend):
         # the overload itself: the packet's overload resolution is ~5 us of a ~60 us call in a training step
         return torch.ops.dnops.dn_queries.default(*args)

@@ -65,10 +65,12 @@ def dn_queries(
     label_noise_ratio: float,
     box_noise_scale: float,
     seed: int | torch.Tensor,
+    abs_size: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-slot computation behind ``dnops.dn_queries`` once the layout is fixed (the op's schema).
 
-    label_noise_ratio here is the flip probability itself. Returns (labels, boxes, gt_index, negative).
+    label_noise_ratio here is the flip probability itself. ``abs_size`` (CDN): a width or height whose corners
+    crossed is their distance, as D-FINE / DEIM flip it, instead of 0. Returns (labels, boxes, gt_index, negative).
     """
     check_dn_queries_args(labels, boxes, counts, num_classes)
     device = labels.device
@@ -107,7 +109,8 @@ def dn_queries(
         xyxy = torch.stack([cx - w * 0.5, cy - h * 0.5, cx + w * 0.5, cy + h * 0.5], -1)
         xyxy = (xyxy + signs * mags * half * lam).clamp(0.0, 1.0)
         x0, y0, x1, y1 = xyxy.unbind(-1)
-        noised = torch.stack([(x0 + x1) * 0.5, (y0 + y1) * 0.5, (x1 - x0).clamp(min=0), (y1 - y0).clamp(min=0)], -1)
+        size = (lambda d: d.abs()) if abs_size else (lambda d: d.clamp(min=0))
+        noised = torch.stack([(x0 + x1) * 0.5, (y0 + y1) * 0.5, size(x1 - x0), size(y1 - y0)], -1)
     else:
         w1 = words(1)
         u = torch.stack([uint32_to_uniform(x) for x in (w0[2], w0[3], w1[0], w1[1])], -1) * 2.0 - 1.0

@@ -50,6 +50,7 @@ def _kernel(
     box_scale,
     seed,
     CONTRASTIVE: tl.constexpr,
+    ABS_SIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -90,8 +91,12 @@ def _kernel(
         y1 = tl.minimum(tl.maximum(y1, 0.0), 1.0)
         ncx = (x0 + x1) * 0.5
         ncy = (y0 + y1) * 0.5
-        nw = tl.maximum(x1 - x0, 0.0)
-        nh = tl.maximum(y1 - y0, 0.0)
+        if ABS_SIZE:
+            nw = tl.abs(x1 - x0)
+            nh = tl.abs(y1 - y0)
+        else:
+            nw = tl.maximum(x1 - x0, 0.0)
+            nh = tl.maximum(y1 - y0, 0.0)
     else:
         v0, v1, _, _ = _words(seed, k, group * BLOCKS_PER_GROUP + 1)
         ncx = tl.minimum(tl.maximum(cx + (_uniform(w2) * 2.0 - 1.0) * (w * 0.5) * box_scale, 0.0), 1.0)
@@ -136,6 +141,7 @@ def dn_queries_triton(
     label_noise_ratio: float,
     box_noise_scale: float,
     seed: int,
+    abs_size: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of the dnops::dn_queries kernel (same arguments and outputs)."""
     batch = len(counts)
@@ -167,6 +173,7 @@ def dn_queries_triton(
             box_noise_scale,
             seed,
             CONTRASTIVE=contrastive,
+            ABS_SIZE=abs_size,
             BLOCK=BLOCK,
         )
     return out_labels, out_boxes, gt_index, negative.bool()

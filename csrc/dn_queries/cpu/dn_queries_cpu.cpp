@@ -13,9 +13,10 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dn_queries_cpu(
     const at::Tensor& labels_in, const at::Tensor& boxes_in, at::IntArrayRef counts, int64_t num_groups, int64_t max_gt,
-    bool contrastive, int64_t num_classes, double label_noise_ratio, double box_noise_scale, int64_t seed) {
+    bool contrastive, int64_t num_classes, double label_noise_ratio, double box_noise_scale, int64_t seed,
+    bool abs_size) {
   const dnq::Layout lay = dnq::check_and_layout(labels_in, boxes_in, counts, num_groups, max_gt, contrastive,
-                                                num_classes, label_noise_ratio, box_noise_scale, seed);
+                                                num_classes, label_noise_ratio, box_noise_scale, seed, abs_size);
   const at::Tensor labels = labels_in.contiguous(), boxes = boxes_in.contiguous();
   const int64_t* gt_labels = labels.data_ptr<int64_t>();
   // Value errors (Python ValueError), as the Python-side checks of the other backends raise for the same inputs.
