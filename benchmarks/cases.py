@@ -69,6 +69,47 @@ def msda_inputs(case: MSDACase, law: str = "realistic", dtype=torch.float32, dev
     return tensors[0], shapes.to(device), starts.to(device), tensors[1], tensors[2]
 
 
+@dataclass(frozen=True)
+class RTCase:
+    """A real-time DETR decoder's cross-attention: point counts per level, Lq = matching + DN queries."""
+
+    name: str
+    n: int
+    shapes: tuple[tuple[int, int], ...]
+    points: tuple[int, ...]
+    lq: int
+    m: int = 8
+    d: int = 32
+
+
+RT_CASES = {
+    # D-FINE-L at 640 px: strides 8, 16, 32; 300 queries + 200 DN queries; points [3, 6, 3]
+    "dfine-l": RTCase("dfine-l", 4, ((80, 80), (40, 40), (20, 20)), (3, 6, 3), 500),
+    # a DEIM-nano-like decoder: two levels, head dim 8, six points each
+    "deim-nano": RTCase("deim-nano", 4, ((40, 40), (20, 20)), (6, 6), 400, m=8, d=8),
+    "rt-tiny": RTCase("rt-tiny", 1, ((8, 8), (4, 4)), (2, 3), 30, m=2, d=8),
+}
+
+
+def rt_inputs(case: RTCase, method: str = "default", dtype=torch.float32, device="cpu", requires_grad=False):
+    """(value (N, S, M, D), spatial shapes as a list, sampling_locations (N, Lq, M, sum P, 2), attention_weights
+    (N, Lq, M, sum P), points): uniform reference points plus N(0, 2 pixels) offsets per level, weights softmaxed.
+    ``method="discrete"``: the locations take no gradient (the originals freeze their offsets)."""
+    g = torch.Generator().manual_seed(0)
+    s = sum(h * w for h, w in case.shapes)
+    total = sum(case.points)
+    value = torch.randn(case.n, s, case.m, case.d, generator=g)
+    size = torch.tensor([[w, h] for (h, w), p in zip(case.shapes, case.points, strict=True) for _ in range(p)])
+    ref = torch.rand(case.n, case.lq, 1, 1, 2, generator=g)
+    loc = ref + torch.randn(case.n, case.lq, case.m, total, 2, generator=g) * 2.0 / size.to(torch.float32)
+    weights = torch.randn(case.n, case.lq, case.m, total, generator=g).softmax(-1)
+    value, loc, weights = (t.to(device=device, dtype=dtype) for t in (value, loc, weights))
+    value.requires_grad_(requires_grad)
+    weights.requires_grad_(requires_grad)
+    loc.requires_grad_(requires_grad and method == "default")
+    return value, [list(hw) for hw in case.shapes], loc, weights, list(case.points)
+
+
 # ---- denoising queries --------------------------------------------------------------------------------------
 
 COCO_COUNTS = [3, 7, 12, 5, 30, 1, 9, 0]
@@ -114,6 +155,8 @@ DN_ATTN_CASES = {
     "dn-detr": DNAttnCase("dn-detr", 5, 20, 300),
     "dino": DNAttnCase("dino", 10, 20, 900),
     "big-dn": DNAttnCase("big-dn", 10, 50, 300),
+    # RT-DETR / D-FINE / DEIM: num_denoising 100 over 10 GT -> 10 groups of [10 positives | 10 negatives], 300 queries
+    "rt-detr": DNAttnCase("rt-detr", 10, 20, 300, batch=4),
 }
 
 

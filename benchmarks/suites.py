@@ -173,6 +173,41 @@ def ms_deform_attn_benches(target: Target) -> Iterator[Bench]:
                 yield bench
 
 
+def _rt_bytes(inputs: list, variant: str) -> int:
+    value, _, loc, weights, _ = inputs
+    return _msda_bytes([value, None, None, loc, weights], variant)
+
+
+def real_time_benches(target: Target) -> Iterator[Bench]:
+    """The real-time DETRs' decoder cross-attention (point counts per level; bilinear, and RT-DETR v2's discrete
+    sampling) against their own ``deformable_attention_core_func_v2`` (originals.py), through dnops.compat.rtdetr:
+    D-FINE-L at 640 px and a DEIM-nano-like decoder."""
+    import originals
+    from dnops.compat import rtdetr
+
+    original = originals.deim_deformable_attention_core_func_v2
+    names = ["rt-tiny"] if target.quick else ["dfine-l", "deim-nano"]
+    dtypes = (torch.float32, torch.bfloat16) if target.gpu else (torch.float32,)
+    for name in names:
+        case = cases.RT_CASES[name]
+        for method in ("default", "discrete"):
+            for dtype in dtypes:
+                for p in ("fwd", "fwd+bwd"):
+                    variant = f"{'bilinear' if method == 'default' else method} {str(dtype)[6:]} {p}"
+                    grad = p == "fwd+bwd"
+                    sets = [cases.rt_inputs(case, method, dtype, target.device, grad) for _ in range(target.sets)]
+                    bench = Bench("rt_detr_attn", name, variant, "original", bytes_moved=_rt_bytes(sets[0], p))
+                    bench.impls["original"] = passes(
+                        lambda v, s, loc, w, pts, m=method: original(v, s, loc, w, pts, m, "reshape"), sets, variant
+                    )
+                    for b in kernels_on("ms_deform_attn", target.device):
+                        fn = with_backend(b, rtdetr.deformable_attention_core_func_v2)
+                        bench.impls[f"dnops {b}"] = _missing("ms_deform_attn", b, target.device) or passes(
+                            lambda v, s, loc, w, pts, f=fn, m=method: f(v, s, loc, w, pts, m), sets, variant
+                        )
+                    yield bench
+
+
 def _targets(labels: torch.Tensor, boxes: torch.Tensor, counts: list[int]) -> list[dict[str, torch.Tensor]]:
     starts = [sum(counts[:i]) for i in range(len(counts))]
     return [{"labels": labels[s : s + c], "boxes": boxes[s : s + c]} for s, c in zip(starts, counts, strict=True)]
@@ -197,7 +232,7 @@ def dn_queries_benches(target: Target) -> Iterator[Bench]:
     replaces generation + mask; "+ dn_attn_mask" adds the dense mask that nn.MultiheadAttention users need.
     """
     import originals
-    from dnops.compat import dino, dn_detr
+    from dnops.compat import dino, dn_detr, rtdetr
 
     device = target.device
     torch.manual_seed(0)
@@ -234,6 +269,21 @@ def dn_queries_benches(target: Target) -> Iterator[Bench]:
                 )
             yield bench
             yield end_to_end
+        # RT-DETR v2's contrastive denoising group (num_denoising 100, noise 0.5 / 1.0, 300 queries, 80 classes)
+        embed = torch.nn.Embedding(81, hidden, padding_idx=80).to(device)
+        rt_labels = labels % 80
+        rt_targets = _targets(rt_labels, boxes, counts)
+        args = (rt_targets, 80, 300, embed, 100, 0.5, 1.0)
+        bench = Bench("dn_queries", f"B={batch}", "rt-detr cdn group", "RT-DETR algorithm", count_ops=True)
+        bench.impls["RT-DETR algorithm"] = lambda i, a=args: originals.rtdetr_get_contrastive_denoising_training_group(
+            *a
+        )
+        for b in kernels_on("dn_queries", device):
+            forced = with_backend(b, rtdetr.get_contrastive_denoising_training_group)
+            bench.impls[f"dnops {b} get_contrastive_denoising_training_group"] = _missing("dn_queries", b, device) or (
+                lambda i, f=forced, a=args: f(*a)
+            )
+        yield bench
 
 
 def _times_flex(target: Target, case: str, p: str) -> bool:
@@ -365,6 +415,7 @@ def detr_step_benches(target: Target) -> Iterator[Bench]:
 
 SUITES: dict[str, Callable[[Target], Iterator[Bench]]] = {
     "ms_deform_attn": ms_deform_attn_benches,
+    "rt_detr_attn": real_time_benches,
     "dn_queries": dn_queries_benches,
     "dn_self_attention": dn_self_attention_benches,
     "dn_mha": dn_mha_benches,

@@ -112,6 +112,23 @@ def _msda_cases() -> Iterator[tuple[str, dict]]:
         yield "tests", kw
     for name, case in MSDA_CASES.items():
         yield f"bench:{name}", {"case": case}
+    from benchmarks.cases import RT_CASES
+
+    for name, case in RT_CASES.items():  # point counts per level: the kernels see each level padded to the largest
+        yield f"bench:{name}", {"rt": case}
+
+
+def _rt_args(case, dtype: torch.dtype) -> tuple:
+    """A real-time DETR case as the kernels receive it: (value, spatial_shapes, level_start_index, locations,
+    weights) with every level's points padded to the largest count."""
+    from benchmarks.cases import rt_inputs
+    from dnops.ops.ms_deform_attn import _points_as_levels
+
+    value, shapes, loc, weights, points = rt_inputs(case, dtype=dtype)
+    shapes = torch.tensor(shapes, dtype=torch.int64)
+    sizes = shapes.prod(1)
+    loc, weights, _ = _points_as_levels(points, loc, weights, False)
+    return value, shapes, torch.cumsum(sizes, 0) - sizes, loc, weights
 
 
 def run_ms_deform_attn(dtypes) -> Iterator[str]:
@@ -123,6 +140,8 @@ def run_ms_deform_attn(dtypes) -> Iterator[str]:
         for dtype in dtypes:
             if "case" in kw:
                 args = msda_inputs(kw["case"], dtype=dtype)
+            elif "rt" in kw:
+                args = _rt_args(kw["rt"], dtype)
             else:
                 args = [t.to(dtype) if t.is_floating_point() else t for t in make_inputs(**kw)]
             for logits in (False, True):
@@ -157,10 +176,12 @@ def run_dn_queries(dtypes) -> Iterator[str]:
     for origin, batch in (("tests", 4), ("bench:B=32", 32)):
         labels, boxes, counts = dn_inputs(batch)
         for dtype in dtypes:
-            for contrastive in (False, True):
+            # DN, CDN, and CDN with D-FINE's sizes (abs_size)
+            for contrastive, abs_size in ((False, False), (True, False), (True, True)):
                 yield origin, dtype
                 # a 62-bit seed, as the ones drawn (a seed of 1 would be specialized to a constant)
-                dn_queries_triton(labels, boxes.to(dtype), counts, 5, max(counts), contrastive, 91, 0.2, 0.4, 2**61 + 7)
+                args = (labels, boxes.to(dtype), counts, 5, max(counts), contrastive, 91, 0.2, 0.4, 2**61 + 7)
+                dn_queries_triton(*args, abs_size)
 
 
 RUNNERS: dict[str, Callable] = {

@@ -34,6 +34,7 @@ def test_dry_mode_runs_every_step_and_writes_every_file(tmp_path):
     assert [_key(r) for r in rows] == _suite_rows()
     assert {r["op"] for r in rows} == {
         "ms_deform_attn",
+        "rt_detr_attn",
         "dn_self_attention",
         "dn_mha",
         "dn_queries",
@@ -42,9 +43,11 @@ def test_dry_mode_runs_every_step_and_writes_every_file(tmp_path):
     }
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     assert all(r["median_ms"] > 0 and r["peak_mb"] >= 0 and r["reps"] >= 3 for r in rows)
-    assert all(r["GBps"] > 0 and r["bytes"] > 0 and r["bound_ms"] > 0 for r in rows if r["op"] == "ms_deform_attn")
+    msda = ("ms_deform_attn", "rt_detr_attn")
+    assert all(r["GBps"] > 0 and r["bytes"] > 0 and r["bound_ms"] > 0 for r in rows if r["op"] in msda)
     assert all(r["ops"] > 0 for r in rows if r["op"] == "dn_queries")
     assert {r["impl"] for r in rows if r["op"] == "ms_deform_attn"} == {"reference", "dnops cpu"}
+    assert {r["impl"] for r in rows if r["op"] == "rt_detr_attn"} == {"original", "dnops cpu"}
 
 
 def _key(row: dict) -> tuple[str, str, str, str]:

@@ -171,3 +171,25 @@ def test_real_time_detr_attention_exports_without_grid_sample(tmp_path, exporter
     with dnops._backend.use_backend("reference"):
         want = module(value, loc, logits)
     torch.testing.assert_close(run(session, names, (value, loc, logits)), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_tensorrt_plugin_takes_point_counts_per_level_padded(tmp_path, exporter):
+    """D-FINE's [3, 6, 3] points reach TensorRT's plugin, which takes one count for all levels, as (N, Lq, M, 3, 6)
+    weights whose padding is zero: exact (the padded points add nothing)."""
+    import onnx
+
+    from dnops.compat import tensorrt
+
+    args = (torch.randn(2, 49, 4, 8), torch.rand(2, 5, 4, 12, 2), torch.randn(2, 5, 4, 12))
+    extra = {"custom_translation_table": tensorrt.translation_table()} if exporter == "dynamo" else {}
+    path = tmp_path / "trt.onnx"
+    with tensorrt.plugin_export(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(RealTimeAttention("default"), args, str(path), dynamo=exporter == "dynamo", **extra)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    plugins = [n for n in model.graph.node if n.op_type == tensorrt.PLUGIN]
+    assert len(plugins) == 1 and not any(n.op_type == "GridSample" for n in model.graph.node)
+    shapes = {v.name: v for v in (*model.graph.value_info, *model.graph.input)}
+    dims = [[d.dim_value for d in shapes[name].type.tensor_type.shape.dim] for name in plugins[0].input[3:]]
+    assert dims == [[2, 5, 4, 3, 6, 2], [2, 5, 4, 3, 6]]  # locations and weights, the levels padded to six points
