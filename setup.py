@@ -190,6 +190,8 @@ _major, _minor = torch.__version__.split(".")[:2]
 
 setup(
     packages=find_packages(include=["dnops", "dnops.*"]),
+    # the local kernel repository of the kernels package (dnops.compat.transformers.kernel_mapping): data, not a package
+    package_data={"dnops.compat": ["kernel_repo/build/torch-universal/*"]},
     install_requires=[f"torch=={_major}.{_minor}.*"],
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExt},

@@ -32,6 +32,8 @@ def test_sdist_carries_every_source_the_build_compiles(tmp_path):
     missing = set(tracked.stdout.split()) - shipped
     assert not missing, f"the sdist lacks {sorted(missing)}"
     assert {"setup.py", "pyproject.toml", "MANIFEST.in"} <= shipped
+    repo = "dnops/compat/kernel_repo/build/torch-universal/"  # the kernels package's local repository: data files
+    assert {repo + "metadata.json", repo + "__init__.py"} <= shipped
 
 
 def test_wheel_pins_the_torch_it_was_built_against(tmp_path):

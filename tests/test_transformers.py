@@ -183,3 +183,35 @@ def test_routed_models_pickle_deepcopy_and_round_trip_their_state(build, tmp_pat
         assert list(other.state_dict()) == list(model.state_dict())
         with torch.no_grad():
             torch.testing.assert_close(other(**inputs).last_hidden_state, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["INFERENCE", "TRAINING"])
+def test_kernels_kernelize_runs_the_hub_routed_layer_on_dnops(mode, monkeypatch):
+    """Deformable DETR's MultiScaleDeformableAttention is decorated use_kernel_forward_from_hub: with dnops' local
+    kernel repository mapped, the kernels package's own kernelize routes it to dnops (outputs and gradients equal to
+    the model's own path)."""
+    kernels = pytest.importorskip("kernels")
+    torch.manual_seed(0)
+    theirs, inputs = deformable_detr()
+    theirs = theirs.double().eval()  # no dropout: the two runs compare exactly (the mode is the kernels one)
+    with torch.no_grad():
+        for module in theirs.modules():
+            if hasattr(module, "sampling_offsets"):
+                module.sampling_offsets.bias.add_(torch.randn_like(module.sampling_offsets.bias) * 0.1)
+    inputs = {k: v.double() for k, v in inputs.items()}
+    ours = copy.deepcopy(theirs)
+    with kernels.use_kernel_mapping(compat.kernel_mapping(("cpu",))):
+        ours = kernels.kernelize(ours, mode=getattr(kernels.Mode, mode), device="cpu")
+    calls = []
+    monkeypatch.setattr(compat, "ms_deform_attn", lambda *a, **kw: calls.append(1) or dnops.ms_deform_attn(*a, **kw))
+    results = []
+    for model in (theirs, ours):
+        out = model(**inputs).last_hidden_state
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append((out, torch.autograd.grad(out.square().sum(), params, allow_unused=True)))
+    assert calls, "kernelize routed the layer to dnops"
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-9, atol=1e-9)
+    for g, w in zip(results[1][1], results[0][1], strict=True):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9)

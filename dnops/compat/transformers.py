@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import types
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,6 +26,10 @@ from dnops.ops.ms_deform_attn import ms_deform_attn
 
 class MultiScaleDeformableAttention(nn.Module):
     """transformers' MultiScaleDeformableAttention interface on dnops kernels (any device, dtype and backend)."""
+
+    # what the kernels package's kernelize reads of a layer (kernel_mapping): it has a backward and compiles
+    has_backward = True
+    can_torch_compile = True
 
     def forward(
         self,
@@ -39,6 +44,28 @@ class MultiScaleDeformableAttention(nn.Module):
         """value (N, S, M, D), sampling_locations (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P) ->
         (N, Lq, M * D); value_spatial_shapes_list and im2col_step are accepted and not needed."""
         return ms_deform_attn(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+KERNEL_REPO = Path(__file__).parent / "kernel_repo"
+
+
+def kernel_mapping(devices: Sequence[str] = ("cuda", "cpu")) -> dict:
+    """A mapping for the ``kernels`` package that runs transformers' kernel-routed deformable attention (the layers
+    decorated ``use_kernel_forward_from_hub("MultiScaleDeformableAttention")``: Deformable DETR and the models
+    sharing its module) on dnops through kernels' own ``kernelize``::
+
+        from kernels import Mode, kernelize, use_kernel_mapping
+
+        with use_kernel_mapping(kernel_mapping()):
+            model = kernelize(model, mode=Mode.TRAINING, device="cuda")
+
+    The repository is local (``KERNEL_REPO``, a universal build that imports the installed dnops): nothing is
+    downloaded. ``use_dnops(model)`` does the same without the kernels package."""
+    from kernels import LocalLayerRepository
+
+    layer = "MultiScaleDeformableAttention"
+    repo = LocalLayerRepository(repo_path=KERNEL_REPO, layer_name=layer, check_arch=False)
+    return {layer: dict.fromkeys(devices, repo)}
 
 
 _V2_FUNCTION = "multi_scale_deformable_attention_v2"
