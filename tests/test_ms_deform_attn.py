@@ -637,6 +637,19 @@ def test_points_per_level_half_types(backend, backend_env, dtype):
     assert_rel(out, reference.ms_deform_attn_points(*args, [3, 6, 3], True), dtype, f"{backend} {dtype}")
 
 
+@pytest.mark.parametrize("backend", POINTS_BACKENDS)
+def test_points_per_level_under_autocast(backend, backend_env):
+    """Under autocast the geometry stays float32, as for one count: bfloat16 inputs come out float32."""
+    backend_env(backend)
+    args = points_inputs((3, 6, 3))
+    half = [a.to(torch.bfloat16) if a.is_floating_point() else a for a in args]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dnops.ms_deform_attn(*half, True, points_per_level=[3, 6, 3])
+    assert out.dtype == torch.float32
+    want = reference.ms_deform_attn_points(*[a.double() if a.is_floating_point() else a for a in half], [3, 6, 3], True)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @cpp
 def test_points_per_level_gradcheck_and_compile():
     value, shapes, starts, loc, weights = points_inputs(requires_grad=True)
