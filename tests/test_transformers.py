@@ -121,36 +121,43 @@ def grounding_dino():
     ids=lambda f: f.__name__,
 )
 def test_use_dnops_gives_the_models_own_outputs_and_gradients(build, monkeypatch):
-    torch.manual_seed(0)
-    theirs, inputs = build()
-    theirs = theirs.double().eval()
-    with torch.no_grad():
-        for module in theirs.modules():
-            if hasattr(module, "sampling_offsets"):
-                # off the pixel grid: at the initial whole-pixel offsets bilinear sampling has a kink, where the
-                # gradient of a location is one-sided and grid_sample and the kernel may pick either side
-                module.sampling_offsets.bias.add_(torch.randn_like(module.sampling_offsets.bias) * 0.1)
-    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    theirs, inputs = _off_grid(*build())
     ours = copy.deepcopy(theirs)
     assert use_dnops(ours) > 0 and use_dnops(ours) == 0  # idempotent
     assert list(ours.state_dict()) == list(theirs.state_dict())
+    # each model's decoder runs its deformable attention (the encoder too, but for RT-DETR's)
+    assert _assert_same_outputs_and_gradients(theirs, ours, inputs, monkeypatch) >= 1
+
+
+def _off_grid(model, inputs):
+    """The model in float64 and eval mode (no dropout), its sampling offsets moved off the pixel grid: at the initial
+    whole-pixel offsets bilinear sampling has a kink, where the gradient of a location is one-sided and grid_sample
+    and the kernel may pick either side."""
+    torch.manual_seed(0)
+    model = model.double().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "sampling_offsets"):
+                module.sampling_offsets.bias.add_(torch.randn_like(module.sampling_offsets.bias) * 0.1)
+    return model, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def _assert_same_outputs_and_gradients(theirs, ours, inputs, monkeypatch) -> int:
+    """The routed model's output and parameter gradients equal the model's own; returns how often dnops ran."""
     calls = []
     monkeypatch.setattr(compat, "ms_deform_attn", lambda *a, **kw: calls.append(1) or dnops.ms_deform_attn(*a, **kw))
     results = []
     for model in (theirs, ours):
         out = model(**inputs).last_hidden_state
         params = [p for p in model.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True)
-        results.append((out, grads))
-    # each model's decoder runs its deformable attention (the encoder too, but for RT-DETR's)
-    assert len(calls) >= 1
+        results.append((out, torch.autograd.grad(out.square().sum(), params, allow_unused=True)))
     (want, want_grads), (got, got_grads) = results
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     for g, w in zip(got_grads, want_grads, strict=True):
-        if w is None:
-            assert g is None
-        else:
+        assert (g is None) == (w is None)
+        if w is not None:
             torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9)
+    return len(calls)
 
 
 @pytest.mark.parametrize(
@@ -189,29 +196,10 @@ def test_routed_models_pickle_deepcopy_and_round_trip_their_state(build, tmp_pat
 def test_kernels_kernelize_runs_the_hub_routed_layer_on_dnops(mode, monkeypatch):
     """Deformable DETR's MultiScaleDeformableAttention is decorated use_kernel_forward_from_hub: with dnops' local
     kernel repository mapped, the kernels package's own kernelize routes it to dnops (outputs and gradients equal to
-    the model's own path)."""
+    the model's own path; eval mode in both kernels modes, so that no dropout differs)."""
     kernels = pytest.importorskip("kernels")
-    torch.manual_seed(0)
-    theirs, inputs = deformable_detr()
-    theirs = theirs.double().eval()  # no dropout: the two runs compare exactly (the mode is the kernels one)
-    with torch.no_grad():
-        for module in theirs.modules():
-            if hasattr(module, "sampling_offsets"):
-                module.sampling_offsets.bias.add_(torch.randn_like(module.sampling_offsets.bias) * 0.1)
-    inputs = {k: v.double() for k, v in inputs.items()}
+    theirs, inputs = _off_grid(*deformable_detr())
     ours = copy.deepcopy(theirs)
     with kernels.use_kernel_mapping(compat.kernel_mapping(("cpu",))):
         ours = kernels.kernelize(ours, mode=getattr(kernels.Mode, mode), device="cpu")
-    calls = []
-    monkeypatch.setattr(compat, "ms_deform_attn", lambda *a, **kw: calls.append(1) or dnops.ms_deform_attn(*a, **kw))
-    results = []
-    for model in (theirs, ours):
-        out = model(**inputs).last_hidden_state
-        params = [p for p in model.parameters() if p.requires_grad]
-        results.append((out, torch.autograd.grad(out.square().sum(), params, allow_unused=True)))
-    assert calls, "kernelize routed the layer to dnops"
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-9, atol=1e-9)
-    for g, w in zip(results[1][1], results[0][1], strict=True):
-        assert (g is None) == (w is None)
-        if w is not None:
-            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-9)
+    assert _assert_same_outputs_and_gradients(theirs, ours, inputs, monkeypatch) >= 1, "kernelize routed it to dnops"
