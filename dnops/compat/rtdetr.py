@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dnops.compat._levels import level_tensors
 from dnops.compat.deformable_detr import ms_deform_attn_core_pytorch
 from dnops.nn.dn_mha import DNMultiheadAttention
 from dnops.ops.dn_attn_mask import dn_attn_mask
@@ -70,10 +71,7 @@ def deformable_attention_core_func_v2(
     shapes_list = [(int(h), int(w)) for h, w in value_spatial_shapes]
     if not isinstance(value, torch.Tensor):
         value = channel_major_levels_as_value(value)
-    device = value.device
-    shapes = torch.tensor(shapes_list, dtype=torch.int64, device=device)
-    sizes = shapes.prod(1)
-    starts = torch.cumsum(sizes, 0) - sizes
+    shapes, starts = level_tensors(shapes_list, value.device)
     sampling = "bilinear"
     if method == "discrete":
         sampling = "discrete"

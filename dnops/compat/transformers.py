@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dnops.compat._levels import level_tensors
 from dnops.ops.ms_deform_attn import ms_deform_attn
 
 
@@ -70,23 +71,6 @@ def kernel_mapping(devices: Sequence[str] = ("cuda", "cpu")) -> dict:
 
 _V2_FUNCTION = "multi_scale_deformable_attention_v2"
 _V2_CLASSES: dict[type, type] = {}
-_LEVELS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _level_tensors(sizes: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """spatial_shapes (L, 2) and level_start_index (L,) of a list of (H, W), made once per sizes and device (a
-    tensor from host values is a host-to-device copy); built in the graph, uncached, under torch.compile."""
-
-    def build(sizes) -> tuple[torch.Tensor, torch.Tensor]:
-        shapes = torch.tensor(sizes, dtype=torch.int64, device=device)
-        return shapes, torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
-
-    if torch.compiler.is_compiling():
-        return build(sizes)
-    key = (tuple((int(h), int(w)) for h, w in sizes), device)
-    if key not in _LEVELS:
-        _LEVELS[key] = build(key[0])
-    return _LEVELS[key]
 
 
 def _v2_dnops(
@@ -104,7 +88,7 @@ def _v2_dnops(
     method transformers does not know goes to its function (which fails on it)."""
     if method not in ("default", "discrete"):
         return original(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list, method)
-    shapes, starts = _level_tensors(value_spatial_shapes, value.device)
+    shapes, starts = level_tensors(value_spatial_shapes, value.device)
     sampling = "discrete" if method == "discrete" else "bilinear"
     points = list(num_points_list)
     return ms_deform_attn(

@@ -55,6 +55,28 @@ def as_int64_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tenso
     )
 
 
+_PADDING: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _padding_index(points: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, max P) int64: the point each (level, slot) holds (a padding slot: its level's first point, whose weight is
+    then zeroed), and (L, max P) bool: which slots hold one. Made once per counts and device (a tensor from host
+    values is a blocking host-to-device copy); in the graph under torch.compile."""
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        most, first = max(points), [sum(points[:level]) for level in range(len(points))]
+        index = [[f + (j if j < c else 0) for j in range(most)] for f, c in zip(first, points, strict=True)]
+        valid = [[j < c for j in range(most)] for c in points]
+        return torch.tensor(index, device=device), torch.tensor(valid, device=device)
+
+    if torch.compiler.is_compiling():
+        return build()
+    key = (points, device)
+    if key not in _PADDING:
+        _PADDING[key] = build()
+    return _PADDING[key]
+
+
 def _points_as_levels(
     points: list[int], sampling_locations: torch.Tensor, attention_weights: torch.Tensor, attention_logits: bool
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -74,13 +96,7 @@ def _points_as_levels(
         half = attention_weights.dtype in (torch.float16, torch.bfloat16)
         attention_weights = attention_weights.softmax(-1, dtype=torch.float32 if half else None)
         attention_weights = attention_weights.to(sampling_locations.dtype)
-    # per (level, slot): the point it holds, or level's first point for a padding slot (whose weight is zero)
-    first = [sum(points[:level]) for level in range(levels)]
-    index = [[f + (j if j < c else 0) for j in range(most)] for f, c in zip(first, points, strict=True)]
-    valid = [[j < c for j in range(most)] for c in points]
-    device = sampling_locations.device
-    index = torch.tensor(index, dtype=torch.int64, device=device)
-    valid = torch.tensor(valid, dtype=torch.bool, device=device)
+    index, valid = _padding_index(tuple(points), sampling_locations.device)
     weights = attention_weights[:, :, :, index]
     return sampling_locations[:, :, :, index], torch.where(valid, weights, torch.zeros_like(weights)), False
 

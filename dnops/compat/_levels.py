@@ -1,0 +1,27 @@
+"""The level tensors of the adapters whose originals give level sizes as Python lists (RT-DETR, D-FINE, DEIM,
+transformers' v2 function)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_LEVELS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def level_tensors(sizes: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """spatial_shapes (L, 2) and level_start_index (L,) of a list of (H, W), made once per sizes and device: a tensor
+    from host values is a blocking host-to-device copy, and the op checks a level tensor it has seen only once. Built
+    in the graph, uncached, under torch.compile."""
+
+    def build(sizes) -> tuple[torch.Tensor, torch.Tensor]:
+        shapes = torch.tensor(sizes, dtype=torch.int64, device=device)
+        return shapes, torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+
+    if torch.compiler.is_compiling():
+        return build(sizes)
+    key = (tuple((int(h), int(w)) for h, w in sizes), device)
+    if key not in _LEVELS:
+        _LEVELS[key] = build(key[0])
+    return _LEVELS[key]
