@@ -18,6 +18,7 @@ import torch
 
 from dnops.compat._levels import level_tensors
 from dnops.compat.deformable_detr import ms_deform_attn_core_pytorch
+from dnops.dn import inverse_sigmoid
 from dnops.nn.dn_mha import DNMultiheadAttention
 from dnops.ops.dn_attn_mask import dn_attn_mask
 from dnops.ops.dn_queries import generate
@@ -90,12 +91,11 @@ def deformable_attention_core_func_v2(
 def _square_clamp(locations: torch.Tensor, shapes: list[tuple[int, int]], points: list[int]) -> torch.Tensor:
     """x of each level wider than tall capped at (H_l - 1) / W_l, where floor(x * W_l + 0.5) reaches H_l - 1: the
     originals' clamp of x to [0, H_l - 1]. Levels whose width is at most their height are left alone."""
-    caps = [(h - 1) / w if w > h else float("inf") for h, w in shapes]
-    if all(c == float("inf") for c in caps):
+    if all(w <= h for h, w in shapes):
         return locations
-    cap = torch.tensor([c for c, p in zip(caps, points, strict=True) for _ in range(p)], dtype=locations.dtype)
-    x = torch.minimum(locations[..., 0], cap.to(locations.device))
-    return torch.stack([x, locations[..., 1]], -1)
+    x = locations[..., 0].split(points, dim=-1)
+    x = [xl.clamp(max=(h - 1) / w) if w > h else xl for xl, (h, w) in zip(x, shapes, strict=True)]
+    return torch.stack([torch.cat(x, -1), locations[..., 1]], -1)
 
 
 # D-FINE's decoder makes its per-level value views once per forward and hands the same ones to every layer: the
@@ -122,12 +122,6 @@ def channel_major_levels_as_value(levels: Sequence[torch.Tensor]) -> torch.Tenso
         alive = weakref.ref(first, lambda _, key=key: _CONVERTED.pop(key, None))
         _CONVERTED[key] = (alive, state, value)
     return value
-
-
-def _inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """RT-DETR's inverse_sigmoid (eps 1e-5, where DETR's is 1e-3)."""
-    x = x.clip(min=0.0, max=1.0)
-    return torch.log(x.clip(min=eps) / (1 - x).clip(min=eps))
 
 
 def get_contrastive_denoising_training_group(
@@ -208,7 +202,8 @@ def contrastive_group(
     if empty:
         out_labels = torch.full_like(out_labels, num_classes)
     noised = out_boxes if scale > 0 else boxes[gt_index.clamp(min=0)]  # no noise: the GT exactly, no round trip
-    unact = _inverse_sigmoid(torch.where(valid[..., None], noised, torch.zeros_like(noised)))
+    # RT-DETR's inverse_sigmoid has eps 1e-5 (DETR's 1e-3)
+    unact = inverse_sigmoid(torch.where(valid[..., None], noised, torch.zeros_like(noised)), 1e-5)
     pad_size = 2 * max_gt * groups
     attn_mask = dn_attn_mask(pad_size, 2 * max_gt, num_queries, device=device)
     # each image's positive slots, group by group: made from the host counts, one copy to the device
