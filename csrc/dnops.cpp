@@ -6,12 +6,15 @@
 
 TORCH_LIBRARY(dnops, m) {
   m.def("dn_attn_mask(SymInt pad_size, SymInt group_size, SymInt num_queries, *, Device? device=None) -> Tensor");
+  // points_per_level: a point count per level, the locations then (N, Lq, M, sum_l P_l, 2); discrete: nearest pixel
   m.def(
       "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations, "
-      "Tensor attention_weights, bool attention_logits=False) -> Tensor");
+      "Tensor attention_weights, bool attention_logits=False, int[]? points_per_level=None, bool discrete=False) -> "
+      "Tensor");
   m.def(
       "_ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights, bool attention_logits=False) -> (Tensor, Tensor, Tensor)");
+      "Tensor sampling_locations, Tensor attention_weights, bool attention_logits=False, int[]? points_per_level=None, "
+      "bool discrete=False) -> (Tensor, Tensor, Tensor)");
   // seed -1 draws the key from torch's default CPU generator inside the op, so a compiled graph draws a fresh
   // one per call (a seed drawn in Python while tracing would become a constant)
   m.def(

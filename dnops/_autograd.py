@@ -39,18 +39,18 @@ def forbid_double_backward(backward_op: Any, public_name: str) -> None:
 
 def register_ms_deform_attn(forward_op: Any, backward_op: Any) -> None:
     """ms_deform_attn's autograd on a kernel pair: ``forward_op(value, spatial_shapes, level_start_index,
-    sampling_locations, attention_weights, logits) -> (N, Lq, M * D)`` and ``backward_op(grad_output, <the same six>)
-    -> (grad_value, grad_sampling_locations, grad_attention_weights)``."""
+    sampling_locations, attention_weights, logits, points_per_level, discrete) -> (N, Lq, M * D)`` and
+    ``backward_op(grad_output, <the same eight>) -> (grad_value, grad_sampling_locations, grad_attention_weights)``."""
     backward_kernel = _callable(backward_op)
 
     def setup_context(ctx, inputs, output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, logits = inputs
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, *options = inputs
         ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        ctx.logits = logits
+        ctx.options = options
 
     def backward(ctx, grad_output):
-        grads = backward_kernel(grad_output, *ctx.saved_tensors, ctx.logits)
-        return grads[0], None, None, grads[1], grads[2], None
+        grads = backward_kernel(grad_output, *ctx.saved_tensors, *ctx.options)
+        return grads[0], None, None, grads[1], grads[2], *(None for _ in ctx.options)
 
     _register(forward_op, backward, setup_context)
     forbid_double_backward(backward_op, "ms_deform_attn")

@@ -51,16 +51,22 @@ def check_ms_deform_attn_args(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     values_when_compiling: bool = False,
+    points: list[int] | None = None,
 ) -> None:
     """``values_when_compiling``: check spatial_shapes / level_start_index values under torch.compile too, for
-    callers that read them anyway (the reference splits value by them, a graph break either way)."""
+    callers that read them anyway (the reference splits value by them, a graph break either way). ``points``: the
+    counts check_points_per_level returned, for locations (N, Lq, M, sum_l P_l, 2) it has checked against them."""
     op = "ms_deform_attn"
     named = {
         "value": (value, 4, "(N, S, M, D)"),
         "spatial_shapes": (spatial_shapes, 2, "(L, 2)"),
         "level_start_index": (level_start_index, 1, "(L,)"),
-        "sampling_locations": (sampling_locations, 6, "(N, Lq, M, L, P, 2)"),
-        "attention_weights": (attention_weights, 5, "(N, Lq, M, L, P)"),
+        "sampling_locations": (sampling_locations, 6, "(N, Lq, M, L, P, 2)")
+        if points is None
+        else (sampling_locations, 5, "(N, Lq, M, sum_l P_l, 2)"),
+        "attention_weights": (attention_weights, 5, "(N, Lq, M, L, P)")
+        if points is None
+        else (attention_weights, 4, "(N, Lq, M, sum_l P_l)"),
     }
     for name, (t, rank, shape) in named.items():
         if not isinstance(t, torch.Tensor):
@@ -85,15 +91,20 @@ def check_ms_deform_attn_args(
     if level_start_index.shape[0] != nl:
         _fail(op, f"level_start_index has {level_start_index.shape[0]} levels but spatial_shapes has {nl}")
     loc = sampling_locations.shape
-    if loc[0] != n or loc[2] != m or loc[3] != nl or loc[5] != 2 or loc[4] < 1:
+    if points is not None:
+        if loc[0] != n or loc[2] != m:
+            _fail(op, f"sampling_locations must be (N={n}, Lq, M={m}, sum_l P_l={sum(points)}, 2), got {tuple(loc)}")
+    elif loc[0] != n or loc[2] != m or loc[3] != nl or loc[5] != 2 or loc[4] < 1:
         _fail(op, f"sampling_locations must be (N={n}, Lq, M={m}, L={nl}, P>=1, 2), got {tuple(loc)}")
-    if tuple(attention_weights.shape) != tuple(loc[:5]):
+    elif tuple(attention_weights.shape) != tuple(loc[:5]):
         _fail(op, f"attention_weights must be {tuple(loc[:5])}, got {tuple(attention_weights.shape)}")
     if values_when_compiling or not torch.compiler.is_compiling():
         _check_levels(spatial_shapes, level_start_index, s, cached=spatial_shapes.device.type != "cpu")
 
 
 SAMPLINGS = ("bilinear", "discrete")
+# csrc's PointLayout::kMaxLevels: the GPU kernels get the per-level counts by value
+MAX_POINT_LEVELS = 16
 
 
 def check_points_per_level(
@@ -117,6 +128,8 @@ def check_points_per_level(
         _fail(op, f"points_per_level has {len(points)} counts but spatial_shapes has {levels} levels")
     if not points or any(c < 1 for c in points):
         _fail(op, f"points_per_level must hold one count >= 1 per level, got {points}")
+    if len(points) > MAX_POINT_LEVELS:
+        _fail(op, f"points_per_level takes at most {MAX_POINT_LEVELS} levels, got {len(points)}")
     for name, t, rank, shape in (
         ("sampling_locations", sampling_locations, 5, "(N, Lq, M, sum_l P_l, 2)"),
         ("attention_weights", attention_weights, 4, "(N, Lq, M, sum_l P_l)"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -114,21 +115,19 @@ def _msda_cases() -> Iterator[tuple[str, dict]]:
         yield f"bench:{name}", {"case": case}
     from benchmarks.cases import RT_CASES
 
-    for name, case in RT_CASES.items():  # point counts per level: the kernels see each level padded to the largest
+    for name, case in RT_CASES.items():  # a point count per level
         yield f"bench:{name}", {"rt": case}
 
 
-def _rt_args(case, dtype: torch.dtype) -> tuple:
-    """A real-time DETR case as the kernels receive it: (value, spatial_shapes, level_start_index, locations,
-    weights) with every level's points padded to the largest count."""
+def _rt_args(case, dtype: torch.dtype) -> tuple[tuple, list[int]]:
+    """A real-time DETR case as the kernels receive it: (value, spatial_shapes, level_start_index, locations
+    (N, Lq, M, sum_l P_l, 2), weights), and the counts."""
     from benchmarks.cases import rt_inputs
-    from dnops.ops.ms_deform_attn import _points_as_levels
 
     value, shapes, loc, weights, points = rt_inputs(case, dtype=dtype)
     shapes = torch.tensor(shapes, dtype=torch.int64)
     sizes = shapes.prod(1)
-    loc, weights, _ = _points_as_levels(points, loc, weights, False)
-    return value, shapes, torch.cumsum(sizes, 0) - sizes, loc, weights
+    return (value, shapes, torch.cumsum(sizes, 0) - sizes, loc, weights), points
 
 
 def run_ms_deform_attn(dtypes) -> Iterator[str]:
@@ -138,17 +137,19 @@ def run_ms_deform_attn(dtypes) -> Iterator[str]:
 
     for origin, kw in _msda_cases():
         for dtype in dtypes:
+            points = None
             if "case" in kw:
                 args = msda_inputs(kw["case"], dtype=dtype)
             elif "rt" in kw:
-                args = _rt_args(kw["rt"], dtype)
+                args, points = _rt_args(kw["rt"], dtype)
             else:
                 args = [t.to(dtype) if t.is_floating_point() else t for t in make_inputs(**kw)]
-            for logits in (False, True):
+            # bilinear and discrete sampling everywhere but at the Deformable-DETR benchmark shapes (bilinear only)
+            for logits, discrete in itertools.product((False, True), (False, True) if "case" not in kw else (False,)):
                 yield origin, dtype
-                ms_deform_attn_triton(*args, logits)
+                ms_deform_attn_triton(*args, logits, points, discrete)
                 g = torch.zeros(args[0].shape[0], args[3].shape[1], args[0].shape[2] * args[0].shape[3], dtype=dtype)
-                ms_deform_attn_triton_backward(g, *args, logits)
+                ms_deform_attn_triton_backward(g, *args, logits, points, discrete)
 
 
 def run_dn_self_attention(dtypes) -> Iterator[str]:
@@ -245,7 +246,8 @@ def _resources(path: str) -> dict[tuple[int, str], dict]:
 
 
 def _describe_key(key) -> str:
-    return re.sub(r"\s+", " ", str(key))[:400]
+    """The whole key: a cut one would merge specializations that differ in a later constexpr (a tile size)."""
+    return re.sub(r"\s+", " ", str(key))
 
 
 def triton_rows(arch: int, ops: list[str], dtypes) -> list[dict]:

@@ -12,7 +12,7 @@ import torch
 from torch.library import opcheck
 
 import dnops
-from dnops import reference
+from dnops import _backend, reference
 from dnops.nn import MSDeformAttn
 from tests.backends import backends
 from tests.conftest import check_double_backward, requires_cpp
@@ -680,6 +680,66 @@ def test_points_per_level_bad_inputs_name_the_argument():
         dnops.ms_deform_attn(value, shapes, starts, loc, weights, points_per_level=[1, 3, 2], sampling="nearest")
 
 
+@pytest.mark.parametrize("backend", POINTS_BACKENDS)
+def test_discrete_rounding_ties_clamps_and_nan(backend, backend_env):
+    """Locations exactly on the half-pixel where the nearest pixel changes (x * W + 0.5 an integer: exact in float64
+    for these power-of-two sizes), past both borders, far outside [-1, 2] and NaN: every backend reads the
+    reference's pixel."""
+    backend_env(backend)
+    shapes = torch.tensor([[4, 8], [2, 4]])
+    starts = torch.tensor([0, 32])
+    value = torch.randn(1, 40, 1, 3, dtype=torch.float64, requires_grad=True)
+    xs = [0.0, 1 / 16, 3 / 16, 15 / 16, 1.0, -0.01, -0.07, 1.2, 7.0, -5.0, float("nan"), 0.5]
+    loc = torch.tensor([[x, xs[-1 - i]] for i, x in enumerate(xs)], dtype=torch.float64)
+    loc = loc.view(1, len(xs), 1, 1, 2).expand(1, len(xs), 1, 3, 2).clone().requires_grad_()
+    weights = torch.rand(1, len(xs), 1, 3, dtype=torch.float64, requires_grad=True)
+    args = (value, shapes, starts, loc, weights)
+    out = dnops.ms_deform_attn(*args, points_per_level=[1, 2], sampling="discrete")
+    ref = reference.ms_deform_attn_points(*args, [1, 2], sampling="discrete")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.sum(), (value, loc, weights), allow_unused=True, materialize_grads=True)
+    want = torch.autograd.grad(ref.sum(), (value, weights))
+    torch.testing.assert_close(grads[0], want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[2], want[1], rtol=1e-12, atol=1e-12)
+    assert torch.equal(grads[1], torch.zeros_like(loc))
+
+
+@cpp
+@pytest.mark.parametrize("sampling", ["bilinear", "discrete"])
+def test_kernels_take_points_per_level_natively(sampling):
+    """The registered op takes the counts and the sampling mode itself (no padding before it): opcheck of the
+    schema, fake and autograd with unequal counts, and the kernel's own argument errors."""
+    args = points_inputs((3, 6, 2), requires_grad=True)
+    discrete = sampling == "discrete"
+    for logits in (False, True):
+        opcheck(torch.ops.dnops.ms_deform_attn.default, (*args, logits, [3, 6, 2], discrete))
+        out = torch.ops.dnops.ms_deform_attn(*args, logits, [3, 6, 2], discrete)
+        want = reference.ms_deform_attn_points(*args, [3, 6, 2], logits, sampling)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(2, 3, 8, dtype=torch.float64)
+    detached = [a.detach() for a in args]
+    opcheck(torch.ops.dnops._ms_deform_attn_backward.default, (grad, *detached, True, [3, 6, 2], discrete))
+    value, shapes, starts, loc, weights = detached
+    for counts, match in (([3, 6], "points_per_level has 2 counts"), ([3, 6, 3], "sum_l P_l = 12"),
+                          ([3, 0, 8], "one count >= 1")):  # fmt: skip
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.dnops.ms_deform_attn(value, shapes, starts, loc, weights, False, counts, discrete)
+    with pytest.raises(RuntimeError, match="sampling_locations must be \\(N, Lq, M, sum_l P_l, 2\\)"):
+        torch.ops.dnops.ms_deform_attn(value, shapes, starts, loc.unsqueeze(3), weights, False, [3, 6, 2])
+
+
+def test_points_per_level_takes_at_most_16_levels():
+    shapes = torch.tensor([[1, 1]] * 17)
+    starts = torch.arange(17)
+    value = torch.randn(1, 17, 1, 2)
+    loc, weights = torch.rand(1, 2, 1, 17, 2), torch.rand(1, 2, 1, 17)
+    with pytest.raises(ValueError, match="points_per_level takes at most 16 levels, got 17"):
+        dnops.ms_deform_attn(value, shapes, starts, loc, weights, points_per_level=[1] * 17)
+    if _backend.HAS_C:
+        with pytest.raises(RuntimeError, match="points_per_level takes at most 16 levels"):
+            torch.ops.dnops.ms_deform_attn(value, shapes, starts, loc, weights, False, [1] * 17)
+
+
 # ---- hardening: bad inputs, limits, double backward ------------------------------------------------------------------
 
 
@@ -971,14 +1031,28 @@ def test_gpu_non_contiguous_and_borders(arch_dev, backend, dtype):
 @pytest.mark.parametrize("backend", MSDA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("logits", [False, True])
-def test_gpu_points_per_level(arch_dev, backend, dtype, logits):
-    """D-FINE's counts [3, 6, 3]: the kernels on the padded points against the level-by-level definition."""
+@pytest.mark.parametrize("sampling", ["bilinear", "discrete"])
+@pytest.mark.parametrize("deterministic_kernel", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_points_per_level(arch_dev, backend, dtype, logits, sampling, deterministic_kernel):
+    """D-FINE's counts [3, 6, 3] (the softmax of logits over all 12 points of a row) and either sampling: the kernels
+    against the level-by-level definition; discrete leaves the locations' gradient zero."""
+    if deterministic_kernel and backend != "cuda":
+        pytest.skip("the deterministic grad_value gather is the CUDA kernel's")
     name = needs("ms_deform_attn", backend, arch_dev)
-    fn = backend_fn(name, lambda *a: dnops.ms_deform_attn(*a, logits, points_per_level=[3, 6, 3]))
-    ref = lambda *a: reference.ms_deform_attn_points(*a, [3, 6, 3], logits)  # noqa: E731
+    kw = {"points_per_level": [3, 6, 3], "sampling": sampling}
+    fn = backend_fn(name, lambda *a: dnops.ms_deform_attn(*a, logits, **kw))
+    ref = lambda *a: reference.ms_deform_attn_points(*a, [3, 6, 3], logits, sampling)  # noqa: E731
     args = [t.to(arch_dev) for t in points_inputs((3, 6, 3))]
     args = [t.to(dtype).requires_grad_() if t.is_floating_point() else t for t in args]
-    check_against_reference(fn, ref, args, dtype, f"ms_deform_attn[{backend}] points_per_level")
+    if sampling == "discrete":
+        args[3] = args[3].detach()  # no gradient: the reference's autograd has none to compare with
+    what = f"ms_deform_attn[{backend}] points_per_level {sampling}"
+    check_against_reference(fn, ref, args, dtype, what, deterministic_kernel=deterministic_kernel)
+    if sampling == "discrete":
+        loc = args[3].clone().requires_grad_()
+        out = fn(args[0], args[1], args[2], loc, args[4])
+        (grad_loc,) = torch.autograd.grad(out.sum(), [loc], allow_unused=True, materialize_grads=True)
+        assert torch.equal(grad_loc, torch.zeros_like(loc))
 
 
 @pytest.mark.parametrize("logits", [False, True])

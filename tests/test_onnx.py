@@ -153,24 +153,32 @@ class RealTimeAttention(torch.nn.Module):
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("method", ["default", "discrete"])
-def test_real_time_detr_attention_exports_without_grid_sample(tmp_path, exporter, method):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_real_time_detr_attention_exports_without_grid_sample(tmp_path, exporter, method, dtype):
     """Per-level point counts and discrete sampling export as standard ops (no GridSample, which older TensorRT
-    lacks and FP16 TensorRT mis-computes), and onnxruntime gives PyTorch's output in float32."""
+    lacks and FP16 TensorRT mis-computes), and onnxruntime gives PyTorch's output, in float32 and in float16 (a
+    graph computed in float16 throughout: within float16's rounding of the float64 result)."""
     import onnx
 
     torch.manual_seed(0)
-    value = torch.randn(2, 49, 4, 8)
-    loc = torch.rand(2, 5, 4, 12, 2) * 0.9 + 0.05
-    logits = torch.randn(2, 5, 4, 12)
+    value = torch.randn(2, 49, 4, 8).to(dtype)
+    loc = (torch.rand(2, 5, 4, 12, 2) * 0.9 + 0.05).to(dtype)
+    logits = torch.randn(2, 5, 4, 12).to(dtype)
     names = ["value", "loc", "logits"]
     module = RealTimeAttention(method).eval()
     session = export(module, (value, loc, logits), tmp_path / "rt.onnx", exporter, names)
     model = onnx.load(str(tmp_path / "rt.onnx"))
     ops = {node.op_type for graph in (model.graph, *model.functions) for node in graph.node}
     assert "GridSample" not in ops and ops & {"Gather", "GatherElements"}
+    got = run(session, names, (value, loc, logits))
+    assert got.dtype == dtype
     with dnops._backend.use_backend("reference"):
-        want = module(value, loc, logits)
-    torch.testing.assert_close(run(session, names, (value, loc, logits)), want, rtol=1e-4, atol=1e-5)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, module(value, loc, logits), rtol=1e-4, atol=1e-5)
+        else:
+            want = module(value.double(), loc.double(), logits.double())
+            torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=3e-3)
+            torch.testing.assert_close(got, module(value, loc, logits), rtol=1e-2, atol=3e-3)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)

@@ -31,6 +31,39 @@ C10_HOST_DEVICE inline bool bilinear_origin(acc_t loc_x, acc_t loc_y, index_t he
   return true;
 }
 
+// The nearest pixel of normalized coordinate `loc` on an axis of `size` pixels, as discrete sampling reads it:
+// clamp(floor(loc * size + 0.5), 0, size - 1) (RT-DETR v2's rounding, clamped per axis). NaN reads as -1, and loc
+// is first clamped to [-1, 2], as the reference treats such locations (every pixel index stays finite).
+template <typename acc_t, typename index_t>
+C10_HOST_DEVICE inline index_t nearest_pixel(acc_t loc, index_t size) {
+  acc_t x = loc == loc ? loc : static_cast<acc_t>(-1);
+  x = x < static_cast<acc_t>(-1) ? static_cast<acc_t>(-1) : (x > static_cast<acc_t>(2) ? static_cast<acc_t>(2) : x);
+  const acc_t pixel = std::floor(x * static_cast<acc_t>(size) + static_cast<acc_t>(0.5));
+  if (pixel < static_cast<acc_t>(0)) return 0;
+  return pixel > static_cast<acc_t>(size - 1) ? size - 1 : static_cast<index_t>(pixel);
+}
+
+// Which level each of a (query, head) row's points samples. With one count P for every level the row holds L * P
+// points, level l's at [l * P, (l + 1) * P); with a count per level (RT-DETR v2, D-FINE, DEIM) level l's points are
+// [start[l], start[l + 1]). Passed by value to the GPU kernels, hence the fixed capacity.
+struct PointLayout {
+  static constexpr int kMaxLevels = 16;
+  int32_t points;  // P when every level has P points, 0 with a count per level
+  int32_t start[kMaxLevels + 1];
+
+  C10_HOST_DEVICE int64_t begin(int64_t level) const { return points ? level * points : start[level]; }
+  C10_HOST_DEVICE int64_t count(int64_t level) const { return points ? points : start[level + 1] - start[level]; }
+  // int32 arithmetic (a row's points number < 2^31: check_args): a 64-bit division is a call on the GPU. With a
+  // count per level, the number of level starts at or below i over the whole fixed-size table: constant indices,
+  // which a GPU kernel reads from its parameters (an index that varies would copy the table to local memory).
+  C10_HOST_DEVICE int level_of(int i, int levels) const {
+    if (points) return i / points;
+    int level = 0;
+    for (int l = 1; l < kMaxLevels; ++l) level += l < levels && i >= start[l];
+    return level;
+  }
+};
+
 // Whether a height x width level starting at position `start` lies inside a value of `spatial` positions, without
 // forming a product that could overflow. The kernels test it before reading a level, so that inconsistent
 // spatial_shapes / level_start_index never make them read outside value (on the GPU those live in device memory
@@ -64,7 +97,7 @@ C10_HOST_DEVICE inline void corner_weight(int k, acc_t lx, acc_t ly, acc_t& w, a
   dwdy = (k >> 1) ? wx : -wx;
 }
 
-// The softmax over the n = L * P attention logits of one (query, head), as (max, sum of exp(x - max)), so a
+// The softmax over the n attention logits of one (query, head), as (max, sum of exp(x - max)), so a
 // probability is exp(x - max) / sum without storing the row (GPU threads have no per-row scratch).
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline void softmax_stats(const scalar_t* logits, int64_t n, acc_t& mx, acc_t& sum) {

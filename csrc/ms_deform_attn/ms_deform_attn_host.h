@@ -4,26 +4,42 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <c10/util/OptionalArrayRef.h>
 
+#include <algorithm>
+#include <limits>
 #include <tuple>
+
+#include "ms_deform_attn/ms_deform_attn_common.h"
 
 namespace dnops {
 namespace msda {
 
+// The sizes of a call. `samples` is the number of points of one (query, head) row (L * P, or sum_l P_l with a count
+// per level); `layout` says which level each of them samples; `discrete`: nearest-pixel sampling.
 struct Dims {
-  int64_t batch, spatial, heads, channels, queries, levels, points;
+  int64_t batch, spatial, heads, channels, queries, levels, samples;
+  PointLayout layout;
+  bool discrete;
 };
 
 inline Dims check_args(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                       at::OptionalIntArrayRef points_per_level, bool discrete) {
   TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (N, S, M, D), got ", value.sizes());
   TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
               "ms_deform_attn: spatial_shapes must be (L, 2), got ", spatial_shapes.sizes());
   TORCH_CHECK(level_start_index.dim() == 1, "ms_deform_attn: level_start_index must be (L,), got ",
               level_start_index.sizes());
-  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ", sampling_locations.sizes());
-  TORCH_CHECK(attention_weights.dim() == 5, "ms_deform_attn: attention_weights must be (N, Lq, M, L, P), got ",
+  const bool per_level = points_per_level.has_value();
+  // with a count per level the point axis is one axis of sum_l P_l points
+  const int64_t point_dims = per_level ? 4 : 5;
+  TORCH_CHECK(sampling_locations.dim() == point_dims + 1 && sampling_locations.size(point_dims) == 2,
+              "ms_deform_attn: sampling_locations must be ",
+              per_level ? "(N, Lq, M, sum_l P_l, 2) with points_per_level" : "(N, Lq, M, L, P, 2)", ", got ",
+              sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.dim() == point_dims, "ms_deform_attn: attention_weights must be ",
+              per_level ? "(N, Lq, M, sum_l P_l) with points_per_level" : "(N, Lq, M, L, P)", ", got ",
               attention_weights.sizes());
   TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
               "ms_deform_attn: spatial_shapes and level_start_index must be int64");
@@ -34,21 +50,45 @@ inline Dims check_args(const at::Tensor& value, const at::Tensor& spatial_shapes
     TORCH_CHECK(t->device() == value.device(), "ms_deform_attn: all inputs must be on value's device ", value.device(),
                 ", got ", t->device());
   }
-  const Dims d{value.size(0),
-               value.size(1),
-               value.size(2),
-               value.size(3),
-               sampling_locations.size(1),
-               spatial_shapes.size(0),
-               sampling_locations.size(4)};
+  Dims d{
+      value.size(0), value.size(1), value.size(2), value.size(3), sampling_locations.size(1), spatial_shapes.size(0), 0,
+      PointLayout{}, discrete};
   TORCH_CHECK(level_start_index.size(0) == d.levels, "ms_deform_attn: level_start_index has ",
               level_start_index.size(0), " levels but spatial_shapes has ", d.levels);
-  TORCH_CHECK(sampling_locations.size(0) == d.batch && sampling_locations.size(2) == d.heads &&
-                  sampling_locations.size(3) == d.levels && d.points >= 1,
-              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2) matching value and spatial_shapes, got ",
-              sampling_locations.sizes());
-  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
-              "ms_deform_attn: attention_weights must be ", sampling_locations.sizes().slice(0, 5), ", got ",
+  if (per_level) {
+    const at::IntArrayRef counts = *points_per_level;
+    TORCH_CHECK(static_cast<int64_t>(counts.size()) == d.levels, "ms_deform_attn: points_per_level has ", counts.size(),
+                " counts but spatial_shapes has ", d.levels, " levels");
+    TORCH_CHECK(d.levels <= PointLayout::kMaxLevels, "ms_deform_attn: points_per_level takes at most ",
+                PointLayout::kMaxLevels, " levels, got ", d.levels);
+    int64_t total = 0;
+    for (int64_t l = 0; l < d.levels; ++l) {
+      TORCH_CHECK(counts[l] >= 1 && counts[l] <= std::numeric_limits<int32_t>::max() - total,
+                  "ms_deform_attn: points_per_level must hold one count >= 1 per level, got ", counts);
+      d.layout.start[l] = static_cast<int32_t>(total);
+      total += counts[l];
+    }
+    d.layout.start[d.levels] = static_cast<int32_t>(total);
+    d.samples = total;
+    TORCH_CHECK(sampling_locations.size(0) == d.batch && sampling_locations.size(2) == d.heads &&
+                    sampling_locations.size(3) == total,
+                "ms_deform_attn: sampling_locations must be (N, Lq, M, sum_l P_l = ", total,
+                ", 2) matching value and points_per_level ", counts, ", got ", sampling_locations.sizes());
+  } else {
+    const int64_t points = sampling_locations.size(4);
+    TORCH_CHECK(points < std::numeric_limits<int32_t>::max() / std::max<int64_t>(d.levels, 1),
+                "ms_deform_attn: a (query, head) row must have fewer than 2^31 points, got L * P = ", d.levels, " * ",
+                points);
+    d.layout.points = static_cast<int32_t>(points);
+    d.samples = d.levels * points;
+    TORCH_CHECK(sampling_locations.size(0) == d.batch && sampling_locations.size(2) == d.heads &&
+                    sampling_locations.size(3) == d.levels && d.layout.points >= 1,
+                "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2) matching value and spatial_shapes, "
+                "got ",
+                sampling_locations.sizes());
+  }
+  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, point_dims),
+              "ms_deform_attn: attention_weights must be ", sampling_locations.sizes().slice(0, point_dims), ", got ",
               attention_weights.sizes());
   return d;
 }

@@ -15,12 +15,21 @@ EXPORT_OVERRIDE: list[Callable[..., torch.Tensor]] = []
 if _backend.HAS_C:
 
     @torch.library.register_fake("dnops::ms_deform_attn")
-    def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits=False):
+    def _(
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        attention_logits=False,
+        points_per_level=None,
+        discrete=False,
+    ):
         n, _, m, d = value.shape
         return value.new_empty((n, sampling_locations.shape[1], m * d))
 
     @torch.library.register_fake("dnops::_ms_deform_attn_backward")
-    def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, logits=False):
+    def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, *options):
         return (
             value.new_empty(value.shape),
             sampling_locations.new_empty(sampling_locations.shape),
@@ -77,28 +86,31 @@ def _padding_index(points: tuple[int, ...], device: torch.device) -> tuple[torch
     return _PADDING[key]
 
 
-def _points_as_levels(
-    points: list[int], sampling_locations: torch.Tensor, attention_weights: torch.Tensor, attention_logits: bool
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(N, Lq, M, sum_l P_l, 2) locations and (N, Lq, M, sum_l P_l) weights in the (N, Lq, M, L, P, 2) / (N, Lq, M,
-    L, P) layout of one count P = max_l P_l: a view when every level has P points, else each level's points padded
-    to P with zero weights, which is exact (a padded point adds nothing, and what the kernels return for it is
-    dropped). Logits are softmaxed over all sum_l P_l points first (in float32 for half weights), as the padding
-    must not take part in the softmax."""
-    levels, most = len(points), max(points)
-    if all(c == most for c in points):
-        return (
-            sampling_locations.unflatten(3, (levels, most)),
-            attention_weights.unflatten(3, (levels, most)),
-            attention_logits,
-        )
-    if attention_logits:
-        half = attention_weights.dtype in (torch.float16, torch.bfloat16)
-        attention_weights = attention_weights.softmax(-1, dtype=torch.float32 if half else None)
-        attention_weights = attention_weights.to(sampling_locations.dtype)
-    index, valid = _padding_index(tuple(points), sampling_locations.device)
-    weights = attention_weights[:, :, :, index]
-    return sampling_locations[:, :, :, index], torch.where(valid, weights, torch.zeros_like(weights)), False
+def _as_levels(
+    points: list[int] | None,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    attention_logits: bool,
+) -> tuple:
+    """The op's six arguments in the (N, Lq, M, L, P, 2) / (N, Lq, M, L, P) layout of one count P = max_l P_l, for
+    the graphs of standard ops (and TensorRT's plugin), which know one count: with ``points`` (unequal counts,
+    (N, Lq, M, sum_l P_l) inputs) each level's points are padded to P with zero weights, which is exact (a padded
+    point adds nothing, and a gradient for it is dropped). Logits are softmaxed over all sum_l P_l points first (in
+    float32 for half weights), as the padding must not take part in the softmax."""
+    if points is not None:
+        if attention_logits:
+            half = attention_weights.dtype in (torch.float16, torch.bfloat16)
+            attention_weights = attention_weights.softmax(-1, dtype=torch.float32 if half else None)
+            attention_weights = attention_weights.to(sampling_locations.dtype)
+            attention_logits = False
+        index, valid = _padding_index(tuple(points), sampling_locations.device)
+        weights = attention_weights[:, :, :, index]
+        sampling_locations = sampling_locations[:, :, :, index]
+        attention_weights = torch.where(valid, weights, torch.zeros_like(weights))
+    return value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits
 
 
 def ms_deform_attn(
@@ -125,12 +137,13 @@ def ms_deform_attn(
         points_per_level: a point count per level (P_0, ..., P_{L-1}), as RT-DETR v2, D-FINE and DEIM sample; then
             sampling_locations is (N, Lq, M, sum_l P_l, 2) and attention_weights (N, Lq, M, sum_l P_l), level-major
             (level 0's P_0 points first), and logits are softmaxed over all sum_l P_l. Counts that do not add up to
-            the point axis, a count < 1 or a list of the wrong length raise naming the argument. Levels of unequal
-            counts run the kernels on each level's points padded to the largest count with zero weights.
+            the point axis, a count < 1, more than 16 levels or a list of the wrong length raise naming the argument.
+            Every kernel walks each level's own points; an export writes each level's points padded to the
+            largest count with zero weights (exact).
         sampling: "bilinear" (the definition above) or "discrete" (RT-DETR v2's ``method="discrete"``): each point
             reads the one pixel (clamp(floor(x * W_l + 0.5), 0, W_l - 1), clamp(floor(y * H_l + 0.5), 0, H_l - 1))
-            with weight 1; gradients reach value and attention_weights, none the locations (zero). It runs as the
-            reference's gather formulation on every device (``reference.ms_deform_attn_points`` defines it).
+            with weight 1; gradients reach value and attention_weights; the locations leave the autograd graph, as
+            the originals' integer rounding takes them (``reference.ms_deform_attn_points`` defines it).
 
     Returns:
         (N, Lq, M * D) in value's dtype (float16 / bfloat16 accumulate in float32); under torch.autocast the
@@ -143,32 +156,55 @@ def ms_deform_attn(
     if isinstance(value, torch.Tensor) and torch.is_autocast_enabled(value.device.type):
         value, sampling_locations, attention_weights = _autocast_float32(value, sampling_locations, attention_weights)
     spatial_shapes, level_start_index = as_int64_levels(spatial_shapes, level_start_index)
+    points = None
     if points_per_level is not None:
         points = check_points_per_level(points_per_level, spatial_shapes, sampling_locations, attention_weights)
-        sampling_locations, attention_weights, attention_logits = _points_as_levels(
-            points, sampling_locations, attention_weights, attention_logits
-        )
-    check_ms_deform_attn_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
-    if sampling == "discrete":
-        if torch.compiler.is_compiling():
-            assert_levels_in_graph(spatial_shapes, level_start_index, value.shape[1])
-        return reference.ms_deform_attn_gather(*args, sampling="discrete")
+        if all(c == points[0] for c in points):
+            # one count: the (N, Lq, M, L, P) layout of the same memory, which every path takes
+            sampling_locations = sampling_locations.unflatten(3, (len(points), points[0]))
+            attention_weights = attention_weights.unflatten(3, (len(points), points[0]))
+            points = None
+    check_ms_deform_attn_args(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, points=points
+    )
+    discrete = sampling == "discrete"
+    if discrete:
+        # nothing reaches the locations through a nearest pixel: out of the graph, as the originals' integer
+        # rounding takes them (a parameter reached only through them gets None, not zeros, as there)
+        sampling_locations = sampling_locations.detach()
     if _backend.exporting():
-        if EXPORT_OVERRIDE:
+        args = _as_levels(
+            points, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits
+        )
+        if EXPORT_OVERRIDE and not discrete:
             return EXPORT_OVERRIDE[-1](*args)
         # a graph of standard ops that reads the level sizes as data: correct for any spatial_shapes input
-        return reference.ms_deform_attn_gather(*args)
+        return reference.ms_deform_attn_gather(*args, sampling=sampling)
     backend = _backend.choose("ms_deform_attn", value.device)
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
     if _backend.is_compiled(backend):
-        return torch.ops.dnops.ms_deform_attn.default(*args)
+        return torch.ops.dnops.ms_deform_attn.default(*args, points, discrete)
     if backend == "triton":
         from dnops.triton.ms_deform_attn import ms_deform_attn_triton
 
-        return ms_deform_attn_triton(*args)
+        return ms_deform_attn_triton(*args, points, discrete)
     if torch.compiler.is_compiling():
         # the grid_sample definition splits value by the level sizes as Python numbers, which torch.compile can
         # only read as unbacked sizes (fullgraph fails on them); the gather formulation reads them as data
         assert_levels_in_graph(spatial_shapes, level_start_index, value.shape[1])
-        return reference.ms_deform_attn_gather(*args)
-    return reference.ms_deform_attn(*args)
+        return reference.ms_deform_attn_gather(*_as_levels(points, *args), sampling=sampling)
+    if points is None and not discrete:
+        return reference.ms_deform_attn(*args)
+    if points is None:
+        points = [sampling_locations.shape[4]] * sampling_locations.shape[3]
+        sampling_locations, attention_weights = sampling_locations.flatten(3, 4), attention_weights.flatten(3, 4)
+    return reference.ms_deform_attn_points(
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        points,
+        attention_logits,
+        sampling,
+    )

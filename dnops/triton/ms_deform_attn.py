@@ -9,11 +9,13 @@ per channel and corner (364 M), which should bound it; its programs own one samp
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from torch._guards import detect_fake_mode
 from torch.library import triton_op, wrap_triton
 
 from dnops._autograd import register_ms_deform_attn
@@ -69,7 +71,7 @@ def _sample(
     rows,
     rmask,
     i,
-    P,
+    level,
     LP,
     M,
     D,
@@ -78,10 +80,11 @@ def _sample(
     mx,
     total,
     LOGITS: tl.constexpr,
+    DISCRETE: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Corner geometry of sample i of each row: base offsets, pixel coordinates, map size, weight."""
-    level = i // P
+    """Corner geometry of sample i (in level ``level``) of each row: base offsets, pixel coordinates, map size,
+    weight. Discrete sampling gives the nearest pixel's coordinates, whose corner 0 then has bilinear weight 1."""
     height = tl.load(shapes_ptr + 2 * level)
     width = tl.load(shapes_ptr + 2 * level + 1)
     start = tl.load(starts_ptr + level)
@@ -90,8 +93,15 @@ def _sample(
     a = tl.load(w_ptr + rows * LP + i, mask=rmask, other=0).to(ACC)
     if LOGITS:
         a = tl.exp(a - mx) / total
-    x = lx * width.to(ACC) - 0.5
-    y = ly * height.to(ACC) - 0.5
+    if DISCRETE:
+        # csrc's nearest_pixel: NaN reads as -1, locations clamp to [-1, 2], pixels to the map
+        lx = tl.minimum(tl.maximum(tl.where(lx != lx, -1.0, lx), -1.0), 2.0)
+        ly = tl.minimum(tl.maximum(tl.where(ly != ly, -1.0, ly), -1.0), 2.0)
+        x = tl.minimum(tl.maximum(tl.floor(lx * width.to(ACC) + 0.5), 0.0), (width - 1).to(ACC))
+        y = tl.minimum(tl.maximum(tl.floor(ly * height.to(ACC) + 0.5), 0.0), (height - 1).to(ACC))
+    else:
+        x = lx * width.to(ACC) - 0.5
+        y = ly * height.to(ACC) - 0.5
     # the level must lie inside value (csrc's level_fits): shapes on the GPU are not checked on the host
     room = S - start
     fits = (height >= 1) & (width >= 1) & (start >= 0) & (room >= 0) & (height <= room)
@@ -126,10 +136,23 @@ def _corner(x, y, dx: tl.constexpr, dy: tl.constexpr, height, width, inside, M, 
 
 
 @triton.jit
+def _level_points(points_ptr, level, P, PER_LEVEL: tl.constexpr):
+    """The points [first, last) of a row that sample ``level``: level * P on, or the per-level table's entries."""
+    if PER_LEVEL:
+        first = tl.load(points_ptr + level)
+        last = tl.load(points_ptr + level + 1)
+    else:
+        first = level * P
+        last = first + P
+    return first, last
+
+
+@triton.jit
 def _fwd_kernel(
     value_ptr,
     shapes_ptr,
     starts_ptr,
+    points_ptr,
     loc_ptr,
     w_ptr,
     out_ptr,
@@ -139,8 +162,12 @@ def _fwd_kernel(
     Lq,
     L,
     P,
+    LP,
     R,
     LOGITS: tl.constexpr,
+    PER_LEVEL: tl.constexpr,
+    DISCRETE: tl.constexpr,
+    CORNERS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -149,22 +176,40 @@ def _fwd_kernel(
     ds = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     rmask = rows < R
     dmask = ds < D
-    LP = L * P
     mx = tl.zeros([BLOCK_R], ACC)
     total = tl.full([BLOCK_R], 1.0, ACC)
     if LOGITS:
         mx, total = _softmax_stats(w_ptr, rows, rmask, LP, ACC, BLOCK_R)
     acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
-    for i in range(LP):
-        base, x, y, height, width, inside, a = _sample(
-            loc_ptr, w_ptr, shapes_ptr, starts_ptr, rows, rmask, i, P, LP, M, D, S, Lq, mx, total, LOGITS, ACC
-        )
-        for corner in tl.static_range(4):
-            offset, cw, _, _, valid = _corner(x, y, corner % 2, corner // 2, height, width, inside, M, D)
-            v = tl.load(
-                value_ptr + (base + offset)[:, None] + ds[None, :], mask=valid[:, None] & dmask[None, :], other=0
-            ).to(ACC)
-            acc += (a * cw)[:, None] * v
+    for level in range(L):
+        first, last = _level_points(points_ptr, level, P, PER_LEVEL)
+        for i in range(first, last):
+            base, x, y, height, width, inside, a = _sample(
+                loc_ptr,
+                w_ptr,
+                shapes_ptr,
+                starts_ptr,
+                rows,
+                rmask,
+                i,
+                level,
+                LP,
+                M,
+                D,
+                S,
+                Lq,
+                mx,
+                total,
+                LOGITS,
+                DISCRETE,
+                ACC,
+            )
+            for corner in tl.static_range(CORNERS):
+                offset, cw, _, _, valid = _corner(x, y, corner % 2, corner // 2, height, width, inside, M, D)
+                v = tl.load(
+                    value_ptr + (base + offset)[:, None] + ds[None, :], mask=valid[:, None] & dmask[None, :], other=0
+                ).to(ACC)
+                acc += (a * cw)[:, None] * v
     out = out_ptr + rows[:, None] * D + ds[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
@@ -175,6 +220,7 @@ def _bwd_kernel(
     value_ptr,
     shapes_ptr,
     starts_ptr,
+    points_ptr,
     loc_ptr,
     w_ptr,
     grad_value_ptr,
@@ -186,8 +232,12 @@ def _bwd_kernel(
     Lq,
     L,
     P,
+    LP,
     R,
     LOGITS: tl.constexpr,
+    PER_LEVEL: tl.constexpr,
+    DISCRETE: tl.constexpr,
+    CORNERS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -195,13 +245,35 @@ def _bwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     i = tl.program_id(1)
     rmask = rows < R
-    LP = L * P
+    if PER_LEVEL:
+        level = 0
+        for later in range(1, L):
+            level += (i >= tl.load(points_ptr + later)).to(tl.int32)
+    else:
+        level = i // P
     mx = tl.zeros([BLOCK_R], ACC)
     total = tl.full([BLOCK_R], 1.0, ACC)
     if LOGITS:
         mx, total = _softmax_stats(w_ptr, rows, rmask, LP, ACC, BLOCK_R)
     base, x, y, height, width, inside, a = _sample(
-        loc_ptr, w_ptr, shapes_ptr, starts_ptr, rows, rmask, i, P, LP, M, D, S, Lq, mx, total, LOGITS, ACC
+        loc_ptr,
+        w_ptr,
+        shapes_ptr,
+        starts_ptr,
+        rows,
+        rmask,
+        i,
+        level,
+        LP,
+        M,
+        D,
+        S,
+        Lq,
+        mx,
+        total,
+        LOGITS,
+        DISCRETE,
+        ACC,
     )
     ga = tl.zeros([BLOCK_R], ACC)
     gx = tl.zeros([BLOCK_R], ACC)
@@ -212,7 +284,7 @@ def _bwd_kernel(
         g = tl.load(grad_out_ptr + rows[:, None] * D + ds[None, :], mask=rmask[:, None] & dmask[None, :], other=0).to(
             ACC
         )
-        for corner in tl.static_range(4):
+        for corner in tl.static_range(CORNERS):
             offset, cw, dwdx, dwdy, valid = _corner(x, y, corner % 2, corner // 2, height, width, inside, M, D)
             mask = valid[:, None] & dmask[None, :]
             ptrs = (base + offset)[:, None] + ds[None, :]
@@ -223,14 +295,39 @@ def _bwd_kernel(
             # relaxed: the sums need atomicity, not ordering (acq_rel would fence every add)
             tl.atomic_add(grad_value_ptr + ptrs, (a * cw)[:, None] * g, mask=mask, sem="relaxed")
     tl.store(grad_w_ptr + rows * LP + i, ga, mask=rmask)
-    tl.store(grad_loc_ptr + (rows * LP + i) * 2, a * gx * width.to(ACC), mask=rmask)
-    tl.store(grad_loc_ptr + (rows * LP + i) * 2 + 1, a * gy * height.to(ACC), mask=rmask)
+    if not DISCRETE:  # discrete sampling leaves the locations' gradient zero
+        tl.store(grad_loc_ptr + (rows * LP + i) * 2, a * gx * width.to(ACC), mask=rmask)
+        tl.store(grad_loc_ptr + (rows * LP + i) * 2 + 1, a * gy * height.to(ACC), mask=rmask)
 
 
-def _dims(value: torch.Tensor, sampling_locations: torch.Tensor) -> tuple[int, ...]:
+_POINT_STARTS: dict[tuple, torch.Tensor] = {}
+
+
+def _point_starts(points: list[int] | None, like: torch.Tensor) -> torch.Tensor:
+    """(L + 1,) int32 exclusive cumsum of the per-level counts on like's device (with one count: ``like`` itself,
+    which the kernels then do not read). Made once per counts and device: a tensor from host values is a blocking
+    host-to-device copy."""
+    if points is None:
+        return like
+    starts = [0, *itertools.accumulate(points)]
+    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
+        return torch.tensor(starts, dtype=torch.int32, device=like.device)
+    key = (tuple(points), like.device)
+    if key not in _POINT_STARTS:
+        _POINT_STARTS[key] = torch.tensor(starts, dtype=torch.int32, device=like.device)
+    return _POINT_STARTS[key]
+
+
+def _dims(
+    value: torch.Tensor, sampling_locations: torch.Tensor, points: list[int] | None
+) -> tuple[int, int, int, int, int, int, int, int]:
+    """(N, S, M, D, Lq, L, P, points per row); P is 0 with a count per level."""
     n, s, m, d = value.shape
-    lq, nl, p = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
-    return n, s, m, d, lq, nl, p
+    lq = sampling_locations.shape[1]
+    if points is None:
+        nl, p = sampling_locations.shape[3], sampling_locations.shape[4]
+        return n, s, m, d, lq, nl, p, nl * p
+    return n, s, m, d, lq, len(points), 0, sum(points)
 
 
 @triton_op("dnops::_ms_deform_attn_triton", mutates_args={})
@@ -241,9 +338,12 @@ def ms_deform_attn_triton(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     attention_logits: bool = False,
+    points_per_level: list[int] | None = None,
+    discrete: bool = False,
 ) -> torch.Tensor:
-    """Triton forward; shapes as ``dnops.ms_deform_attn``."""
-    n, s, m, d, lq, nl, p = _dims(value, sampling_locations)
+    """Triton forward; arguments as ``dnops::ms_deform_attn``'s (locations (N, Lq, M, L, P, 2), or
+    (N, Lq, M, sum_l P_l, 2) with ``points_per_level``)."""
+    n, s, m, d, lq, nl, p, lp = _dims(value, sampling_locations, points_per_level)
     out = value.new_empty((n, lq, m * d))
     rows = n * lq * m
     if out.numel() == 0:
@@ -254,6 +354,7 @@ def ms_deform_attn_triton(
         value.contiguous(),
         spatial_shapes.contiguous(),
         level_start_index.contiguous(),
+        _point_starts(points_per_level, spatial_shapes),
         sampling_locations.contiguous(),
         attention_weights.contiguous(),
         out,
@@ -263,8 +364,12 @@ def ms_deform_attn_triton(
         lq,
         nl,
         p,
+        lp,
         rows,
         LOGITS=attention_logits,
+        PER_LEVEL=points_per_level is not None,
+        DISCRETE=discrete,
+        CORNERS=1 if discrete else 4,  # discrete: the pixel is corner 0 with bilinear weight 1
         ACC=_acc_type(value.dtype),
         BLOCK_R=block_r,
         BLOCK_D=block_d,
@@ -281,9 +386,11 @@ def ms_deform_attn_triton_backward(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     attention_logits: bool = False,
+    points_per_level: list[int] | None = None,
+    discrete: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: (grad_value, grad_sampling_locations, grad_attention_weights)."""
-    n, s, m, d, lq, nl, p = _dims(value, sampling_locations)
+    n, s, m, d, lq, nl, p, lp = _dims(value, sampling_locations, points_per_level)
     acc = torch.float64 if value.dtype == torch.float64 else torch.float32
     grad_value = torch.zeros(value.shape, dtype=acc, device=value.device)
     grad_loc = torch.zeros(sampling_locations.shape, dtype=acc, device=value.device)
@@ -291,13 +398,14 @@ def ms_deform_attn_triton_backward(
     rows = n * lq * m
     if rows and value.numel():
         block_d = _tiles(d, value.dtype)[2]
-        grid = (triton.cdiv(rows, BLOCK_R), nl * p)
+        grid = (triton.cdiv(rows, BLOCK_R), lp)
         weights = attention_weights.contiguous()
         wrap_triton(_bwd_kernel)[grid](
             grad_output.contiguous(),
             value.contiguous(),
             spatial_shapes.contiguous(),
             level_start_index.contiguous(),
+            _point_starts(points_per_level, spatial_shapes),
             sampling_locations.contiguous(),
             weights,
             grad_value,
@@ -309,15 +417,21 @@ def ms_deform_attn_triton_backward(
             lq,
             nl,
             p,
+            lp,
             rows,
             LOGITS=attention_logits,
+            PER_LEVEL=points_per_level is not None,
+            DISCRETE=discrete,
+            CORNERS=1 if discrete else 4,
             ACC=_acc_type(value.dtype),
             BLOCK_R=BLOCK_R,
             BLOCK_D=block_d,
         )
         if attention_logits:
-            probs = weights.to(acc).flatten(-2).softmax(-1).view_as(grad_w)
-            grad_w = probs * (grad_w - (probs * grad_w).sum((-1, -2), keepdim=True))
+            # the softmax runs over every point of a (query, head) row: dims 3 on
+            probs = weights.to(acc).flatten(3).softmax(-1)
+            flat = grad_w.flatten(3)
+            grad_w = (probs * (flat - (probs * flat).sum(-1, keepdim=True))).view_as(grad_w)
     return grad_value.to(value.dtype), grad_loc.to(value.dtype), grad_w.to(value.dtype)
 
 

@@ -107,6 +107,13 @@ DNOPS_ALWAYS_INLINE void corner_rows(const Origin<acc_t>& o, T* base, int64_t he
   }
 }
 
+// The row of the one pixel a discrete sample reads, in a level whose position 0 is at `base`.
+template <typename T, typename acc_t>
+DNOPS_ALWAYS_INLINE T* nearest_row(acc_t loc_x, acc_t loc_y, T* base, int64_t height, int64_t width,
+                                   int64_t row_stride) {
+  return base + (msda::nearest_pixel(loc_y, height) * width + msda::nearest_pixel(loc_x, width)) * row_stride;
+}
+
 // One sample's corner rows of value and their weights (the forward folds the attention weight into them, the
 // backward keeps the bilinear weights alone).
 template <typename scalar_t, typename acc_t>
@@ -138,7 +145,7 @@ DNOPS_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& a, scalar_t* out, in
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& dm = a.dm;
   const int64_t channels = kD > 0 ? kD : dm.channels;
-  const int64_t lp = dm.levels * dm.points;
+  const int64_t lp = dm.samples;
   const int64_t row_stride = dm.heads * dm.channels;
   const std::vector<scalar_t> zeros(channels, scalar_t(0));
   std::vector<acc_t> acc_any(kD > 0 ? 0 : channels);
@@ -161,20 +168,30 @@ DNOPS_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& a, scalar_t* out, in
         const int64_t i = first + j;
         const scalar_t* base = a.value + ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
         const int64_t height = a.shapes[2 * l], width = a.shapes[2 * l + 1];
-        const Origin<acc_t> o =
-            locate(static_cast<acc_t>(loc_row[2 * i]), static_cast<acc_t>(loc_row[2 * i + 1]), height, width);
+        const acc_t loc_x = static_cast<acc_t>(loc_row[2 * i]), loc_y = static_cast<acc_t>(loc_row[2 * i + 1]);
         Taps<scalar_t, acc_t>& t = taps[j];
-        corner_rows(o, base, height, width, row_stride, zeros.data(), t.value);
         const acc_t w = msda::row_weight(w_row, i, a.logits, mx, sum);
-        for (int k = 0; k < 4; ++k) {
-          acc_t bilinear, dwdx, dwdy;
-          msda::corner_weight(k, o.lx, o.ly, bilinear, dwdx, dwdy);
-          t.weight[k] = w * bilinear;
-          prefetch_row(t.value[k], channels);
+        if (dm.discrete) {
+          t.value[0] = nearest_row(loc_x, loc_y, base, height, width, row_stride);
+          t.weight[0] = w;
+          prefetch_row(t.value[0], channels);
+        } else {
+          const Origin<acc_t> o = locate(loc_x, loc_y, height, width);
+          corner_rows(o, base, height, width, row_stride, zeros.data(), t.value);
+          for (int k = 0; k < 4; ++k) {
+            acc_t bilinear, dwdx, dwdy;
+            msda::corner_weight(k, o.lx, o.ly, bilinear, dwdx, dwdy);
+            t.weight[k] = w * bilinear;
+            prefetch_row(t.value[k], channels);
+          }
         }
-        if (++p == dm.points) p = 0, ++l;
+        if (++p == dm.layout.count(l)) p = 0, ++l;
       }
-      for (int64_t j = 0; j < count; ++j) accumulate_taps<kD>(acc, taps[j], channels);
+      if (dm.discrete) {
+        for (int64_t j = 0; j < count; ++j) axpy(acc, taps[j].weight[0], taps[j].value[0], channels);
+      } else {
+        for (int64_t j = 0; j < count; ++j) accumulate_taps<kD>(acc, taps[j], channels);
+      }
     }
     scalar_t* out_row = out + row * dm.channels;
     for (int64_t d = 0; d < channels; ++d) out_row[d] = static_cast<scalar_t>(acc[d]);
@@ -275,7 +292,7 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, const WorkPlan&
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& dm = a.dm;
   const int64_t channels = kD > 0 ? kD : dm.channels;
-  const int64_t lp = dm.levels * dm.points;
+  const int64_t lp = dm.samples;
   const int64_t row_stride = dm.heads * dm.channels;
   const std::vector<scalar_t> zeros(channels, scalar_t(0));
   std::vector<acc_t> scratch(channels);  // where corners outside the map write their (zero-weight) gradient
@@ -302,12 +319,21 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, const WorkPlan&
         const acc_t mx = a.logits ? a.softmax[2 * row] : acc_t(0), sum = a.logits ? a.softmax[2 * row + 1] : acc_t(1);
         const scalar_t* g_row = grad_out + row * dm.channels;
         for (int64_t d = 0; d < channels; ++d) g[d] = static_cast<acc_t>(g_row[d]);
-        for (int64_t first = l * dm.points; first < (l + 1) * dm.points; first += kMaxPrefetchSamples) {
-          const int64_t count = std::min((l + 1) * dm.points - first, kMaxPrefetchSamples);
+        const int64_t level_end = dm.layout.begin(l) + dm.layout.count(l);
+        for (int64_t first = dm.layout.begin(l); first < level_end; first += kMaxPrefetchSamples) {
+          const int64_t count = std::min(level_end - first, kMaxPrefetchSamples);
           for (int64_t j = 0; j < count; ++j) {
             const int64_t sample = row * lp + first + j;
-            const Origin<acc_t> o =
-                locate(static_cast<acc_t>(a.loc[2 * sample]), static_cast<acc_t>(a.loc[2 * sample + 1]), height, width);
+            const acc_t loc_x = static_cast<acc_t>(a.loc[2 * sample]),
+                        loc_y = static_cast<acc_t>(a.loc[2 * sample + 1]);
+            if (dm.discrete) {
+              taps[j].value[0] = nearest_row(loc_x, loc_y, level_value, height, width, row_stride);
+              grad_rows[j][0] = nearest_row(loc_x, loc_y, level_grad, height, width, row_stride);
+              prefetch_row(taps[j].value[0], channels);
+              prefetch_row(grad_rows[j][0], channels);
+              continue;
+            }
+            const Origin<acc_t> o = locate(loc_x, loc_y, height, width);
             corner_rows(o, level_value, height, width, row_stride, zeros.data(), taps[j].value);
             corner_rows(o, level_grad, height, width, row_stride, scratch.data(), grad_rows[j]);
             for (int k = 0; k < 4; ++k) {
@@ -321,6 +347,12 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, const WorkPlan&
             const int64_t sample = row * lp + first + j;
             const Taps<scalar_t, acc_t>& t = taps[j];
             const acc_t w = msda::row_weight(w_row, first + j, a.logits, mx, sum);
+            if (dm.discrete) {
+              // the location gets no gradient: its buffer stays zero
+              grad_w[sample] = dot<acc_t>(g, taps[j].value[0], channels);
+              axpy(grad_rows[j][0], w, g, channels);
+              continue;
+            }
             acc_t gv[4];
             corner_grads<kD>(g, t, grad_rows[j], w, channels, gv);
             acc_t ga = 0, gx = 0, gy = 0;
@@ -399,14 +431,15 @@ std::vector<int64_t> query_order(const Dims& dm, const scalar_t* loc) {
   constexpr int64_t kMinQueries = 256;
   std::vector<int64_t> order(dm.batch * dm.queries);
   std::iota(order.begin(), order.end(), int64_t(0));
-  if (dm.queries < kMinQueries || dm.levels == 0 || dm.points == 0) return order;
-  const int64_t query_stride = dm.heads * dm.levels * dm.points * 2;
-  const int64_t last_level = (dm.levels - 1) * dm.points * 2;
-  auto centre = [&](const scalar_t* p, float& x, float& y) {
+  if (dm.queries < kMinQueries || dm.levels == 0 || dm.samples == 0) return order;
+  const int64_t query_stride = dm.heads * dm.samples * 2;
+  const int64_t last_level = dm.layout.begin(dm.levels - 1) * 2;
+  auto centre = [&](const scalar_t* p, int64_t level, float& x, float& y) {
+    const int64_t points = dm.layout.count(level);
     x = y = 0;
-    for (int64_t k = 0; k < dm.points; ++k) x += static_cast<float>(p[2 * k]), y += static_cast<float>(p[2 * k + 1]);
-    x /= static_cast<float>(dm.points);
-    y /= static_cast<float>(dm.points);
+    for (int64_t k = 0; k < points; ++k) x += static_cast<float>(p[2 * k]), y += static_cast<float>(p[2 * k + 1]);
+    x /= static_cast<float>(points);
+    y /= static_cast<float>(points);
   };
   auto cell = [](float c) -> uint32_t {
     const float clamped = c > 0.0f ? (c < 1.0f ? c : 1.0f) : 0.0f;  // NaN -> 0
@@ -420,8 +453,8 @@ std::vector<int64_t> query_order(const Dims& dm, const scalar_t* loc) {
     for (int64_t q = 0; q < dm.queries; ++q) {
       const scalar_t* first = loc + (n * dm.queries + q) * query_stride;
       float x, y, x_last, y_last;
-      centre(first, x, y);
-      centre(first + last_level, x_last, y_last);
+      centre(first, 0, x, y);
+      centre(first + last_level, dm.levels - 1, x_last, y_last);
       const float apart = std::abs(x - x_last) + std::abs(y - y_last);
       spread += apart < 2.0f ? apart : 2.0f;  // NaN or far: counts as far
       const uint32_t cx = cell(x), cy = cell(y);
@@ -439,8 +472,10 @@ std::vector<int64_t> query_order(const Dims& dm, const scalar_t* loc) {
 
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                               const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                              const at::Tensor& attention_weights, bool attention_logits) {
-  const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+                              const at::Tensor& attention_weights, bool attention_logits,
+                              at::OptionalIntArrayRef points_per_level, bool discrete) {
+  const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                   points_per_level, discrete);
   const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
   check_cpu_shapes(shapes, starts, dm.spatial);
   const at::Tensor v = value.contiguous(), loc = sampling_locations.contiguous(), w = attention_weights.contiguous();
@@ -468,8 +503,9 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
-    bool attention_logits) {
-  const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    bool attention_logits, at::OptionalIntArrayRef points_per_level, bool discrete) {
+  const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                   points_per_level, discrete);
   const msda::Grads grads = msda::backward_buffers(grad_output, dm, value, sampling_locations, attention_weights);
   const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
   check_cpu_shapes(shapes, starts, dm.spatial);
@@ -482,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       using acc_t = at::opmath_type<scalar_t>;
       const std::vector<int64_t> order = query_order(dm, loc.data_ptr<scalar_t>());
       Args<scalar_t> args = make_args<scalar_t>(dm, v, shapes, starts, loc, w, attention_logits, order.data());
-      const int64_t rows = dm.batch * dm.queries * dm.heads, lp = dm.levels * dm.points;
+      const int64_t rows = dm.batch * dm.queries * dm.heads, lp = dm.samples;
       std::vector<acc_t> softmax(attention_logits ? 2 * rows : 0);
       if (attention_logits) {
         at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {

@@ -135,7 +135,7 @@ struct Row {
                  bool logits)
       : n(row / (dm.heads * dm.queries)),
         m(row % dm.heads),
-        lp(static_cast<int>(dm.levels * dm.points)),
+        lp(static_cast<int>(dm.samples)),
         loc(loc_all + row * lp * 2),
         weights(weights_all + row * lp) {
     if (logits) row_softmax_stats(g, weights, lp, mx, sum);
@@ -145,14 +145,22 @@ struct Row {
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __device__ __forceinline__ Geo<acc_t> sample_geo(const Dims& dm, int i, const Row<scalar_t>& r, const int64_t* shapes,
                                                  const int64_t* starts, bool logits, int32_t& height) {
-  const int l = i / static_cast<int>(dm.points);
+  const int l = dm.layout.level_of(i, static_cast<int>(dm.levels));
   const int64_t h = shapes[2 * l], w = shapes[2 * l + 1];
   Geo<acc_t> s{0, 0, msda::row_weight(r.weights, i, logits, r.mx, r.sum), 0, static_cast<int32_t>(w), 0};
   height = static_cast<int32_t>(h);
   const int64_t start = starts[l];
+  if (!msda::level_fits(h, w, start, dm.spatial)) return s;
+  if (dm.discrete) {
+    // corner 0 at fractions (0, 0) has bilinear weight 1: the pixel itself
+    const int64_t x = msda::nearest_pixel(static_cast<acc_t>(r.loc[2 * i]), w);
+    const int64_t y = msda::nearest_pixel(static_cast<acc_t>(r.loc[2 * i + 1]), h);
+    s.pos0 = static_cast<int32_t>(start + y * w + x);
+    s.inside = 1;
+    return s;
+  }
   int64_t x0, y0;
-  if (msda::level_fits(h, w, start, dm.spatial) &&
-      msda::bilinear_origin(static_cast<acc_t>(r.loc[2 * i]), static_cast<acc_t>(r.loc[2 * i + 1]), h, w, x0, y0, s.lx,
+  if (msda::bilinear_origin(static_cast<acc_t>(r.loc[2 * i]), static_cast<acc_t>(r.loc[2 * i + 1]), h, w, x0, y0, s.lx,
                             s.ly)) {
     s.pos0 = static_cast<int32_t>(start + msda::corner_offset<int64_t>(0, x0, y0, w));
 #pragma unroll
@@ -306,8 +314,11 @@ __global__ void __launch_bounds__(kThreads)
     if (i < lp) {
       const int64_t idx = row * lp + i;
       grad_w[idx] = my_ga;
-      grad_loc[2 * idx] = static_cast<scalar_t>(mine.a * my_gx * static_cast<acc_t>(mine.width));
-      grad_loc[2 * idx + 1] = static_cast<scalar_t>(mine.a * my_gy * static_cast<acc_t>(height));
+      // discrete sampling gives the locations no gradient (their buffer stays zero)
+      if (!dm.discrete) {
+        grad_loc[2 * idx] = static_cast<scalar_t>(mine.a * my_gx * static_cast<acc_t>(mine.width));
+        grad_loc[2 * idx + 1] = static_cast<scalar_t>(mine.a * my_gy * static_cast<acc_t>(height));
+      }
       if constexpr (kDeterministic) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
@@ -402,14 +413,16 @@ void with_vec(int vec, F&& f) {
 void check_cuda_extent(const Dims& dm) {
   TORCH_CHECK(dm.spatial < std::numeric_limits<int32_t>::max(), "ms_deform_attn: value has S=", dm.spatial,
               " positions; the CUDA kernel indexes a level with int32");
-  TORCH_CHECK(dm.levels * dm.points < std::numeric_limits<int32_t>::max(),
-              "ms_deform_attn: L * P is too large for the CUDA kernel");
+  TORCH_CHECK(dm.samples < std::numeric_limits<int32_t>::max(),
+              "ms_deform_attn: the points per (query, head) are too many for the CUDA kernel");
 }
 
 at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                               const at::Tensor& attention_weights, bool attention_logits) {
-  const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+                               const at::Tensor& attention_weights, bool attention_logits,
+                               at::OptionalIntArrayRef points_per_level, bool discrete) {
+  const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                   points_per_level, discrete);
   check_cuda_extent(dm);
   c10::cuda::CUDAGuard guard(value.device());
   const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
@@ -434,8 +447,9 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
-    bool attention_logits) {
-  const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    bool attention_logits, at::OptionalIntArrayRef points_per_level, bool discrete) {
+  const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                   points_per_level, discrete);
   check_cuda_extent(dm);
   const msda::Grads grads = msda::backward_buffers(grad_output, dm, value, sampling_locations, attention_weights);
   c10::cuda::CUDAGuard guard(value.device());
@@ -446,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const int64_t rows = dm.batch * dm.queries * dm.heads;
   if (rows == 0 || value.numel() == 0) return grads.finish(value.scalar_type());
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  const int64_t lp = dm.levels * dm.points;
+  const int64_t lp = dm.samples;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
