@@ -217,6 +217,23 @@ def test_low_precision(dtype, tol, d):
 
 
 @cpp
+@pytest.mark.parametrize("d", [8, 32, 30])
+def test_bfloat16_backward_is_the_float32_backward_rounded_once(d):
+    """bfloat16 widens to float32 exactly and the kernel accumulates in float32 (D a multiple of 8: the vector
+    rows, which widen 8 values at a time; D = 30 the generic loops): its gradients are the float32 kernel's on the
+    widened inputs, each rounded to bfloat16 once (at most one bfloat16 ulp apart, from the float32 sums' order)."""
+    args = [t.bfloat16() if t.is_floating_point() else t for t in make_inputs(d=d, lq=40, m=2, p=3)]
+    wide = [t.float() if t.is_floating_point() else t for t in args]
+    g = torch.randn(2, 40, 2 * d).bfloat16()
+    got = torch.ops.dnops._ms_deform_attn_backward(g, *args)
+    want = torch.ops.dnops._ms_deform_attn_backward(g.float(), *wide)
+    for x, y in zip(got, want, strict=True):
+        assert x.dtype == torch.bfloat16
+        ulp = y.abs().clamp_min(1e-30) * 2.0**-7
+        assert ((x.float() - y).abs() <= ulp + 1e-6).all()
+
+
+@cpp
 @pytest.mark.parametrize("kw", [{"lq": 0}, {"n": 0}])
 def test_empty(kw):
     args = make_inputs(requires_grad=True, **kw)

@@ -208,19 +208,32 @@ void forward_rows_base(const Args<scalar_t>& a, scalar_t* out, int64_t begin, in
   forward_rows<scalar_t, kD>(a, out, begin, end);
 }
 
-// float32 rows with D a multiple of 8 go through GCC vector types in the backward: there the auto-vectorizer
-// turns the four dot products into in-order scalar sums and spills g, which made the backward 5x the forward.
-// (Clang, which lacks __builtin_shuffle, takes the generic loops.)
+// float32 and bfloat16 rows with D a multiple of 8 go through GCC vector types in the backward: there the
+// auto-vectorizer turns the four dot products into in-order scalar sums and spills g, which made the backward 5x
+// the forward. (Clang, which lacks __builtin_shuffle, takes the generic loops.)
 #if defined(__GNUC__) && !defined(__clang__)
 #define DNOPS_MSDA_VECTOR_TYPES 1
 typedef float f32x8 __attribute__((vector_size(32), aligned(4)));  // aligned(4): rows start at any float
 typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+DNOPS_ALWAYS_INLINE f32x8 load_f32x8(const float* p) {
+  return *reinterpret_cast<const f32x8*>(p);
+}
+
+// A bfloat16 is the upper half of the float32 with the same value: widen the bits and shift them up.
+DNOPS_ALWAYS_INLINE f32x8 load_f32x8(const c10::BFloat16* p) {
+  const u32x8 bits = __builtin_convertvector(*reinterpret_cast<const u16x8*>(p), u32x8) << 16;
+  return reinterpret_cast<const f32x8&>(bits);
+}
 #else
 #define DNOPS_MSDA_VECTOR_TYPES 0
 #endif
 
 template <int64_t kD, typename scalar_t>
-constexpr bool kVectorRows = DNOPS_MSDA_VECTOR_TYPES && kD > 0 && kD % 8 == 0 && std::is_same_v<scalar_t, float>;
+constexpr bool kVectorRows = DNOPS_MSDA_VECTOR_TYPES && kD > 0 && kD % 8 == 0 &&
+                             (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>);
 
 // One sample's share of the backward: gv[k] = <g, corner k's value row>, and corner k's grad_value row gets
 // scale * weight[k] * g (scale = the sample's attention weight).
@@ -234,9 +247,9 @@ DNOPS_ALWAYS_INLINE void corner_grads(const acc_t* __restrict__ g, const Taps<sc
     for (int64_t i = 0; i < kVecs; ++i) gr[i] = *reinterpret_cast<const f32x8*>(g + 8 * i);
     f32x8 s[4];
     for (int k = 0; k < 4; ++k) {
-      const float* v = t.value[k];
-      s[k] = gr[0] * *reinterpret_cast<const f32x8*>(v);
-      for (int64_t i = 1; i < kVecs; ++i) s[k] += gr[i] * *reinterpret_cast<const f32x8*>(v + 8 * i);
+      const scalar_t* v = t.value[k];
+      s[k] = gr[0] * load_f32x8(v);
+      for (int64_t i = 1; i < kVecs; ++i) s[k] += gr[i] * load_f32x8(v + 8 * i);
     }
     // The four horizontal sums at once: lane-pair sums of (s0, s1) and of (s2, s3), of those, then the halves.
     const f32x8 s01 = __builtin_shuffle(s[0], s[1], i32x8{0, 8, 1, 9, 4, 12, 5, 13}) +
