@@ -75,9 +75,14 @@ def check_ms_deform_attn_args(
             _fail(op, f"{name} must have rank {rank} {shape}, got shape {tuple(t.shape)}")
     if value.dtype not in FLOAT_TYPES:
         _fail(op, f"value must be float16/bfloat16/float32/float64, got {value.dtype}")
-    for name in ("sampling_locations", "attention_weights"):
-        if named[name][0].dtype != value.dtype:
-            _fail(op, f"{name} has dtype {named[name][0].dtype} but value has {value.dtype}")
+    # the geometry in value's dtype, or float32 with a half-precision value (the AMP pair)
+    half = value.dtype in (torch.float16, torch.bfloat16)
+    geometry = sampling_locations.dtype
+    if geometry != value.dtype and not (half and geometry == torch.float32):
+        allowed = f"{value.dtype} or torch.float32" if half else f"{value.dtype}"
+        _fail(op, f"sampling_locations has dtype {geometry} but value has {value.dtype} (allowed: {allowed})")
+    if attention_weights.dtype != geometry:
+        _fail(op, f"attention_weights has dtype {attention_weights.dtype} but sampling_locations has {geometry}")
     for name in ("spatial_shapes", "level_start_index"):
         if named[name][0].dtype != torch.int64:
             _fail(op, f"{name} must be int64, got {named[name][0].dtype}")

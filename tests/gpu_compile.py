@@ -144,12 +144,20 @@ def run_ms_deform_attn(dtypes) -> Iterator[str]:
                 args, points = _rt_args(kw["rt"], dtype)
             else:
                 args = [t.to(dtype) if t.is_floating_point() else t for t in make_inputs(**kw)]
-            # bilinear and discrete sampling everywhere but at the Deformable-DETR benchmark shapes (bilinear only)
-            for logits, discrete in itertools.product((False, True), (False, True) if "case" not in kw else (False,)):
-                yield origin, dtype
-                ms_deform_attn_triton(*args, logits, points, discrete)
-                g = torch.zeros(args[0].shape[0], args[3].shape[1], args[0].shape[2] * args[0].shape[3], dtype=dtype)
-                ms_deform_attn_triton_backward(g, *args, logits, points, discrete)
+            # bilinear and discrete sampling everywhere but at the Deformable-DETR benchmark shapes (bilinear only);
+            # a half value also with float32 locations and weights (the AMP pair)
+            geometries = [args[3].dtype] + ([torch.float32] if dtype in (torch.float16, torch.bfloat16) else [])
+            for geometry in geometries:
+                pair = [*args[:3], args[3].to(geometry), args[4].to(geometry)]
+                for logits, discrete in itertools.product(
+                    (False, True), (False, True) if "case" not in kw else (False,)
+                ):
+                    yield origin, dtype
+                    ms_deform_attn_triton(*pair, logits, points, discrete)
+                    g = torch.zeros(
+                        pair[0].shape[0], pair[3].shape[1], pair[0].shape[2] * pair[0].shape[3], dtype=dtype
+                    )
+                    ms_deform_attn_triton_backward(g, *pair, logits, points, discrete)
 
 
 def run_dn_self_attention(dtypes) -> Iterator[str]:

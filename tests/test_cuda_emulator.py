@@ -227,7 +227,7 @@ def test_mutant_forward_is_caught_where_it_is_wrong(strict):
         args = make_inputs(d=32, dtype=torch.float32)
         torch.testing.assert_close(torch.ops.dnops_emulated.ms_deform_attn(*args), reference.ms_deform_attn(*args))
         where = r"\n  at csrc/ms_deform_attn/cuda/ms_deform_attn_cuda.cu:\d+"
-        kernel = r"\n  in kernel forward_kernel<scalar_t, VEC> .*"
+        kernel = r"\n  in kernel forward_kernel<scalar_t, geo_t, VEC> .*"
         match = r"__shfl_sync .*(has exited|outside the mask)[^\n]*" + kernel + where
         with pytest.raises(RuntimeError, match=match):
             torch.ops.dnops_emulated.ms_deform_attn(*make_inputs(d=130, dtype=torch.float32))
@@ -297,7 +297,7 @@ def test_counts_of_the_backward_atomics_and_shuffles():
         (launch,) = cuda_emulator.stats()
     finally:
         cuda_emulator.configure()
-    assert launch["kernel"] == "backward_kernel<scalar_t, VEC, false>" and launch["blocks_run"] == 1
+    assert launch["kernel"] == "backward_kernel<scalar_t, geo_t, VEC, false>" and launch["blocks_run"] == 1
     (atomics,) = [s for s in launch["sites"] if s["kind"] == "atomic"]
     # 16 rows x 2 samples x 4 corners, all inside the map: 8 lanes x 16 bytes per row, 4 rows per warp
     assert launch["lane_accesses"]["atomic"] == 16 * 2 * 4 * 8

@@ -23,6 +23,7 @@ from tests.gpu_utils import (
     backend_fn,
     check_against_reference,
     cuda,
+    deterministic,
     msda,
     msda_args,
     needs,
@@ -322,15 +323,16 @@ def test_compile_fullgraph():
 
 
 @cpp
-def test_autocast_runs_in_float32():
+def test_autocast_keeps_value_dtype_and_casts_the_geometry():
+    """The registered op under autocast: value stays bfloat16 (and so does the output), locations and weights are
+    cast to float32; the result is the definition on those exact values."""
     args = make_inputs(dtype=torch.float32)
     mixed = (args[0].bfloat16(), args[1], args[2], args[3], args[4].bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = op(*mixed)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(
-        out, reference.ms_deform_attn(*[a.float() if a.is_floating_point() else a for a in mixed])
-    )
+    assert out.dtype == torch.bfloat16
+    want = reference.ms_deform_attn(mixed[0].double(), args[1], args[2], args[3].double(), mixed[4].double())
+    assert_rel(out, want, torch.bfloat16, "autocast")
 
 
 @cpp
@@ -656,15 +658,15 @@ def test_points_per_level_half_types(backend, backend_env, dtype):
 
 @pytest.mark.parametrize("backend", POINTS_BACKENDS)
 def test_points_per_level_under_autocast(backend, backend_env):
-    """Under autocast the geometry stays float32, as for one count: bfloat16 inputs come out float32."""
+    """Under autocast, as for one count: value keeps bfloat16 (so does the output), the geometry is cast to float32."""
     backend_env(backend)
     args = points_inputs((3, 6, 3))
     half = [a.to(torch.bfloat16) if a.is_floating_point() else a for a in args]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = dnops.ms_deform_attn(*half, True, points_per_level=[3, 6, 3])
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.bfloat16
     want = reference.ms_deform_attn_points(*[a.double() if a.is_floating_point() else a for a in half], [3, 6, 3], True)
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert_rel(out, want, torch.bfloat16, "points_per_level under autocast")
 
 
 @cpp
@@ -936,6 +938,79 @@ def test_ms_deform_attn_invalid_inputs_name_the_argument(backend, case, pick):
         run(backend, dnops.ms_deform_attn, *bad)
 
 
+# ---- mixed precision: a half value with float32 geometry ------------------------------------------------------------
+
+
+MIXED_CASES = [
+    {"d": 16},
+    {"d": 30},
+    {"points": (1, 3, 2), "logits": True},
+    {"points": (2, 1, 3), "sampling": "discrete"},
+]
+
+
+def mixed_inputs(value_dtype, points=None):
+    """A half value with float32 locations and weights (requires_grad), and the float64 copies of exactly those
+    values the reference computes with."""
+    if points is None:
+        value, shapes, starts, loc, weights = make_inputs(d=16, dtype=torch.float32)
+    else:
+        value, shapes, starts, loc, weights = (t.float() if t.is_floating_point() else t for t in points_inputs(points))
+    args = [value.to(value_dtype), shapes, starts, loc, weights]
+    args = [t.requires_grad_() if t.is_floating_point() else t for t in args]
+    ref = [t.detach().double().requires_grad_() if t.is_floating_point() else t for t in args]
+    return args, ref
+
+
+@pytest.mark.parametrize("backend", POINTS_BACKENDS)
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", MIXED_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_mixed_pair_on_every_backend(backend, backend_env, value_dtype, case):
+    """value in float16 / bfloat16, locations and weights in float32: the output in value's dtype, each gradient in
+    its input's dtype, all equal to the definition in float64 on the same values (the value's rounding only)."""
+    backend_env(backend)
+    points, logits, sampling = case.get("points"), case.get("logits", False), case.get("sampling", "bilinear")
+    args, ref_args = mixed_inputs(value_dtype, points)
+    if points is None and case["d"] != 16:
+        value = torch.randn(*args[0].shape[:3], case["d"]).to(value_dtype).requires_grad_()
+        args[0], ref_args[0] = value, value.detach().double().requires_grad_()
+    kw = {"points_per_level": list(points), "sampling": sampling} if points else {}
+    out = dnops.ms_deform_attn(*args, logits, **kw)
+    if points:
+        want = reference.ms_deform_attn_points(*ref_args, list(points), logits, sampling)
+    else:
+        want = reference.ms_deform_attn(*ref_args, logits)
+    assert out.dtype == value_dtype
+    assert_rel(out, want, value_dtype, f"mixed {backend} forward")
+    g = torch.randn_like(want)
+    inputs = [args[0], args[3], args[4]]
+    got = torch.autograd.grad(out, inputs, g.to(value_dtype), allow_unused=True, materialize_grads=True)
+    ref_inputs = [ref_args[0], ref_args[3], ref_args[4]]
+    wanted = torch.autograd.grad(want, ref_inputs, g, allow_unused=True, materialize_grads=True)
+    for name, x, y, t in zip(("value", "locations", "weights"), got, wanted, inputs, strict=True):
+        assert x.dtype == t.dtype, name
+        # the geometry's gradients in float32 carry the half value's and half grad_output's rounding
+        assert_rel(x, y, value_dtype, f"mixed {backend} grad of {name}")
+
+
+@pytest.mark.parametrize("backend", backends("ms_deform_attn"))
+def test_other_dtype_mixes_raise_naming_the_argument(backend, backend_env):
+    backend_env(backend)
+    value, shapes, starts, loc, weights = make_inputs(dtype=torch.float32)
+    for args, match in (
+        ((value, shapes, starts, loc.bfloat16(), weights.bfloat16()), "sampling_locations has dtype torch.bfloat16"),
+        ((value.double(), shapes, starts, loc, weights), "sampling_locations has dtype torch.float32"),
+        ((value.half(), shapes, starts, loc, weights.half()), "attention_weights has dtype torch.float16"),
+        ((value.half(), shapes, starts, loc.double(), weights.double()), "sampling_locations has dtype torch.float64"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dnops.ms_deform_attn(*args)
+    if _backend.HAS_C:
+        match = "sampling_locations and attention_weights must have value's dtype Half or float32, got Float and Half"
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.dnops.ms_deform_attn(value.half(), shapes, starts, loc, weights.half())
+
+
 # ---- autocast --------------------------------------------------------------------------------------------------------
 
 
@@ -977,20 +1052,19 @@ def test_msdeformattn_module_under_autocast(backend, backend_env):
 
 
 @pytest.mark.parametrize("backend", AMP_BACKENDS)
-def test_op_casts_mixed_inputs_to_float32_under_autocast(backend, backend_env):
+def test_autocast_keeps_a_half_value_and_casts_only_the_geometry(backend, backend_env):
+    """Under autocast: bfloat16 value kept (the gathers move half the bytes), bfloat16 weights cast to float32, the
+    output bfloat16; outside autocast the AMP pair (bfloat16 value, float32 geometry) is taken as it is."""
     backend_env(backend)
     value, shapes, starts, loc, weights = make_inputs(dtype=torch.float32)
-    want = reference.ms_deform_attn(value, shapes, starts, loc, weights)
-    mixed = (value.bfloat16(), shapes, starts, loc, weights)
+    want = reference.ms_deform_attn(value.bfloat16().double(), shapes, starts, loc.double(), weights.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = dnops.ms_deform_attn(*mixed)
-        raw = torch.ops.dnops.ms_deform_attn(*mixed)
-    assert got.dtype == raw.dtype == torch.float32
+        got = dnops.ms_deform_attn(value.bfloat16(), shapes, starts, loc, weights.bfloat16())
+        raw = torch.ops.dnops.ms_deform_attn(value.bfloat16(), shapes, starts, loc, weights.bfloat16())
+    assert got.dtype == raw.dtype == torch.bfloat16
     assert rel_err(got, want) < 1e-2 and rel_err(raw, want) < 1e-2
-    with pytest.raises(ValueError, match="sampling_locations has dtype torch.float32 but value has torch.bfloat16"):
-        dnops.ms_deform_attn(*mixed)
-    with pytest.raises(RuntimeError, match="must have value's dtype"):
-        torch.ops.dnops.ms_deform_attn(*mixed)
+    pair = dnops.ms_deform_attn(value.bfloat16(), shapes, starts, loc, weights)
+    assert pair.dtype == torch.bfloat16 and rel_err(pair, want) < 1e-2
 
 
 # ---- on the GPU (pytest -m cuda) and the CUDA emulator (pytest -m emulated) ------------------------------------------
@@ -1070,6 +1144,45 @@ def test_gpu_points_per_level(arch_dev, backend, dtype, logits, sampling, determ
         out = fn(args[0], args[1], args[2], loc, args[4])
         (grad_loc,) = torch.autograd.grad(out.sum(), [loc], allow_unused=True, materialize_grads=True)
         assert torch.equal(grad_loc, torch.zeros_like(loc))
+
+
+@pytest.mark.parametrize("backend", MSDA_BACKENDS)
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [{"d": 32}, {"d": 30}, {"d": 8, "p": 3}, {"d": 32, "misaligned": True}, {"d": 16, "deterministic": True}],
+    ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()),
+)
+@pytest.mark.parametrize("logits", [False, True])
+def test_gpu_mixed_pair(arch_dev, backend, value_dtype, kw, logits):
+    """The AMP pair on the GPU kernels: a half value with float32 locations and weights, read as they are (the
+    vector loads of value, misaligned storage's narrower ones, the deterministic backward), against the definition
+    on the same values in float64."""
+    kw = dict(kw)
+    misaligned, det = kw.pop("misaligned", False), kw.pop("deterministic", False)
+    if det and backend != "cuda":
+        pytest.skip("the deterministic grad_value gather is the CUDA kernel's")
+    fn = msda(backend, logits, arch_dev)
+    args = msda_args(torch.float32, arch_dev, **kw)
+    value = args[0].detach().to(value_dtype)
+    if misaligned:
+        value = torch.empty(value.numel() + 1, dtype=value_dtype, device=arch_dev)[1:].view(value.shape).copy_(value)
+        assert value.data_ptr() % 16 != 0
+    args[0] = value.requires_grad_()
+    ref = lambda *a: reference.ms_deform_attn(*a, logits)  # noqa: E731
+    ref_args = as_float64(args)
+    with deterministic(det):
+        out = fn(*args)
+    assert out.dtype == value_dtype
+    want = ref(*ref_args)
+    assert_rel(out, want, value_dtype, f"mixed {backend} forward")
+    g = torch.randn_like(want)
+    with deterministic(det):
+        got = torch.autograd.grad(out, [args[0], args[3], args[4]], g.to(value_dtype))
+    wanted = torch.autograd.grad(want, [ref_args[0], ref_args[3], ref_args[4]], g)
+    for i, (x, y, t) in enumerate(zip(got, wanted, (args[0], args[3], args[4]), strict=True)):
+        assert x.dtype == t.dtype
+        assert_rel(x, y, value_dtype, f"mixed {backend} grad {i}")
 
 
 @pytest.mark.parametrize("logits", [False, True])

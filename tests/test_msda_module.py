@@ -118,14 +118,14 @@ def _deformable_attention_inputs():
 
 def test_under_autocast_like_dnops_op(model_function):
     """torch.autocast around an unmodified forward: value arrives in bfloat16 and locations / weights in float32;
-    like dnops' op the interface computes in float32 and returns float32, and autograd's backward (outside
+    like dnops' op the interface takes that pair as it is and returns bfloat16, and autograd's backward (outside
     autocast, with the saved mixed dtypes) gives each input's gradient in its own dtype."""
     proj, value, shapes, starts, loc, weights = _deformable_attention_inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         projected = proj(value)
         assert projected.dtype == torch.bfloat16
         out = model_function.apply(projected, shapes, starts, loc, weights, 64)
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.bfloat16
     want = reference.ms_deform_attn(projected.double(), shapes, starts, loc.double(), weights.double())
     torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
     out.sum().backward()

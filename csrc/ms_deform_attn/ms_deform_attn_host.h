@@ -1,5 +1,6 @@
 #pragma once
 // Host-side argument checks of ms_deform_attn, shared by the CPU and CUDA entry points.
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "ms_deform_attn/ms_deform_attn_common.h"
 
@@ -43,9 +45,13 @@ inline Dims check_args(const at::Tensor& value, const at::Tensor& spatial_shapes
               attention_weights.sizes());
   TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
               "ms_deform_attn: spatial_shapes and level_start_index must be int64");
-  TORCH_CHECK(
-      sampling_locations.scalar_type() == value.scalar_type() && attention_weights.scalar_type() == value.scalar_type(),
-      "ms_deform_attn: sampling_locations and attention_weights must have value's dtype ", value.scalar_type());
+  // the geometry (locations and weights) in value's dtype, or in float32 with a float16 / bfloat16 value
+  const at::ScalarType geometry = sampling_locations.scalar_type();
+  const bool half = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(attention_weights.scalar_type() == geometry &&
+                  (geometry == value.scalar_type() || (half && geometry == at::kFloat)),
+              "ms_deform_attn: sampling_locations and attention_weights must have value's dtype ", value.scalar_type(),
+              half ? " or float32" : "", ", got ", geometry, " and ", attention_weights.scalar_type());
   for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &sampling_locations, &attention_weights}) {
     TORCH_CHECK(t->device() == value.device(), "ms_deform_attn: all inputs must be on value's device ", value.device(),
                 ", got ", t->device());
@@ -94,12 +100,13 @@ inline Dims check_args(const at::Tensor& value, const at::Tensor& spatial_shapes
 }
 
 // Output buffers of the backward: grad_value and the weights' gradient accumulate in the op-math type (float32
-// for half types), the location gradient is written once per sample in the input type.
+// for half types), the location gradient is written once per sample in the locations' type.
 struct Grads {
   at::Tensor value, loc, weights;
 
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(at::ScalarType dtype) const {
-    return {value.to(dtype), loc, weights.to(dtype)};
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(at::ScalarType value_dtype,
+                                                        at::ScalarType weights_dtype) const {
+    return {value.to(value_dtype), loc, weights.to(weights_dtype)};
   }
 };
 
@@ -111,6 +118,17 @@ inline Grads backward_buffers(const at::Tensor& grad_output, const Dims& dm, con
   return {at::zeros(value.sizes(), value.options().dtype(acc)),
           at::zeros(sampling_locations.sizes(), sampling_locations.options()),
           at::zeros(attention_weights.sizes(), attention_weights.options().dtype(acc))};
+}
+
+// Calls f(value type tag, geometry type tag): the geometry in value's dtype, or float32 with a half value.
+template <typename F>
+void dispatch_types(const at::Tensor& value, const at::Tensor& loc, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn", [&] {
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      if (loc.scalar_type() == at::kFloat) return f(scalar_t(), float());
+    }
+    return f(scalar_t(), scalar_t());
+  });
 }
 
 }  // namespace msda

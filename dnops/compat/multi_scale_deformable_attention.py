@@ -44,9 +44,10 @@ def ms_deform_attn_forward(
     im2col_step is accepted and ignored (the kernels have no batch-chunking limit). No autograd graph: the
     caller's autograd Function calls ms_deform_attn_backward, as with the original.
 
-    As dnops' op: under autocast the inputs are cast to float32 and so is the output. Inputs of mixed floating
-    dtypes outside autocast (DINO's half-precision branch passes float32 value and locations with float16 weights)
-    compute in float32 (float64 if one is float64) and return value's dtype."""
+    As dnops' op: a float16 / bfloat16 value with float32 locations and weights (the AMP pair) runs as it is, and
+    under autocast only the locations and weights are cast to float32; the output has value's dtype. Other mixes of
+    floating dtypes (DINO's half-precision branch passes float32 value and locations with float16 weights) compute
+    in float32 (float64 if one is float64) and return value's dtype."""
     mixed = _common_dtype(value, sampling_loc, attn_weight)
     with torch.no_grad():
         if mixed is None or torch.is_autocast_enabled(value.device.type):
@@ -55,10 +56,12 @@ def ms_deform_attn_forward(
         return ms_deform_attn(*args).to(value.dtype)
 
 
-def _common_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
-    """The dtype mixed floating inputs compute in (None when they agree): float64 if one is, else float32."""
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) == 1:
+def _common_dtype(value: torch.Tensor, *geometry: torch.Tensor) -> torch.dtype | None:
+    """The dtype mixed floating inputs compute in (None when the kernels take them as they are: one dtype, or a half
+    value with float32 locations and weights): float64 if one is, else float32."""
+    dtypes = {t.dtype for t in (value, *geometry)}
+    half_value = value.dtype in (torch.float16, torch.bfloat16)
+    if len(dtypes) == 1 or (half_value and {t.dtype for t in geometry} == {torch.float32}):
         return None
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
@@ -73,8 +76,9 @@ def ms_deform_attn_backward(
     im2col_step: int,
 ) -> list[torch.Tensor]:
     """[grad_value, grad_sampling_loc, grad_attn_weight], shaped as value, sampling_loc and attn_weight and in their
-    dtypes. Autograd runs it outside autocast, where a forward under autocast leaves mixed dtypes (value from a
-    half-precision projection, locations and weights in float32): those compute in float32, as the forward did."""
+    dtypes. Autograd runs it outside autocast, where a forward under autocast leaves the AMP pair (value from a
+    half-precision projection, locations and weights in float32), which the kernels take as it is; other mixes
+    compute in float32, as the forward did."""
     mixed = _common_dtype(value, sampling_loc, attn_weight)
     if mixed is not None:
         cast = [t.to(mixed) for t in (value, sampling_loc, attn_weight)]

@@ -38,21 +38,34 @@ if _backend.HAS_C:
 
     register_ms_deform_attn("dnops::ms_deform_attn", "dnops::_ms_deform_attn_backward")
 
-    # Under autocast the op runs in float32, as grid_sample does: sampling locations in bfloat16 would be off by
-    # a third of a pixel on a 167-pixel-wide map.
-    for _device in ("cpu", "cuda"):
-        torch.library.register_autocast("dnops::ms_deform_attn", _device, torch.float32)
 
-
-def _autocast_float32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Under autocast every backend runs in float32, as the compiled op's registered autocast rule does: the inputs
-    come in mixed dtypes there (value from a half-precision projection, locations and softmax in float32), and
-    the checks below would otherwise reject them before that rule applies. float64 stays float64, as autocast
-    leaves it."""
+def _autocast_geometry(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast value keeps its dtype (a half-precision projection's output: the gathers move half the bytes)
+    and only the geometry, sampling locations and weights, is cast to float32: in bfloat16 a location would be off
+    by a third of a pixel on a 167-pixel-wide map. float32 / float64 stay as they are."""
     return tuple(
-        t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
-        for t in tensors
+        t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors
     )
+
+
+def _register_autocast(device_type: str) -> None:
+    """The registered op's autocast rule, the public function's: value as it is, the geometry in float32."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keys = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    op = torch.ops.dnops.ms_deform_attn.default
+
+    def kernel(_keyset, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, *options):
+        geometry = _autocast_geometry(sampling_locations, attention_weights)
+        with torch._C._ExcludeDispatchKeyGuard(keys):
+            return op(value, spatial_shapes, level_start_index, *geometry, *options)
+
+    _AUTOCAST_LIB.impl("ms_deform_attn", kernel, key, with_keyset=True)
+
+
+if _backend.HAS_C:
+    _AUTOCAST_LIB = torch.library.Library("dnops", "IMPL")
+    for _device in ("cpu", "cuda"):
+        _register_autocast(_device)
 
 
 def as_int64_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,11 +140,12 @@ def ms_deform_attn(
     """Multi-scale deformable attention (Deformable-DETR), differentiable in value, locations and weights.
 
     Args:
-        value: (N, S, M, D) with S = sum_l H_l * W_l.
+        value: (N, S, M, D) with S = sum_l H_l * W_l; float16 / bfloat16 / float32 / float64.
         spatial_shapes: (L, 2) int64 rows (H_l, W_l); int32 is accepted and converted once.
         level_start_index: (L,) int64 (or int32), exclusive cumsum of H_l * W_l.
-        sampling_locations: (N, Lq, M, L, P, 2) normalized (x, y); corners outside the map read 0.
-        attention_weights: (N, Lq, M, L, P).
+        sampling_locations: (N, Lq, M, L, P, 2) normalized (x, y); corners outside the map read 0. In value's dtype,
+            or float32 with a float16 / bfloat16 value (the AMP pair: exact geometry, half the gathered bytes).
+        attention_weights: (N, Lq, M, L, P), in sampling_locations' dtype.
         attention_logits: the weights are logits; the softmax over the L * P weights of each (query, head)
             runs inside the kernel (as DCNv4 fuses it), gradient included.
         points_per_level: a point count per level (P_0, ..., P_{L-1}), as RT-DETR v2, D-FINE and DEIM sample; then
@@ -146,15 +160,16 @@ def ms_deform_attn(
             the originals' integer rounding takes them (``reference.ms_deform_attn_points`` defines it).
 
     Returns:
-        (N, Lq, M * D) in value's dtype (float16 / bfloat16 accumulate in float32); under torch.autocast the
-        floating inputs are cast to float32 and so is the output, whatever the autocast dtype. Exported
+        (N, Lq, M * D) in value's dtype (float16 / bfloat16 accumulate in float32); each gradient in its input's
+        dtype. Under torch.autocast value keeps its dtype and only sampling_locations and attention_weights are
+        cast to float32 (float64 stays float64), so a half-precision projection's value is gathered as it is. Exported
         (torch.export, torch.onnx.export) it becomes ``reference.ms_deform_attn_gather``'s standard ops, or, inside
         ``dnops.compat.tensorrt.plugin_export()``, TensorRT's plugin node.
     """
     if sampling not in SAMPLINGS:
         raise ValueError(f"dnops.ms_deform_attn: sampling must be one of {SAMPLINGS}, got {sampling!r}")
     if isinstance(value, torch.Tensor) and torch.is_autocast_enabled(value.device.type):
-        value, sampling_locations, attention_weights = _autocast_float32(value, sampling_locations, attention_weights)
+        sampling_locations, attention_weights = _autocast_geometry(sampling_locations, attention_weights)
     spatial_shapes, level_start_index = as_int64_levels(spatial_shapes, level_start_index)
     points = None
     if points_per_level is not None:

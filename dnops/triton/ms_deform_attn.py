@@ -432,7 +432,7 @@ def ms_deform_attn_triton_backward(
             probs = weights.to(acc).flatten(3).softmax(-1)
             flat = grad_w.flatten(3)
             grad_w = (probs * (flat - (probs * flat).sum(-1, keepdim=True))).view_as(grad_w)
-    return grad_value.to(value.dtype), grad_loc.to(value.dtype), grad_w.to(value.dtype)
+    return grad_value.to(value.dtype), grad_loc.to(sampling_locations.dtype), grad_w.to(attention_weights.dtype)
 
 
 register_ms_deform_attn(ms_deform_attn_triton, ms_deform_attn_triton_backward)

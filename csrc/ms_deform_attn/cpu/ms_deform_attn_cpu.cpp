@@ -22,14 +22,15 @@ namespace {
 
 using msda::Dims;
 
-template <typename scalar_t>
+// geo_t: the type of the locations and weights, value's or float32 with a half-precision value (the AMP pair).
+template <typename scalar_t, typename geo_t>
 struct Args {
   Dims dm;
   const scalar_t* value;
   const int64_t* shapes;
   const int64_t* starts;
-  const scalar_t* loc;
-  const scalar_t* weights;
+  const geo_t* loc;
+  const geo_t* weights;
   bool logits;
   const int64_t* order;  // entry n * Lq + i: the (n * Lq + q) of image n's i-th query to visit (query_order)
   // With logits, the backward's (max, sum of exp) of every row, computed once: its work items each see one level
@@ -140,8 +141,8 @@ DNOPS_ALWAYS_INLINE void accumulate_taps(acc_t* __restrict__ acc, const Taps<sca
 
 // Output rows [begin, end) of the N * Lq * M rows; a row is the D channels of one (n, q, m). The heads of a
 // query are neighbours, so the corners they read share position rows of value (M * D contiguous elements).
-template <typename scalar_t, int64_t kD>
-DNOPS_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& a, scalar_t* out, int64_t begin, int64_t end) {
+template <typename scalar_t, typename geo_t, int64_t kD>
+DNOPS_ALWAYS_INLINE void forward_rows(const Args<scalar_t, geo_t>& a, scalar_t* out, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& dm = a.dm;
   const int64_t channels = kD > 0 ? kD : dm.channels;
@@ -154,8 +155,8 @@ DNOPS_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& a, scalar_t* out, in
     const int64_t m = visit % dm.heads;
     const int64_t row = a.order[visit / dm.heads] * dm.heads + m;
     const int64_t n = row / (dm.heads * dm.queries);
-    const scalar_t* loc_row = a.loc + row * lp * 2;
-    const scalar_t* w_row = a.weights + row * lp;
+    const geo_t* loc_row = a.loc + row * lp * 2;
+    const geo_t* w_row = a.weights + row * lp;
     acc_t mx = 0, sum = 1;
     if (a.logits) msda::softmax_stats(w_row, lp, mx, sum);
     acc_t acc_fixed[kD > 0 ? kD : 1] = {};
@@ -198,14 +199,14 @@ DNOPS_ALWAYS_INLINE void forward_rows(const Args<scalar_t>& a, scalar_t* out, in
   }
 }
 
-template <typename scalar_t, int64_t kD>
-DNOPS_TARGET_AVX2 void forward_rows_avx2(const Args<scalar_t>& a, scalar_t* out, int64_t begin, int64_t end) {
-  forward_rows<scalar_t, kD>(a, out, begin, end);
+template <typename scalar_t, typename geo_t, int64_t kD>
+DNOPS_TARGET_AVX2 void forward_rows_avx2(const Args<scalar_t, geo_t>& a, scalar_t* out, int64_t begin, int64_t end) {
+  forward_rows<scalar_t, geo_t, kD>(a, out, begin, end);
 }
 
-template <typename scalar_t, int64_t kD>
-void forward_rows_base(const Args<scalar_t>& a, scalar_t* out, int64_t begin, int64_t end) {
-  forward_rows<scalar_t, kD>(a, out, begin, end);
+template <typename scalar_t, typename geo_t, int64_t kD>
+void forward_rows_base(const Args<scalar_t, geo_t>& a, scalar_t* out, int64_t begin, int64_t end) {
+  forward_rows<scalar_t, geo_t, kD>(a, out, begin, end);
 }
 
 // float32 and bfloat16 rows with D a multiple of 8 go through GCC vector types in the backward: there the
@@ -298,10 +299,11 @@ struct WorkPlan {
 
 // The items a thread claims from `next`. Inside an item the heads of a query are neighbours, as in the forward,
 // so they share position rows of value and grad_value.
-template <typename scalar_t, int64_t kD>
-DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, const WorkPlan& plan, std::atomic<int64_t>& next,
-                                        const scalar_t* grad_out, at::opmath_type<scalar_t>* grad_value,
-                                        scalar_t* grad_loc, at::opmath_type<scalar_t>* grad_w) {
+template <typename scalar_t, typename geo_t, int64_t kD>
+DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const WorkPlan& plan,
+                                        std::atomic<int64_t>& next, const scalar_t* grad_out,
+                                        at::opmath_type<scalar_t>* grad_value, geo_t* grad_loc,
+                                        at::opmath_type<scalar_t>* grad_w) {
   using acc_t = at::opmath_type<scalar_t>;
   const Dims& dm = a.dm;
   const int64_t channels = kD > 0 ? kD : dm.channels;
@@ -328,7 +330,7 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, const WorkPlan&
         const int64_t level_offset = ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
         const scalar_t* level_value = a.value + level_offset;
         acc_t* level_grad = grad_value + level_offset;
-        const scalar_t* w_row = a.weights + row * lp;
+        const geo_t* w_row = a.weights + row * lp;
         const acc_t mx = a.logits ? a.softmax[2 * row] : acc_t(0), sum = a.logits ? a.softmax[2 * row + 1] : acc_t(1);
         const scalar_t* g_row = grad_out + row * dm.channels;
         for (int64_t d = 0; d < channels; ++d) g[d] = static_cast<acc_t>(g_row[d]);
@@ -375,8 +377,8 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, const WorkPlan&
               gy += dwdy[j][k] * gv[k];
             }
             grad_w[sample] = ga;
-            grad_loc[2 * sample] = static_cast<scalar_t>(w * gx * static_cast<acc_t>(width));
-            grad_loc[2 * sample + 1] = static_cast<scalar_t>(w * gy * static_cast<acc_t>(height));
+            grad_loc[2 * sample] = static_cast<geo_t>(w * gx * static_cast<acc_t>(width));
+            grad_loc[2 * sample + 1] = static_cast<geo_t>(w * gy * static_cast<acc_t>(height));
           }
         }
       }
@@ -384,18 +386,19 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t>& a, const WorkPlan&
   }
 }
 
-template <typename scalar_t, int64_t kD>
-DNOPS_TARGET_AVX2 void backward_items_avx2(const Args<scalar_t>& a, const WorkPlan& plan, std::atomic<int64_t>& next,
-                                           const scalar_t* grad_out, at::opmath_type<scalar_t>* grad_value,
-                                           scalar_t* grad_loc, at::opmath_type<scalar_t>* grad_w) {
-  backward_items<scalar_t, kD>(a, plan, next, grad_out, grad_value, grad_loc, grad_w);
+template <typename scalar_t, typename geo_t, int64_t kD>
+DNOPS_TARGET_AVX2 void backward_items_avx2(const Args<scalar_t, geo_t>& a, const WorkPlan& plan,
+                                           std::atomic<int64_t>& next, const scalar_t* grad_out,
+                                           at::opmath_type<scalar_t>* grad_value, geo_t* grad_loc,
+                                           at::opmath_type<scalar_t>* grad_w) {
+  backward_items<scalar_t, geo_t, kD>(a, plan, next, grad_out, grad_value, grad_loc, grad_w);
 }
 
-template <typename scalar_t, int64_t kD>
-void backward_items_base(const Args<scalar_t>& a, const WorkPlan& plan, std::atomic<int64_t>& next,
-                         const scalar_t* grad_out, at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc,
+template <typename scalar_t, typename geo_t, int64_t kD>
+void backward_items_base(const Args<scalar_t, geo_t>& a, const WorkPlan& plan, std::atomic<int64_t>& next,
+                         const scalar_t* grad_out, at::opmath_type<scalar_t>* grad_value, geo_t* grad_loc,
                          at::opmath_type<scalar_t>* grad_w) {
-  backward_items<scalar_t, kD>(a, plan, next, grad_out, grad_value, grad_loc, grad_w);
+  backward_items<scalar_t, geo_t, kD>(a, plan, next, grad_out, grad_value, grad_loc, grad_w);
 }
 
 template <typename F>
@@ -414,15 +417,16 @@ void dispatch_channels(int64_t channels, F&& f) {
   }
 }
 
-template <typename scalar_t>
-Args<scalar_t> make_args(const Dims& dm, const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
-                         const at::Tensor& loc, const at::Tensor& weights, bool logits, const int64_t* order) {
+template <typename scalar_t, typename geo_t>
+Args<scalar_t, geo_t> make_args(const Dims& dm, const at::Tensor& value, const at::Tensor& shapes,
+                                const at::Tensor& starts, const at::Tensor& loc, const at::Tensor& weights, bool logits,
+                                const int64_t* order) {
   return {dm,
           value.data_ptr<scalar_t>(),
           shapes.data_ptr<int64_t>(),
           starts.data_ptr<int64_t>(),
-          loc.data_ptr<scalar_t>(),
-          weights.data_ptr<scalar_t>(),
+          loc.data_ptr<geo_t>(),
+          weights.data_ptr<geo_t>(),
           logits,
           order};
 }
@@ -495,17 +499,20 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   at::Tensor out = at::empty({dm.batch, dm.queries, dm.heads * dm.channels}, value.options());
   if (out.numel() == 0) return out;
   const bool avx2 = cpu_has_avx2_fma();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu", [&] {
-    const std::vector<int64_t> order = query_order(dm, loc.data_ptr<scalar_t>());
-    const Args<scalar_t> args = make_args<scalar_t>(dm, v, shapes, starts, loc, w, attention_logits, order.data());
+  msda::dispatch_types(value, loc, [&](auto value_tag, auto geo_tag) {
+    using scalar_t = decltype(value_tag);
+    using geo_t = decltype(geo_tag);
+    const std::vector<int64_t> order = query_order(dm, loc.data_ptr<geo_t>());
+    const Args<scalar_t, geo_t> args =
+        make_args<scalar_t, geo_t>(dm, v, shapes, starts, loc, w, attention_logits, order.data());
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     dispatch_channels(dm.channels, [&](auto kd) {
       constexpr int64_t kD = decltype(kd)::value;
       at::parallel_for(0, dm.batch * dm.queries * dm.heads, 256, [&](int64_t begin, int64_t end) {
         if (avx2) {
-          forward_rows_avx2<scalar_t, kD>(args, out_ptr, begin, end);
+          forward_rows_avx2<scalar_t, geo_t, kD>(args, out_ptr, begin, end);
         } else {
-          forward_rows_base<scalar_t, kD>(args, out_ptr, begin, end);
+          forward_rows_base<scalar_t, geo_t, kD>(args, out_ptr, begin, end);
         }
       });
     });
@@ -527,10 +534,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const at::Tensor &grad_value = grads.value, &grad_loc = grads.loc, &grad_w = grads.weights;
   if (g.numel() > 0 && value.numel() > 0) {
     const bool avx2 = cpu_has_avx2_fma();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    msda::dispatch_types(value, loc, [&](auto value_tag, auto geo_tag) {
+      using scalar_t = decltype(value_tag);
+      using geo_t = decltype(geo_tag);
       using acc_t = at::opmath_type<scalar_t>;
-      const std::vector<int64_t> order = query_order(dm, loc.data_ptr<scalar_t>());
-      Args<scalar_t> args = make_args<scalar_t>(dm, v, shapes, starts, loc, w, attention_logits, order.data());
+      const std::vector<int64_t> order = query_order(dm, loc.data_ptr<geo_t>());
+      Args<scalar_t, geo_t> args =
+          make_args<scalar_t, geo_t>(dm, v, shapes, starts, loc, w, attention_logits, order.data());
       const int64_t rows = dm.batch * dm.queries * dm.heads, lp = dm.samples;
       std::vector<acc_t> softmax(attention_logits ? 2 * rows : 0);
       if (attention_logits) {
@@ -543,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       }
       const scalar_t* g_ptr = g.data_ptr<scalar_t>();
       acc_t* gv_ptr = grad_value.data_ptr<acc_t>();
-      scalar_t* gl_ptr = grad_loc.data_ptr<scalar_t>();
+      geo_t* gl_ptr = grad_loc.data_ptr<geo_t>();
       acc_t* gw_ptr = grad_w.data_ptr<acc_t>();
       const WorkPlan plan(dm, shapes.data_ptr<int64_t>(), at::get_num_threads());
       std::atomic<int64_t> next{0};
@@ -551,9 +561,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
         constexpr int64_t kD = decltype(kd)::value;
         at::parallel_for(0, std::min(plan.items, int64_t(at::get_num_threads())), 1, [&](int64_t, int64_t) {
           if (avx2) {
-            backward_items_avx2<scalar_t, kD>(args, plan, next, g_ptr, gv_ptr, gl_ptr, gw_ptr);
+            backward_items_avx2<scalar_t, geo_t, kD>(args, plan, next, g_ptr, gv_ptr, gl_ptr, gw_ptr);
           } else {
-            backward_items_base<scalar_t, kD>(args, plan, next, g_ptr, gv_ptr, gl_ptr, gw_ptr);
+            backward_items_base<scalar_t, geo_t, kD>(args, plan, next, g_ptr, gv_ptr, gl_ptr, gw_ptr);
           }
         });
       });
@@ -567,7 +577,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       }
     });
   }
-  return grads.finish(value.scalar_type());
+  return grads.finish(value.scalar_type(), attention_weights.scalar_type());
 }
 
 }  // namespace

@@ -122,16 +122,16 @@ __device__ __forceinline__ void row_softmax_stats(const Group& g, const scalar_t
 
 // What every kernel of a row needs first: where its locations and weights are, its image and head, and with
 // logits the softmax statistics of its weights.
-template <typename scalar_t>
+// geo_t: the locations' and weights' type (value's, or float32 with a half value); acc_t value's op-math type.
+template <typename geo_t, typename acc_t>
 struct Row {
-  using acc_t = at::opmath_type<scalar_t>;
   int64_t n, m;
   int lp;
-  const scalar_t* loc;
-  const scalar_t* weights;
+  const geo_t* loc;
+  const geo_t* weights;
   acc_t mx = 0, sum = 1;
 
-  __device__ Row(const Group& g, const Dims& dm, int64_t row, const scalar_t* loc_all, const scalar_t* weights_all,
+  __device__ Row(const Group& g, const Dims& dm, int64_t row, const geo_t* loc_all, const geo_t* weights_all,
                  bool logits)
       : n(row / (dm.heads * dm.queries)),
         m(row % dm.heads),
@@ -142,9 +142,10 @@ struct Row {
   }
 };
 
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-__device__ __forceinline__ Geo<acc_t> sample_geo(const Dims& dm, int i, const Row<scalar_t>& r, const int64_t* shapes,
-                                                 const int64_t* starts, bool logits, int32_t& height) {
+template <typename geo_t, typename acc_t>
+__device__ __forceinline__ Geo<acc_t> sample_geo(const Dims& dm, int i, const Row<geo_t, acc_t>& r,
+                                                 const int64_t* shapes, const int64_t* starts, bool logits,
+                                                 int32_t& height) {
   const int l = dm.layout.level_of(i, static_cast<int>(dm.levels));
   const int64_t h = shapes[2 * l], w = shapes[2 * l + 1];
   Geo<acc_t> s{0, 0, msda::row_weight(r.weights, i, logits, r.mx, r.sum), 0, static_cast<int32_t>(w), 0};
@@ -202,15 +203,15 @@ __device__ __forceinline__ void atomic_add_pack(double* dst, const double (&x)[V
   for (int j = 0; j < VEC; ++j) atomicAdd(dst + j, x[j]);
 }
 
-template <typename scalar_t, int VEC>
+template <typename scalar_t, typename geo_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(Dims dm, int tpr, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
-                   const scalar_t* loc, const scalar_t* weights, bool logits, scalar_t* out) {
+                   const geo_t* loc, const geo_t* weights, bool logits, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const Group g(tpr);
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / tpr;
   if (row >= dm.batch * dm.queries * dm.heads) return;
-  const Row<scalar_t> r(g, dm, row, loc, weights, logits);
+  const Row<geo_t, acc_t> r(g, dm, row, loc, weights, logits);
   const int lp = r.lp;
   const int64_t pos_stride = dm.heads * dm.channels;
   const scalar_t* head_value = value + (r.n * dm.spatial * dm.heads + r.m) * dm.channels;
@@ -249,21 +250,21 @@ __global__ void __launch_bounds__(kThreads)
 
 // With kDeterministic, grad_value is not touched: each sample's four corners are written to (keys, corner_w) as
 // (destination row (n * S + pos) * M + m or kNoCorner, bilinear x attention weight), for gather_grad_value_kernel.
-template <typename scalar_t, int VEC, bool kDeterministic>
+template <typename scalar_t, typename geo_t, int VEC, bool kDeterministic>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(Dims dm, int tpr, const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes,
-                    const int64_t* starts, const scalar_t* loc, const scalar_t* weights, bool logits,
-                    at::opmath_type<scalar_t>* grad_value, scalar_t* grad_loc, at::opmath_type<scalar_t>* grad_w,
+                    const int64_t* starts, const geo_t* loc, const geo_t* weights, bool logits,
+                    at::opmath_type<scalar_t>* grad_value, geo_t* grad_loc, at::opmath_type<scalar_t>* grad_w,
                     int64_t* keys, at::opmath_type<scalar_t>* corner_w) {
   using acc_t = at::opmath_type<scalar_t>;
   const Group g(tpr);
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / tpr;
   if (row >= dm.batch * dm.queries * dm.heads) return;
-  const Row<scalar_t> r(g, dm, row, loc, weights, logits);
+  const Row<geo_t, acc_t> r(g, dm, row, loc, weights, logits);
   const int lp = r.lp;
   const int64_t n = r.n, m = r.m;
   const acc_t mx = r.mx, sum = r.sum;
-  const scalar_t* w_row = r.weights;
+  const geo_t* w_row = r.weights;
   const int64_t pos_stride = dm.heads * dm.channels;
   const int64_t head_offset = (n * dm.spatial * dm.heads + m) * dm.channels;
   const scalar_t* g_row = grad_out + row * dm.channels;
@@ -316,8 +317,8 @@ __global__ void __launch_bounds__(kThreads)
       grad_w[idx] = my_ga;
       // discrete sampling gives the locations no gradient (their buffer stays zero)
       if (!dm.discrete) {
-        grad_loc[2 * idx] = static_cast<scalar_t>(mine.a * my_gx * static_cast<acc_t>(mine.width));
-        grad_loc[2 * idx + 1] = static_cast<scalar_t>(mine.a * my_gy * static_cast<acc_t>(height));
+        grad_loc[2 * idx] = static_cast<geo_t>(mine.a * my_gx * static_cast<acc_t>(mine.width));
+        grad_loc[2 * idx + 1] = static_cast<geo_t>(mine.a * my_gy * static_cast<acc_t>(height));
       }
       if constexpr (kDeterministic) {
 #pragma unroll
@@ -430,14 +431,17 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
   at::Tensor out = at::empty({dm.batch, dm.queries, dm.heads * dm.channels}, value.options());
   if (out.numel() == 0) return out;
   const int64_t rows = dm.batch * dm.queries * dm.heads;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda", [&] {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  msda::dispatch_types(value, loc, [&](auto value_tag, auto geo_tag) {
+    using scalar_t = decltype(value_tag);
+    using geo_t = decltype(geo_tag);
     const int vec = vector_width<scalar_t>(dm.channels, {v.data_ptr(), out.data_ptr()});
     const int tpr = lanes_per_row(dm.channels, vec);
     with_vec<scalar_t>(vec, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
-      forward_kernel<scalar_t, VEC><<<blocks_for_rows(rows, tpr), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      forward_kernel<scalar_t, geo_t, VEC><<<blocks_for_rows(rows, tpr), kThreads, 0, stream>>>(
           dm, tpr, v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-          loc.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), attention_logits, out.data_ptr<scalar_t>());
+          loc.data_ptr<geo_t>(), w.data_ptr<geo_t>(), attention_logits, out.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -458,31 +462,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const at::Tensor g = grad_output.contiguous().to(value.scalar_type());
   const at::Tensor &grad_value = grads.value, &grad_loc = grads.loc, &grad_w = grads.weights;
   const int64_t rows = dm.batch * dm.queries * dm.heads;
-  if (rows == 0 || value.numel() == 0) return grads.finish(value.scalar_type());
+  if (rows == 0 || value.numel() == 0) return grads.finish(value.scalar_type(), attention_weights.scalar_type());
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const int64_t lp = dm.samples;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+  msda::dispatch_types(value, loc, [&](auto value_tag, auto geo_tag) {
+    using scalar_t = decltype(value_tag);
+    using geo_t = decltype(geo_tag);
     using acc_t = at::opmath_type<scalar_t>;
     const int vec = vector_width<scalar_t>(dm.channels, {v.data_ptr(), g.data_ptr()});
     const int tpr = lanes_per_row(dm.channels, vec);
     with_vec<scalar_t>(vec, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
       if (!deterministic) {
-        backward_kernel<scalar_t, VEC, false><<<blocks_for_rows(rows, tpr), kThreads, 0, stream>>>(
+        backward_kernel<scalar_t, geo_t, VEC, false><<<blocks_for_rows(rows, tpr), kThreads, 0, stream>>>(
             dm, tpr, g.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
-            starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), attention_logits,
-            grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<scalar_t>(), grad_w.data_ptr<acc_t>(), nullptr, nullptr);
+            starts.data_ptr<int64_t>(), loc.data_ptr<geo_t>(), w.data_ptr<geo_t>(), attention_logits,
+            grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<geo_t>(), grad_w.data_ptr<acc_t>(), nullptr, nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
       at::Tensor keys = at::empty({rows * lp * 4}, w.options().dtype(at::kLong));
       at::Tensor corner_w = at::empty({rows * lp * 4}, grad_w.options());
-      backward_kernel<scalar_t, VEC, true><<<blocks_for_rows(rows, tpr), kThreads, 0, stream>>>(
+      backward_kernel<scalar_t, geo_t, VEC, true><<<blocks_for_rows(rows, tpr), kThreads, 0, stream>>>(
           dm, tpr, g.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
-          starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), attention_logits,
-          grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<scalar_t>(), grad_w.data_ptr<acc_t>(),
-          keys.data_ptr<int64_t>(), corner_w.data_ptr<acc_t>());
+          starts.data_ptr<int64_t>(), loc.data_ptr<geo_t>(), w.data_ptr<geo_t>(), attention_logits,
+          grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<geo_t>(), grad_w.data_ptr<acc_t>(), keys.data_ptr<int64_t>(),
+          corner_w.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       // A stable sort keeps each destination's corners in (row, sample, corner) order, so the sum below adds
       // them in the same order on every run.
@@ -495,7 +501,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return grads.finish(value.scalar_type());
+  return grads.finish(value.scalar_type(), attention_weights.scalar_type());
 }
 
 }  // namespace
