@@ -747,6 +747,17 @@ def test_kernels_take_points_per_level_natively(sampling):
         torch.ops.dnops.ms_deform_attn(value, shapes, starts, loc.unsqueeze(3), weights, False, [3, 6, 2])
 
 
+@cpp
+def test_kernels_refuse_rows_of_2_to_the_31_points():
+    """The kernels index a row's points with int32 (a GPU lane's level search is 32-bit arithmetic); expanded
+    (stride 0) locations make such a row without the memory."""
+    value, shapes, starts = torch.randn(1, 1, 1, 2), torch.tensor([[1, 1]]), torch.tensor([0])
+    loc = torch.zeros(1, 1, 1, 1, 1, 2).expand(1, 1, 1, 1, 2**31, 2)
+    weights = torch.zeros(1, 1, 1, 1, 1).expand(1, 1, 1, 1, 2**31)
+    with pytest.raises(RuntimeError, match="a \\(query, head\\) row must have fewer than 2\\^31 points"):
+        torch.ops.dnops.ms_deform_attn(value, shapes, starts, loc, weights)
+
+
 def test_points_per_level_takes_at_most_16_levels():
     shapes = torch.tensor([[1, 1]] * 17)
     starts = torch.arange(17)

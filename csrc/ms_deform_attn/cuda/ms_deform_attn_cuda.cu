@@ -414,8 +414,6 @@ void with_vec(int vec, F&& f) {
 void check_cuda_extent(const Dims& dm) {
   TORCH_CHECK(dm.spatial < std::numeric_limits<int32_t>::max(), "ms_deform_attn: value has S=", dm.spatial,
               " positions; the CUDA kernel indexes a level with int32");
-  TORCH_CHECK(dm.samples < std::numeric_limits<int32_t>::max(),
-              "ms_deform_attn: the points per (query, head) are too many for the CUDA kernel");
 }
 
 at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
