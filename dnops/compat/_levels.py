@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-_LEVELS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+from dnops._constants import device_constant
 
 
 def level_tensors(sizes: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -15,13 +15,10 @@ def level_tensors(sizes: Sequence[Sequence[int]], device: torch.device) -> tuple
     from host values is a blocking host-to-device copy, and the op checks a level tensor it has seen only once. Built
     in the graph, uncached, under torch.compile."""
 
-    def build(sizes) -> tuple[torch.Tensor, torch.Tensor]:
-        shapes = torch.tensor(sizes, dtype=torch.int64, device=device)
+    key = tuple((int(h), int(w)) for h, w in sizes)
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        shapes = torch.tensor(key, dtype=torch.int64, device=device)
         return shapes, torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
 
-    if torch.compiler.is_compiling():
-        return build(sizes)
-    key = (tuple((int(h), int(w)) for h, w in sizes), device)
-    if key not in _LEVELS:
-        _LEVELS[key] = build(key[0])
-    return _LEVELS[key]
+    return device_constant("levels", key, device, build)

@@ -6,6 +6,7 @@ import torch
 
 from dnops import _backend, reference
 from dnops._autograd import register_ms_deform_attn
+from dnops._constants import device_constant
 from dnops.validation import SAMPLINGS, assert_levels_in_graph, check_ms_deform_attn_args, check_points_per_level
 
 # What an export writes instead of the standard-op graph, when an adapter sets one (dnops.compat.tensorrt's
@@ -77,9 +78,6 @@ def as_int64_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tenso
     )
 
 
-_PADDING: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def _padding_index(points: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(L, max P) int64: the point each (level, slot) holds (a padding slot: its level's first point, whose weight is
     then zeroed), and (L, max P) bool: which slots hold one. Made once per counts and device (a tensor from host
@@ -91,12 +89,7 @@ def _padding_index(points: tuple[int, ...], device: torch.device) -> tuple[torch
         valid = [[j < c for j in range(most)] for c in points]
         return torch.tensor(index, device=device), torch.tensor(valid, device=device)
 
-    if torch.compiler.is_compiling():
-        return build()
-    key = (points, device)
-    if key not in _PADDING:
-        _PADDING[key] = build()
-    return _PADDING[key]
+    return device_constant("padding", points, device, build)
 
 
 def _as_levels(

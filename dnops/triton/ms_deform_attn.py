@@ -15,10 +15,10 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch._guards import detect_fake_mode
 from torch.library import triton_op, wrap_triton
 
 from dnops._autograd import register_ms_deform_attn
+from dnops._constants import device_constant
 
 BLOCK_R = 16  # rows per backward program, and per forward program in the interpreter
 
@@ -300,22 +300,15 @@ def _bwd_kernel(
         tl.store(grad_loc_ptr + (rows * LP + i) * 2 + 1, a * gy * height.to(ACC), mask=rmask)
 
 
-_POINT_STARTS: dict[tuple, torch.Tensor] = {}
-
-
 def _point_starts(points: list[int] | None, like: torch.Tensor) -> torch.Tensor:
-    """(L + 1,) int32 exclusive cumsum of the per-level counts on like's device (with one count: ``like`` itself,
-    which the kernels then do not read). Made once per counts and device: a tensor from host values is a blocking
-    host-to-device copy."""
+    """(L + 1,) int32 exclusive cumsum of the per-level counts on like's device, made once per counts and device
+    (with one count: ``like`` itself, which the kernels then do not read)."""
     if points is None:
         return like
     starts = [0, *itertools.accumulate(points)]
-    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
-        return torch.tensor(starts, dtype=torch.int32, device=like.device)
-    key = (tuple(points), like.device)
-    if key not in _POINT_STARTS:
-        _POINT_STARTS[key] = torch.tensor(starts, dtype=torch.int32, device=like.device)
-    return _POINT_STARTS[key]
+    return device_constant(
+        "point starts", tuple(points), like.device, lambda: torch.tensor(starts, dtype=torch.int32, device=like.device)
+    )
 
 
 def _dims(
