@@ -30,8 +30,12 @@ MSDA_CASES = {
 }
 
 
-def msda_inputs(case: MSDACase, law: str = "realistic", dtype=torch.float32, device="cpu", requires_grad=False):
-    """(value, spatial_shapes, level_start_index, sampling_locations, attention_weights).
+def msda_inputs(
+    case: MSDACase, law: str = "realistic", dtype=torch.float32, device="cpu", requires_grad=False, geometry_dtype=None
+):
+    """(value, spatial_shapes, level_start_index, sampling_locations, attention_weights): value in ``dtype``, the
+    locations and weights in ``geometry_dtype`` (default ``dtype``; float32 with a half value is what an AMP model
+    passes).
 
     law "uniform": locations uniform in [0, 1]; "realistic": each query's reference point plus N(0, 2 pixels)
     offsets per level, as a trained deformable encoder samples. Encoder queries (Lq = S) have their own pixel
@@ -65,7 +69,11 @@ def msda_inputs(case: MSDACase, law: str = "realistic", dtype=torch.float32, dev
     else:
         raise ValueError(law)
     weights = torch.rand(case.n, lq, case.m, nl * case.p, generator=g).softmax(-1).view(case.n, lq, case.m, nl, case.p)
-    tensors = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (value, loc, weights)]
+    geometry = geometry_dtype or dtype
+    tensors = [
+        t.to(device=device, dtype=dt).requires_grad_(requires_grad)
+        for t, dt in ((value, dtype), (loc, geometry), (weights, geometry))
+    ]
     return tensors[0], shapes.to(device), starts.to(device), tensors[1], tensors[2]
 
 
@@ -91,9 +99,12 @@ RT_CASES = {
 }
 
 
-def rt_inputs(case: RTCase, method: str = "default", dtype=torch.float32, device="cpu", requires_grad=False):
+def rt_inputs(
+    case: RTCase, method: str = "default", dtype=torch.float32, device="cpu", requires_grad=False, geometry_dtype=None
+):
     """(value (N, S, M, D), spatial shapes as a list, sampling_locations (N, Lq, M, sum P, 2), attention_weights
-    (N, Lq, M, sum P), points): uniform reference points plus N(0, 2 pixels) offsets per level, weights softmaxed.
+    (N, Lq, M, sum P), points): uniform reference points plus N(0, 2 pixels) offsets per level, weights softmaxed;
+    value in ``dtype``, locations and weights in ``geometry_dtype`` (default ``dtype``).
     ``method="discrete"``: the locations take no gradient (the originals freeze their offsets)."""
     g = torch.Generator().manual_seed(0)
     s = sum(h * w for h, w in case.shapes)
@@ -103,7 +114,9 @@ def rt_inputs(case: RTCase, method: str = "default", dtype=torch.float32, device
     ref = torch.rand(case.n, case.lq, 1, 1, 2, generator=g)
     loc = ref + torch.randn(case.n, case.lq, case.m, total, 2, generator=g) * 2.0 / size.to(torch.float32)
     weights = torch.randn(case.n, case.lq, case.m, total, generator=g).softmax(-1)
-    value, loc, weights = (t.to(device=device, dtype=dtype) for t in (value, loc, weights))
+    geometry = geometry_dtype or dtype
+    value = value.to(device=device, dtype=dtype)
+    loc, weights = (t.to(device=device, dtype=geometry) for t in (loc, weights))
     value.requires_grad_(requires_grad)
     weights.requires_grad_(requires_grad)
     loc.requires_grad_(requires_grad and method == "default")

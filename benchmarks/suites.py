@@ -100,6 +100,22 @@ def passes(fn: Callable[..., object], sets: list[list], variant: str) -> Impl:
     return run
 
 
+def amp_dtype(target: Target) -> torch.dtype:
+    """The half type of torch.autocast's default on the target's device: float16 on a GPU, bfloat16 on the CPU."""
+    return torch.float16 if target.gpu else torch.bfloat16
+
+
+def under_autocast(fn: Callable[..., object], target: Target) -> Callable[..., object]:
+    """``fn`` called under torch.autocast with the device's default half type, as in an AMP training step (the
+    backward runs outside it, as there)."""
+
+    def run(*args, **kw):
+        with torch.autocast(target.device.type, dtype=amp_dtype(target)):
+            return fn(*args, **kw)
+
+    return run
+
+
 # ---- peers ------------------------------------------------------------------------------------------------------
 
 
@@ -133,17 +149,29 @@ def flex(case: cases.DNAttnCase, device: torch.device) -> Callable[..., torch.Te
 
 def _msda_bytes(inputs: list[torch.Tensor], variant: str) -> int:
     value, _, _, loc, weights = inputs
-    es = value.element_size()
-    out = loc.shape[0] * loc.shape[1] * value.shape[2] * value.shape[3] * es
-    v, lc, w = value.numel() * es, loc.numel() * es, weights.numel() * es
+    out = loc.shape[0] * loc.shape[1] * value.shape[2] * value.shape[3] * value.element_size()
+    v, lc, w = (t.numel() * t.element_size() for t in (value, loc, weights))
     # forward: read value, locations, weights, write out; backward: read grad_out and the inputs again, write
     # the three gradients
     return 3 * (v + lc + w) + 2 * out if variant.endswith("fwd+bwd") else v + lc + w + out
 
 
+def _msda_precisions(target: Target, case: str, law: str) -> list[tuple[str, torch.dtype, torch.dtype | None]]:
+    """(name, value dtype, geometry dtype under autocast or None) of a case: float32 and bfloat16 throughout, and
+    for the realistic encoder and decoder shapes the AMP pair under autocast (value in the half type, locations
+    and weights in float32, as an AMP model's projections and softmax give them)."""
+    if law == "uniform":
+        return [("float32", torch.float32, None)]
+    precisions = [("float32", torch.float32, None), ("bfloat16", torch.bfloat16, None)]
+    if case in ("enc800", "dec", "tiny"):
+        half = amp_dtype(target)
+        precisions.append((f"autocast {str(half)[6:]}", half, torch.float32))
+    return precisions
+
+
 def ms_deform_attn_benches(target: Target) -> Iterator[Bench]:
-    """Deformable-DETR's encoder and decoder shapes against the reference (grid_sample); on a GPU also
-    torch.compile of the reference, at enc800 forward + backward only (its compile time)."""
+    """Deformable-DETR's encoder and decoder shapes against the reference (grid_sample), also under autocast; on a
+    GPU also torch.compile of the reference, at enc800 forward + backward only (its compile time)."""
     if target.quick:
         plan = [("tiny", "realistic")]
     else:
@@ -151,22 +179,27 @@ def ms_deform_attn_benches(target: Target) -> Iterator[Bench]:
         if target.gpu:
             plan.insert(1, ("enc800-b4", "realistic"))
     for case_name, law in plan:
-        for dtype in (torch.float32, torch.bfloat16):
-            if law == "uniform" and dtype != torch.float32:
-                continue
+        for name, dtype, geometry in _msda_precisions(target, case_name, law):
             for p in ("fwd", "fwd+bwd"):
-                variant = f"{law} {str(dtype)[6:]} {p}"
+                variant = f"{law} {name} {p}"
                 grad = p == "fwd+bwd"
                 case = cases.MSDA_CASES[case_name]
-                sets = [cases.msda_inputs(case, law, dtype, target.device, grad) for _ in range(target.sets)]
+                sets = [
+                    cases.msda_inputs(case, law, dtype, target.device, grad, geometry_dtype=geometry)
+                    for _ in range(target.sets)
+                ]
                 bench = Bench("ms_deform_attn", case_name, variant, "reference", bytes_moved=_msda_bytes(sets[0], p))
-                bench.impls["reference"] = passes(reference.ms_deform_attn, sets, variant)
-                if target.gpu and case_name == "enc800" and law == "realistic" and grad:
+
+                def wrap(fn, amp=geometry is not None):
+                    return under_autocast(fn, target) if amp else fn
+
+                bench.impls["reference"] = passes(wrap(reference.ms_deform_attn), sets, variant)
+                if target.gpu and case_name == "enc800" and law == "realistic" and grad and geometry is None:
                     bench.impls["compile(reference)"] = Deferred(
                         passes(torch.compile(reference.ms_deform_attn), sets, variant)
                     )
                 for b in kernels_on("ms_deform_attn", target.device):
-                    fn = with_backend(b, dnops.ms_deform_attn)
+                    fn = wrap(with_backend(b, dnops.ms_deform_attn))
                     bench.impls[f"dnops {b}"] = _missing("ms_deform_attn", b, target.device) or passes(
                         fn, sets, variant
                     )
@@ -187,23 +220,35 @@ def real_time_benches(target: Target) -> Iterator[Bench]:
 
     original = originals.deim_deformable_attention_core_func_v2
     names = ["rt-tiny"] if target.quick else ["dfine-l", "deim-nano"]
-    dtypes = (torch.float32, torch.bfloat16) if target.gpu else (torch.float32,)
+    half = amp_dtype(target)
+    precisions = [("float32", torch.float32, None)] + ([("bfloat16", torch.bfloat16, None)] if target.gpu else [])
     for name in names:
         case = cases.RT_CASES[name]
         for method in ("default", "discrete"):
-            for dtype in dtypes:
+            # their training configs run AMP: D-FINE's decoder shape under autocast, the AMP pair as inputs
+            amp = [(f"autocast {str(half)[6:]}", half, torch.float32)] if name in ("dfine-l", "rt-tiny") else []
+            for precision, dtype, geometry in precisions + amp:
                 for p in ("fwd", "fwd+bwd"):
-                    variant = f"{'bilinear' if method == 'default' else method} {str(dtype)[6:]} {p}"
+                    variant = f"{'bilinear' if method == 'default' else method} {precision} {p}"
                     grad = p == "fwd+bwd"
-                    sets = [cases.rt_inputs(case, method, dtype, target.device, grad) for _ in range(target.sets)]
+                    sets = [
+                        cases.rt_inputs(case, method, dtype, target.device, grad, geometry_dtype=geometry)
+                        for _ in range(target.sets)
+                    ]
                     bench = Bench("rt_detr_attn", name, variant, "original", bytes_moved=_rt_bytes(sets[0], p))
+
+                    def wrap(fn, amp=geometry is not None):
+                        return under_autocast(fn, target) if amp else fn
+
                     bench.impls["original"] = passes(
-                        lambda v, s, loc, w, pts, m=method: original(v, s, loc, w, pts, m, "reshape"), sets, variant
+                        wrap(lambda v, s, loc, w, pts, m=method: original(v, s, loc, w, pts, m, "reshape")),
+                        sets,
+                        variant,
                     )
                     for b in kernels_on("ms_deform_attn", target.device):
                         fn = with_backend(b, rtdetr.deformable_attention_core_func_v2)
                         bench.impls[f"dnops {b}"] = _missing("ms_deform_attn", b, target.device) or passes(
-                            lambda v, s, loc, w, pts, f=fn, m=method: f(v, s, loc, w, pts, m), sets, variant
+                            wrap(lambda v, s, loc, w, pts, f=fn, m=method: f(v, s, loc, w, pts, m)), sets, variant
                         )
                     yield bench
 

@@ -235,6 +235,31 @@ def test_bfloat16_backward_is_the_float32_backward_rounded_once(d):
 
 
 @cpp
+@pytest.mark.parametrize("sampling", ["bilinear", "discrete"])
+@pytest.mark.parametrize("logits", [False, True])
+def test_backward_writes_every_location_and_weight_gradient(sampling, logits):
+    """The C++ backward leaves its location and weight gradients unfilled before the kernel writes them: every
+    element must be written, the locations' with zeros when sampling is discrete. Memory the allocator hands out
+    again is filled with NaN first, so an element left unwritten shows up."""
+    args = [a.detach() for a in points_inputs((3, 6, 2))]
+    grad = torch.randn(2, 3, 8, dtype=torch.float64)
+    discrete = sampling == "discrete"
+    want = torch.ops.dnops._ms_deform_attn_backward(grad, *args, logits, [3, 6, 2], discrete)
+    for _ in range(3):
+        dirty = [torch.full_like(t, float("nan")) for t in want for _ in range(4)]
+        del dirty
+        got = torch.ops.dnops._ms_deform_attn_backward(grad, *args, logits, [3, 6, 2], discrete)
+        for x, y in zip(got, want, strict=True):
+            assert torch.equal(x, y)
+    assert torch.equal(want[1], torch.zeros_like(args[3])) == discrete
+    leaves = [a.requires_grad_() if a.is_floating_point() else a for a in args]
+    expected = reference.ms_deform_attn_points(*leaves, [3, 6, 2], logits, sampling)
+    ref = torch.autograd.grad(expected, [args[0], args[4]], grad)
+    torch.testing.assert_close(want[0], ref[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(want[2], ref[1], rtol=1e-10, atol=1e-10)
+
+
+@cpp
 @pytest.mark.parametrize("kw", [{"lq": 0}, {"n": 0}])
 def test_empty(kw):
     args = make_inputs(requires_grad=True, **kw)

@@ -110,14 +110,20 @@ struct Grads {
   }
 };
 
+// `zero_geometry` false: the caller's kernel writes every element of the location and weight gradients, which
+// then skip the zero fill (as large as grad_value's at enc800).
 inline Grads backward_buffers(const at::Tensor& grad_output, const Dims& dm, const at::Tensor& value,
-                              const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+                              const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                              bool zero_geometry = true) {
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({dm.batch, dm.queries, dm.heads * dm.channels}),
               "ms_deform_attn backward: grad_output must be (N, Lq, M*D), got ", grad_output.sizes());
   const auto acc = at::toOpMathType(value.scalar_type());
+  auto geometry = [&](const at::Tensor& like, at::ScalarType dtype) {
+    return zero_geometry ? at::zeros(like.sizes(), like.options().dtype(dtype))
+                         : at::empty(like.sizes(), like.options().dtype(dtype));
+  };
   return {at::zeros(value.sizes(), value.options().dtype(acc)),
-          at::zeros(sampling_locations.sizes(), sampling_locations.options()),
-          at::zeros(attention_weights.sizes(), attention_weights.options().dtype(acc))};
+          geometry(sampling_locations, sampling_locations.scalar_type()), geometry(attention_weights, acc)};
 }
 
 // Calls f(value type tag, geometry type tag): the geometry in value's dtype, or float32 with a half value.

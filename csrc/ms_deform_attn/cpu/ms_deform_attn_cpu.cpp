@@ -297,6 +297,23 @@ struct WorkPlan {
   }
 };
 
+// Prefetches the cache lines of [p, p + bytes), for writing when `write`.
+DNOPS_ALWAYS_INLINE void prefetch_span(const void* p, int64_t bytes, bool write) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (write) {
+      __builtin_prefetch(c + off, 1);
+    } else {
+      __builtin_prefetch(c + off);
+    }
+  }
+}
+
+// How many queries ahead an item prefetches the rows it streams through: each query's locations, weights and
+// grad_output, and the lines its location and weight gradients go to. An item reads and writes only its level's
+// part of each row, a stride the hardware prefetchers do not follow.
+constexpr int64_t kStreamAhead = 4;
+
 // The items a thread claims from `next`. Inside an item the heads of a query are neighbours, as in the forward,
 // so they share position rows of value and grad_value.
 template <typename scalar_t, typename geo_t, int64_t kD>
@@ -323,8 +340,20 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
     const int64_t m_begin = item % plan.groups * plan.heads_per_item;
     const int64_t m_end = std::min(dm.heads, m_begin + plan.heads_per_item);
     const int64_t height = a.shapes[2 * l], width = a.shapes[2 * l + 1];
+    const int64_t points = dm.layout.count(l);
     for (int64_t i = 0; i < dm.queries; ++i) {
       const int64_t query = a.order[n * dm.queries + i];
+      if (i + kStreamAhead < dm.queries) {
+        const int64_t ahead = a.order[n * dm.queries + i + kStreamAhead];
+        for (int64_t m = m_begin; m < m_end; ++m) {
+          const int64_t sample = (ahead * dm.heads + m) * lp + dm.layout.begin(l);
+          prefetch_span(a.loc + 2 * sample, 2 * points * int64_t(sizeof(geo_t)), false);
+          prefetch_span(a.weights + sample, points * int64_t(sizeof(geo_t)), false);
+          prefetch_span(grad_loc + 2 * sample, 2 * points * int64_t(sizeof(geo_t)), true);
+          prefetch_span(grad_w + sample, points * int64_t(sizeof(acc_t)), true);
+          prefetch_row(grad_out + (ahead * dm.heads + m) * dm.channels, channels);
+        }
+      }
       for (int64_t m = m_begin; m < m_end; ++m) {
         const int64_t row = query * dm.heads + m;
         const int64_t level_offset = ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
@@ -363,8 +392,9 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
             const Taps<scalar_t, acc_t>& t = taps[j];
             const acc_t w = msda::row_weight(w_row, first + j, a.logits, mx, sum);
             if (dm.discrete) {
-              // the location gets no gradient: its buffer stays zero
+              // the location gets no gradient
               grad_w[sample] = dot<acc_t>(g, taps[j].value[0], channels);
+              grad_loc[2 * sample] = grad_loc[2 * sample + 1] = geo_t(0);
               axpy(grad_rows[j][0], w, g, channels);
               continue;
             }
@@ -526,13 +556,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     bool attention_logits, at::OptionalIntArrayRef points_per_level, bool discrete) {
   const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                                    points_per_level, discrete);
-  const msda::Grads grads = msda::backward_buffers(grad_output, dm, value, sampling_locations, attention_weights);
   const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
   check_cpu_shapes(shapes, starts, dm.spatial);
   const at::Tensor v = value.contiguous(), loc = sampling_locations.contiguous(), w = attention_weights.contiguous();
   const at::Tensor g = grad_output.contiguous().to(value.scalar_type());
+  // The work items write every sample's location and weight gradient unless nothing is computed.
+  const bool computed = g.numel() > 0 && value.numel() > 0;
+  const msda::Grads grads =
+      msda::backward_buffers(grad_output, dm, value, sampling_locations, attention_weights, !computed);
   const at::Tensor &grad_value = grads.value, &grad_loc = grads.loc, &grad_w = grads.weights;
-  if (g.numel() > 0 && value.numel() > 0) {
+  if (computed) {
     const bool avx2 = cpu_has_avx2_fma();
     msda::dispatch_types(value, loc, [&](auto value_tag, auto geo_tag) {
       using scalar_t = decltype(value_tag);
