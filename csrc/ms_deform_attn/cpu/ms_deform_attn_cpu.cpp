@@ -333,7 +333,7 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
   acc_t* __restrict__ g = kD > 0 ? g_fixed : g_any.data();
   Taps<scalar_t, acc_t> taps[kMaxPrefetchSamples];
   acc_t* grad_rows[kMaxPrefetchSamples][4];
-  acc_t dwdx[kMaxPrefetchSamples][4], dwdy[kMaxPrefetchSamples][4];
+  acc_t frac[kMaxPrefetchSamples][2];  // each sample's (lx, ly): the corner weights' derivatives follow from them
   for (int64_t item = next++; item < plan.items; item = next++) {
     const int64_t l = plan.level_order[item / (dm.batch * plan.groups)];
     const int64_t n = item / plan.groups % dm.batch;
@@ -380,9 +380,12 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
             const Origin<acc_t> o = locate(loc_x, loc_y, height, width);
             corner_rows(o, level_value, height, width, row_stride, zeros.data(), taps[j].value);
             corner_rows(o, level_grad, height, width, row_stride, scratch.data(), grad_rows[j]);
+            frac[j][0] = o.lx;
+            frac[j][1] = o.ly;
             for (int k = 0; k < 4; ++k) {
               // Corners outside the map read zeros, so whatever weight they get adds nothing.
-              msda::corner_weight(k, o.lx, o.ly, taps[j].weight[k], dwdx[j][k], dwdy[j][k]);
+              acc_t dwdx, dwdy;
+              msda::corner_weight(k, o.lx, o.ly, taps[j].weight[k], dwdx, dwdy);
               prefetch_row(taps[j].value[k], channels);
               prefetch_row(grad_rows[j][k], channels);
             }
@@ -402,9 +405,11 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
             corner_grads<kD>(g, t, grad_rows[j], w, channels, gv);
             acc_t ga = 0, gx = 0, gy = 0;
             for (int k = 0; k < 4; ++k) {
+              acc_t bilinear, dwdx, dwdy;
+              msda::corner_weight(k, frac[j][0], frac[j][1], bilinear, dwdx, dwdy);
               ga += t.weight[k] * gv[k];
-              gx += dwdx[j][k] * gv[k];
-              gy += dwdy[j][k] * gv[k];
+              gx += dwdx * gv[k];
+              gy += dwdy * gv[k];
             }
             grad_w[sample] = ga;
             grad_loc[2 * sample] = static_cast<geo_t>(w * gx * static_cast<acc_t>(width));
