@@ -105,9 +105,11 @@ def amp_dtype(target: Target) -> torch.dtype:
     return torch.float16 if target.gpu else torch.bfloat16
 
 
-def under_autocast(fn: Callable[..., object], target: Target) -> Callable[..., object]:
+def under_autocast(fn: Callable[..., object], target: Target, amp: bool = True) -> Callable[..., object]:
     """``fn`` called under torch.autocast with the device's default half type, as in an AMP training step (the
-    backward runs outside it, as there)."""
+    backward runs outside it, as there); ``fn`` itself when ``amp`` is false."""
+    if not amp:
+        return fn
 
     def run(*args, **kw):
         with torch.autocast(target.device.type, dtype=amp_dtype(target)):
@@ -189,17 +191,14 @@ def ms_deform_attn_benches(target: Target) -> Iterator[Bench]:
                     for _ in range(target.sets)
                 ]
                 bench = Bench("ms_deform_attn", case_name, variant, "reference", bytes_moved=_msda_bytes(sets[0], p))
-
-                def wrap(fn, amp=geometry is not None):
-                    return under_autocast(fn, target) if amp else fn
-
-                bench.impls["reference"] = passes(wrap(reference.ms_deform_attn), sets, variant)
+                amp = geometry is not None
+                bench.impls["reference"] = passes(under_autocast(reference.ms_deform_attn, target, amp), sets, variant)
                 if target.gpu and case_name == "enc800" and law == "realistic" and grad and geometry is None:
                     bench.impls["compile(reference)"] = Deferred(
                         passes(torch.compile(reference.ms_deform_attn), sets, variant)
                     )
                 for b in kernels_on("ms_deform_attn", target.device):
-                    fn = wrap(with_backend(b, dnops.ms_deform_attn))
+                    fn = under_autocast(with_backend(b, dnops.ms_deform_attn), target, amp)
                     bench.impls[f"dnops {b}"] = _missing("ms_deform_attn", b, target.device) or passes(
                         fn, sets, variant
                     )
@@ -236,19 +235,22 @@ def real_time_benches(target: Target) -> Iterator[Bench]:
                         for _ in range(target.sets)
                     ]
                     bench = Bench("rt_detr_attn", name, variant, "original", bytes_moved=_rt_bytes(sets[0], p))
-
-                    def wrap(fn, amp=geometry is not None):
-                        return under_autocast(fn, target) if amp else fn
-
+                    amp = geometry is not None
                     bench.impls["original"] = passes(
-                        wrap(lambda v, s, loc, w, pts, m=method: original(v, s, loc, w, pts, m, "reshape")),
+                        under_autocast(
+                            lambda v, s, loc, w, pts, m=method: original(v, s, loc, w, pts, m, "reshape"), target, amp
+                        ),
                         sets,
                         variant,
                     )
                     for b in kernels_on("ms_deform_attn", target.device):
                         fn = with_backend(b, rtdetr.deformable_attention_core_func_v2)
                         bench.impls[f"dnops {b}"] = _missing("ms_deform_attn", b, target.device) or passes(
-                            wrap(lambda v, s, loc, w, pts, f=fn, m=method: f(v, s, loc, w, pts, m)), sets, variant
+                            under_autocast(
+                                lambda v, s, loc, w, pts, f=fn, m=method: f(v, s, loc, w, pts, m), target, amp
+                            ),
+                            sets,
+                            variant,
                         )
                     yield bench
 
