@@ -13,6 +13,13 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def geometry_fits(value_dtype: torch.dtype, geometry_dtype: torch.dtype) -> bool:
+    """Whether the deformable-attention kernels take locations and weights of ``geometry_dtype`` with a value of
+    ``value_dtype`` as they are: value's own dtype, or float32 with a half-precision value (the AMP pair)."""
+    return geometry_dtype == value_dtype or (value_dtype in HALF_TYPES and geometry_dtype == torch.float32)
 
 
 def _fail(op: str, msg: str) -> None:
@@ -75,11 +82,9 @@ def check_ms_deform_attn_args(
             _fail(op, f"{name} must have rank {rank} {shape}, got shape {tuple(t.shape)}")
     if value.dtype not in FLOAT_TYPES:
         _fail(op, f"value must be float16/bfloat16/float32/float64, got {value.dtype}")
-    # the geometry in value's dtype, or float32 with a half-precision value (the AMP pair)
-    half = value.dtype in (torch.float16, torch.bfloat16)
     geometry = sampling_locations.dtype
-    if geometry != value.dtype and not (half and geometry == torch.float32):
-        allowed = f"{value.dtype} or torch.float32" if half else f"{value.dtype}"
+    if not geometry_fits(value.dtype, geometry):
+        allowed = f"{value.dtype} or torch.float32" if value.dtype in HALF_TYPES else f"{value.dtype}"
         _fail(op, f"sampling_locations has dtype {geometry} but value has {value.dtype} (allowed: {allowed})")
     if attention_weights.dtype != geometry:
         _fail(op, f"attention_weights has dtype {attention_weights.dtype} but sampling_locations has {geometry}")

@@ -20,6 +20,7 @@ import torch
 
 from dnops import _backend
 from dnops.ops.ms_deform_attn import as_int64_levels, ms_deform_attn
+from dnops.validation import geometry_fits
 
 SHIM = "MultiScaleDeformableAttention.py"
 SHIM_TEXT = (
@@ -59,11 +60,10 @@ def ms_deform_attn_forward(
 def _common_dtype(value: torch.Tensor, *geometry: torch.Tensor) -> torch.dtype | None:
     """The dtype mixed floating inputs compute in (None when the kernels take them as they are: one dtype, or a half
     value with float32 locations and weights): float64 if one is, else float32."""
-    dtypes = {t.dtype for t in (value, *geometry)}
-    half_value = value.dtype in (torch.float16, torch.bfloat16)
-    if len(dtypes) == 1 or (half_value and {t.dtype for t in geometry} == {torch.float32}):
+    kinds = {t.dtype for t in geometry}
+    if len(kinds) == 1 and geometry_fits(value.dtype, geometry[0].dtype):
         return None
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+    return torch.float64 if torch.float64 in kinds | {value.dtype} else torch.float32
 
 
 def ms_deform_attn_backward(

@@ -7,7 +7,13 @@ import torch
 from dnops import _backend, reference
 from dnops._autograd import register_ms_deform_attn
 from dnops._constants import device_constant
-from dnops.validation import SAMPLINGS, assert_levels_in_graph, check_ms_deform_attn_args, check_points_per_level
+from dnops.validation import (
+    HALF_TYPES,
+    SAMPLINGS,
+    assert_levels_in_graph,
+    check_ms_deform_attn_args,
+    check_points_per_level,
+)
 
 # What an export writes instead of the standard-op graph, when an adapter sets one (dnops.compat.tensorrt's
 # plugin_export): called with the op's six arguments. A slot the adapter fills, so that the op knows no adapter.
@@ -44,9 +50,7 @@ def _autocast_geometry(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Under autocast value keeps its dtype (a half-precision projection's output: the gathers move half the bytes)
     and only the geometry, sampling locations and weights, is cast to float32: in bfloat16 a location would be off
     by a third of a pixel on a 167-pixel-wide map. float32 / float64 stay as they are."""
-    return tuple(
-        t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors
-    )
+    return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in HALF_TYPES else t for t in tensors)
 
 
 def _register_autocast(device_type: str) -> None:
@@ -108,7 +112,7 @@ def _as_levels(
     float32 for half weights), as the padding must not take part in the softmax."""
     if points is not None:
         if attention_logits:
-            half = attention_weights.dtype in (torch.float16, torch.bfloat16)
+            half = attention_weights.dtype in HALF_TYPES
             attention_weights = attention_weights.softmax(-1, dtype=torch.float32 if half else None)
             attention_weights = attention_weights.to(sampling_locations.dtype)
             attention_logits = False
