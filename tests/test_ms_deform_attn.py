@@ -329,6 +329,42 @@ def test_many_queries_in_either_visiting_order():
 
 
 @cpp
+@pytest.mark.parametrize("sampling", ["bilinear", "discrete"])
+@pytest.mark.parametrize(
+    "lq, m, threads",
+    [
+        (40, 1, (1, 2, 3)),  # encoder-like (a query per <= 4 positions): one, two, three groups of levels
+        (10, 3, (1, 4, 7)),  # decoder-like: one, two, three groups of heads
+    ],
+)
+def test_backward_splits_items_when_there_are_more_threads(sampling, lq, m, threads):
+    # The backward's work items are (image, group of heads, group of levels), each owning its part of grad_value;
+    # an encoder-like call splits levels, a decoder-like one heads, only when there are more threads than items.
+    # Every split must give the reference's gradients, and the same bits.
+    points = [1, 3, 2]
+    value, shapes, starts, _, _ = make_inputs(n=1, shapes=((9, 11), (4, 5), (3, 2)), lq=lq, m=m, d=8, p=1)
+    loc = torch.rand(1, lq, m, sum(points), 2, dtype=torch.float64) * 1.3 - 0.15
+    weights = torch.randn(1, lq, m, sum(points), dtype=torch.float64)
+    inputs = [value.requires_grad_(), loc.requires_grad_(), weights.requires_grad_()]
+    g = torch.randn(1, lq, m * 8, dtype=torch.float64)
+    ref = reference.ms_deform_attn_points(value, shapes, starts, loc, weights, points, True, sampling)
+    want = torch.autograd.grad(ref, inputs, g, allow_unused=True, materialize_grads=True)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            out = op(value, shapes, starts, loc, weights, True, points, sampling == "discrete")
+            results.append(torch.autograd.grad(out, inputs, g, allow_unused=True, materialize_grads=True))
+    finally:
+        torch.set_num_threads(before)
+    for name, x, y in zip(("value", "locations", "weights"), results[0], want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+@cpp
 @pytest.mark.parametrize("logits", [False, True])
 def test_opcheck(logits):
     args = make_inputs(n=1, lq=3, m=2, d=5, requires_grad=True)

@@ -33,8 +33,8 @@ struct Args {
   const geo_t* weights;
   bool logits;
   const int64_t* order;  // entry n * Lq + i: the (n * Lq + q) of image n's i-th query to visit (query_order)
-  // With logits, the backward's (max, sum of exp) of every row, computed once: its work items each see one level
-  // of a row, and would otherwise redo the row's softmax statistics once per level.
+  // With logits, the backward's (max, sum of exp) of every row, computed once: where levels are split between work
+  // items, each would otherwise redo the row's softmax statistics.
   const at::opmath_type<scalar_t>* softmax = nullptr;
 };
 
@@ -274,27 +274,44 @@ DNOPS_ALWAYS_INLINE void corner_grads(const acc_t* __restrict__ g, const Taps<sc
   for (int k = 0; k < 4; ++k) axpy(grad_rows[k], scale * t.weight[k], g, len);
 }
 
-// The backward's work items and the order threads claim them in. Item (n, group of heads, level) owns the slice
-// grad_value[n, level's positions, heads of the group, :], so threads never write the same element and the result
-// depends neither on scheduling nor on the thread count. Groups split the heads only when there are fewer
-// (n, level) pairs than threads: a split makes each item read its position rows of value and grad_value in
-// pieces, which cost 1.5x in time on one thread (enc800). Items are claimed one at a time, largest level first:
-// every level has the same number of samples, but the large maps miss cache, so a static split by level left
-// one of two threads idle for a third of the backward.
+// The backward's work items. Item (n, group of heads, group of levels) owns the slice grad_value[n, the levels'
+// positions, the heads, :], so threads never write the same element and the result depends neither on scheduling
+// nor on the thread count. Two plans:
+// - encoder-like calls (at least a query per four positions of value): neighbouring queries read the same corners,
+//   which stay in cache, so the rows streamed per query dominate. An item takes one head (or the heads that share
+//   a cache line of grad_value, so no line is written by two items) and all levels: it reads each query's
+//   locations, weights and grad_output once and contiguously, and its slice of value and grad_value is its heads'
+//   (2.5 MB each per head at enc800, where the largest level's is 15 MB). Levels are grouped only when there are
+//   fewer (n, group of heads) pairs than threads.
+// - decoder-like calls (fewer queries, each sampling elsewhere): the gathers miss cache, and the heads of a query
+//   sample around one reference point, so an item takes one level and all heads, reading whole position rows of
+//   value and grad_value (M * D elements). Heads are grouped only when there are fewer (n, level) pairs than
+//   threads.
+// Items are claimed one at a time, levels in order (DETRs list the largest map first): with one item per level the
+// large maps miss cache most, and a static split left one of two threads idle for a third of the backward.
 struct WorkPlan {
-  int64_t groups, heads_per_item, items;
-  std::vector<int64_t> level_order;
+  int64_t heads_per_item, head_groups, level_groups, items;
 
-  WorkPlan(const Dims& dm, const int64_t* shapes, int64_t threads)
-      : groups(std::min(dm.heads, std::max<int64_t>(1, (threads + dm.batch * dm.levels - 1) / (dm.batch * dm.levels)))),
-        heads_per_item((dm.heads + groups - 1) / groups),
-        items(dm.batch * dm.levels * groups),
-        level_order(dm.levels) {
-    std::iota(level_order.begin(), level_order.end(), int64_t(0));
-    std::stable_sort(level_order.begin(), level_order.end(), [&](int64_t x, int64_t y) {
-      return shapes[2 * x] * shapes[2 * x + 1] > shapes[2 * y] * shapes[2 * y + 1];
-    });
+  WorkPlan(const Dims& dm, int64_t threads, int64_t grad_bytes) {
+    const int64_t levels = std::max<int64_t>(dm.levels, 1);
+    auto split = [&](int64_t parts, int64_t others) {  // parts to split into for `threads` items, at most `parts`
+      return std::min(parts, std::max<int64_t>(1, (threads + dm.batch * others - 1) / (dm.batch * others)));
+    };
+    if (4 * dm.queries >= dm.spatial) {
+      heads_per_item = std::min(dm.heads, std::max<int64_t>(1, 64 / std::max<int64_t>(1, dm.channels * grad_bytes)));
+      head_groups = (dm.heads + heads_per_item - 1) / heads_per_item;
+      level_groups = split(levels, head_groups);
+    } else {
+      level_groups = levels;
+      head_groups = split(dm.heads, levels);
+      heads_per_item = (dm.heads + head_groups - 1) / head_groups;
+      head_groups = (dm.heads + heads_per_item - 1) / heads_per_item;
+    }
+    items = dm.batch * head_groups * level_groups;
   }
+
+  // The first level of group k (group k covers [first_level(k), first_level(k + 1))).
+  int64_t first_level(const Dims& dm, int64_t k) const { return k * dm.levels / level_groups; }
 };
 
 // Prefetches the cache lines of [p, p + bytes), for writing when `write`.
@@ -310,12 +327,11 @@ DNOPS_ALWAYS_INLINE void prefetch_span(const void* p, int64_t bytes, bool write)
 }
 
 // How many queries ahead an item prefetches the rows it streams through: each query's locations, weights and
-// grad_output, and the lines its location and weight gradients go to. An item reads and writes only its level's
-// part of each row, a stride the hardware prefetchers do not follow.
+// grad_output, and the lines its location and weight gradients go to. Consecutive queries' rows of one head are
+// M rows apart (and the queries come in cell order), a stride the hardware prefetchers do not follow.
 constexpr int64_t kStreamAhead = 4;
 
-// The items a thread claims from `next`. Inside an item the heads of a query are neighbours, as in the forward,
-// so they share position rows of value and grad_value.
+// The items a thread claims from `next`.
 template <typename scalar_t, typename geo_t, int64_t kD>
 DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const WorkPlan& plan,
                                         std::atomic<int64_t>& next, const scalar_t* grad_out,
@@ -333,41 +349,54 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
   acc_t* __restrict__ g = kD > 0 ? g_fixed : g_any.data();
   Taps<scalar_t, acc_t> taps[kMaxPrefetchSamples];
   acc_t* grad_rows[kMaxPrefetchSamples][4];
-  acc_t frac[kMaxPrefetchSamples][2];  // each sample's (lx, ly): the corner weights' derivatives follow from them
+  // Each sample's (lx, ly), from which the corner weights' derivatives follow, and its map's (width, height).
+  acc_t frac[kMaxPrefetchSamples][2];
+  acc_t size[kMaxPrefetchSamples][2];
   for (int64_t item = next++; item < plan.items; item = next++) {
-    const int64_t l = plan.level_order[item / (dm.batch * plan.groups)];
-    const int64_t n = item / plan.groups % dm.batch;
-    const int64_t m_begin = item % plan.groups * plan.heads_per_item;
+    const int64_t group = item / (dm.batch * plan.head_groups);
+    const int64_t m_begin = item % plan.head_groups * plan.heads_per_item;
     const int64_t m_end = std::min(dm.heads, m_begin + plan.heads_per_item);
-    const int64_t height = a.shapes[2 * l], width = a.shapes[2 * l + 1];
-    const int64_t points = dm.layout.count(l);
+    const int64_t n = item / plan.head_groups % dm.batch;
+    const int64_t l_begin = plan.first_level(dm, group);
+    const int64_t s_begin = dm.layout.begin(l_begin), s_end = dm.layout.begin(plan.first_level(dm, group + 1));
+    const int64_t span = s_end - s_begin;
     for (int64_t i = 0; i < dm.queries; ++i) {
-      const int64_t query = a.order[n * dm.queries + i];
       if (i + kStreamAhead < dm.queries) {
-        const int64_t ahead = a.order[n * dm.queries + i + kStreamAhead];
         for (int64_t m = m_begin; m < m_end; ++m) {
-          const int64_t sample = (ahead * dm.heads + m) * lp + dm.layout.begin(l);
-          prefetch_span(a.loc + 2 * sample, 2 * points * int64_t(sizeof(geo_t)), false);
-          prefetch_span(a.weights + sample, points * int64_t(sizeof(geo_t)), false);
-          prefetch_span(grad_loc + 2 * sample, 2 * points * int64_t(sizeof(geo_t)), true);
-          prefetch_span(grad_w + sample, points * int64_t(sizeof(acc_t)), true);
-          prefetch_row(grad_out + (ahead * dm.heads + m) * dm.channels, channels);
+          const int64_t ahead = a.order[n * dm.queries + i + kStreamAhead] * dm.heads + m;
+          const int64_t sample = ahead * lp + s_begin;
+          prefetch_span(a.loc + 2 * sample, 2 * span * int64_t(sizeof(geo_t)), false);
+          prefetch_span(a.weights + sample, span * int64_t(sizeof(geo_t)), false);
+          prefetch_span(grad_loc + 2 * sample, 2 * span * int64_t(sizeof(geo_t)), true);
+          prefetch_span(grad_w + sample, span * int64_t(sizeof(acc_t)), true);
+          prefetch_row(grad_out + ahead * dm.channels, channels);
         }
       }
       for (int64_t m = m_begin; m < m_end; ++m) {
-        const int64_t row = query * dm.heads + m;
-        const int64_t level_offset = ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
-        const scalar_t* level_value = a.value + level_offset;
-        acc_t* level_grad = grad_value + level_offset;
+        const int64_t row = a.order[n * dm.queries + i] * dm.heads + m;
         const geo_t* w_row = a.weights + row * lp;
         const acc_t mx = a.logits ? a.softmax[2 * row] : acc_t(0), sum = a.logits ? a.softmax[2 * row + 1] : acc_t(1);
         const scalar_t* g_row = grad_out + row * dm.channels;
         for (int64_t d = 0; d < channels; ++d) g[d] = static_cast<acc_t>(g_row[d]);
-        const int64_t level_end = dm.layout.begin(l) + dm.layout.count(l);
-        for (int64_t first = dm.layout.begin(l); first < level_end; first += kMaxPrefetchSamples) {
-          const int64_t count = std::min(level_end - first, kMaxPrefetchSamples);
+        // The level of the next sample and the points left in it, with that level's map and value rows: set
+        // when the level changes, not per sample (a row of a decoder has few samples per level and small D).
+        int64_t l = l_begin, left = dm.layout.count(l_begin);
+        int64_t height = a.shapes[2 * l], width = a.shapes[2 * l + 1];
+        int64_t level_offset = ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
+        for (int64_t first = s_begin; first < s_end; first += kMaxPrefetchSamples) {
+          const int64_t count = std::min(s_end - first, kMaxPrefetchSamples);
           for (int64_t j = 0; j < count; ++j) {
+            if (left == 0) {
+              ++l;
+              left = dm.layout.count(l);
+              height = a.shapes[2 * l];
+              width = a.shapes[2 * l + 1];
+              level_offset = ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
+            }
+            --left;
             const int64_t sample = row * lp + first + j;
+            const scalar_t* level_value = a.value + level_offset;
+            acc_t* level_grad = grad_value + level_offset;
             const acc_t loc_x = static_cast<acc_t>(a.loc[2 * sample]),
                         loc_y = static_cast<acc_t>(a.loc[2 * sample + 1]);
             if (dm.discrete) {
@@ -382,6 +411,8 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
             corner_rows(o, level_grad, height, width, row_stride, scratch.data(), grad_rows[j]);
             frac[j][0] = o.lx;
             frac[j][1] = o.ly;
+            size[j][0] = static_cast<acc_t>(width);
+            size[j][1] = static_cast<acc_t>(height);
             for (int k = 0; k < 4; ++k) {
               // Corners outside the map read zeros, so whatever weight they get adds nothing.
               acc_t dwdx, dwdy;
@@ -412,8 +443,8 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
               gy += dwdy * gv[k];
             }
             grad_w[sample] = ga;
-            grad_loc[2 * sample] = static_cast<geo_t>(w * gx * static_cast<acc_t>(width));
-            grad_loc[2 * sample + 1] = static_cast<geo_t>(w * gy * static_cast<acc_t>(height));
+            grad_loc[2 * sample] = static_cast<geo_t>(w * gx * size[j][0]);
+            grad_loc[2 * sample + 1] = static_cast<geo_t>(w * gy * size[j][1]);
           }
         }
       }
@@ -593,7 +624,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       acc_t* gv_ptr = grad_value.data_ptr<acc_t>();
       geo_t* gl_ptr = grad_loc.data_ptr<geo_t>();
       acc_t* gw_ptr = grad_w.data_ptr<acc_t>();
-      const WorkPlan plan(dm, shapes.data_ptr<int64_t>(), at::get_num_threads());
+      const WorkPlan plan(dm, at::get_num_threads(), int64_t(sizeof(acc_t)));
       std::atomic<int64_t> next{0};
       dispatch_channels(dm.channels, [&](auto kd) {
         constexpr int64_t kD = decltype(kd)::value;
