@@ -688,7 +688,7 @@ def test_points_reference_discrete_is_the_loop_with_no_location_gradient():
 
 
 @pytest.mark.parametrize("backend", POINTS_BACKENDS := backends("ms_deform_attn"))
-@pytest.mark.parametrize("points", [(1, 3, 2), (2, 2, 2)])
+@pytest.mark.parametrize("points", [(1, 3, 2), (2, 2, 2), (70, 10, 1)])  # 81: more than the C++ kernel's batch
 @pytest.mark.parametrize("logits", [False, True])
 @pytest.mark.parametrize("sampling", ["bilinear", "discrete"])
 def test_points_per_level_on_every_backend(backend, backend_env, points, logits, sampling):

@@ -349,9 +349,8 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
   acc_t* __restrict__ g = kD > 0 ? g_fixed : g_any.data();
   Taps<scalar_t, acc_t> taps[kMaxPrefetchSamples];
   acc_t* grad_rows[kMaxPrefetchSamples][4];
-  // Each sample's (lx, ly), from which the corner weights' derivatives follow, and its map's (width, height).
+  // Each sample's (lx, ly), from which the corner weights' derivatives follow.
   acc_t frac[kMaxPrefetchSamples][2];
-  acc_t size[kMaxPrefetchSamples][2];
   for (int64_t item = next++; item < plan.items; item = next++) {
     const int64_t group = item / (dm.batch * plan.head_groups);
     const int64_t m_begin = item % plan.head_groups * plan.heads_per_item;
@@ -360,6 +359,7 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
     const int64_t l_begin = plan.first_level(dm, group);
     const int64_t s_begin = dm.layout.begin(l_begin), s_end = dm.layout.begin(plan.first_level(dm, group + 1));
     const int64_t span = s_end - s_begin;
+    const int64_t l_end = plan.first_level(dm, group + 1);
     for (int64_t i = 0; i < dm.queries; ++i) {
       if (i + kStreamAhead < dm.queries) {
         for (int64_t m = m_begin; m < m_end; ++m) {
@@ -378,73 +378,63 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
         const acc_t mx = a.logits ? a.softmax[2 * row] : acc_t(0), sum = a.logits ? a.softmax[2 * row + 1] : acc_t(1);
         const scalar_t* g_row = grad_out + row * dm.channels;
         for (int64_t d = 0; d < channels; ++d) g[d] = static_cast<acc_t>(g_row[d]);
-        // The level of the next sample and the points left in it, with that level's map and value rows: set
-        // when the level changes, not per sample (a row of a decoder has few samples per level and small D).
-        int64_t l = l_begin, left = dm.layout.count(l_begin);
-        int64_t height = a.shapes[2 * l], width = a.shapes[2 * l + 1];
-        int64_t level_offset = ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
-        for (int64_t first = s_begin; first < s_end; first += kMaxPrefetchSamples) {
-          const int64_t count = std::min(s_end - first, kMaxPrefetchSamples);
-          for (int64_t j = 0; j < count; ++j) {
-            if (left == 0) {
-              ++l;
-              left = dm.layout.count(l);
-              height = a.shapes[2 * l];
-              width = a.shapes[2 * l + 1];
-              level_offset = ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
+        for (int64_t l = l_begin; l < l_end; ++l) {
+          const int64_t height = a.shapes[2 * l], width = a.shapes[2 * l + 1];
+          const int64_t level_offset = ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
+          const scalar_t* level_value = a.value + level_offset;
+          acc_t* level_grad = grad_value + level_offset;
+          const int64_t level_end = dm.layout.begin(l) + dm.layout.count(l);
+          for (int64_t first = dm.layout.begin(l); first < level_end; first += kMaxPrefetchSamples) {
+            const int64_t count = std::min(level_end - first, kMaxPrefetchSamples);
+            for (int64_t j = 0; j < count; ++j) {
+              const int64_t sample = row * lp + first + j;
+              const acc_t loc_x = static_cast<acc_t>(a.loc[2 * sample]),
+                          loc_y = static_cast<acc_t>(a.loc[2 * sample + 1]);
+              if (dm.discrete) {
+                taps[j].value[0] = nearest_row(loc_x, loc_y, level_value, height, width, row_stride);
+                grad_rows[j][0] = nearest_row(loc_x, loc_y, level_grad, height, width, row_stride);
+                prefetch_row(taps[j].value[0], channels);
+                prefetch_row(grad_rows[j][0], channels);
+                continue;
+              }
+              const Origin<acc_t> o = locate(loc_x, loc_y, height, width);
+              corner_rows(o, level_value, height, width, row_stride, zeros.data(), taps[j].value);
+              corner_rows(o, level_grad, height, width, row_stride, scratch.data(), grad_rows[j]);
+              frac[j][0] = o.lx;
+              frac[j][1] = o.ly;
+              for (int k = 0; k < 4; ++k) {
+                // Corners outside the map read zeros, so whatever weight they get adds nothing.
+                acc_t dwdx, dwdy;
+                msda::corner_weight(k, o.lx, o.ly, taps[j].weight[k], dwdx, dwdy);
+                prefetch_row(taps[j].value[k], channels);
+                prefetch_row(grad_rows[j][k], channels);
+              }
             }
-            --left;
-            const int64_t sample = row * lp + first + j;
-            const scalar_t* level_value = a.value + level_offset;
-            acc_t* level_grad = grad_value + level_offset;
-            const acc_t loc_x = static_cast<acc_t>(a.loc[2 * sample]),
-                        loc_y = static_cast<acc_t>(a.loc[2 * sample + 1]);
-            if (dm.discrete) {
-              taps[j].value[0] = nearest_row(loc_x, loc_y, level_value, height, width, row_stride);
-              grad_rows[j][0] = nearest_row(loc_x, loc_y, level_grad, height, width, row_stride);
-              prefetch_row(taps[j].value[0], channels);
-              prefetch_row(grad_rows[j][0], channels);
-              continue;
+            for (int64_t j = 0; j < count; ++j) {
+              const int64_t sample = row * lp + first + j;
+              const Taps<scalar_t, acc_t>& t = taps[j];
+              const acc_t w = msda::row_weight(w_row, first + j, a.logits, mx, sum);
+              if (dm.discrete) {
+                // the location gets no gradient
+                grad_w[sample] = dot<acc_t>(g, taps[j].value[0], channels);
+                grad_loc[2 * sample] = grad_loc[2 * sample + 1] = geo_t(0);
+                axpy(grad_rows[j][0], w, g, channels);
+                continue;
+              }
+              acc_t gv[4];
+              corner_grads<kD>(g, t, grad_rows[j], w, channels, gv);
+              acc_t ga = 0, gx = 0, gy = 0;
+              for (int k = 0; k < 4; ++k) {
+                acc_t bilinear, dwdx, dwdy;
+                msda::corner_weight(k, frac[j][0], frac[j][1], bilinear, dwdx, dwdy);
+                ga += t.weight[k] * gv[k];
+                gx += dwdx * gv[k];
+                gy += dwdy * gv[k];
+              }
+              grad_w[sample] = ga;
+              grad_loc[2 * sample] = static_cast<geo_t>(w * gx * static_cast<acc_t>(width));
+              grad_loc[2 * sample + 1] = static_cast<geo_t>(w * gy * static_cast<acc_t>(height));
             }
-            const Origin<acc_t> o = locate(loc_x, loc_y, height, width);
-            corner_rows(o, level_value, height, width, row_stride, zeros.data(), taps[j].value);
-            corner_rows(o, level_grad, height, width, row_stride, scratch.data(), grad_rows[j]);
-            frac[j][0] = o.lx;
-            frac[j][1] = o.ly;
-            size[j][0] = static_cast<acc_t>(width);
-            size[j][1] = static_cast<acc_t>(height);
-            for (int k = 0; k < 4; ++k) {
-              // Corners outside the map read zeros, so whatever weight they get adds nothing.
-              acc_t dwdx, dwdy;
-              msda::corner_weight(k, o.lx, o.ly, taps[j].weight[k], dwdx, dwdy);
-              prefetch_row(taps[j].value[k], channels);
-              prefetch_row(grad_rows[j][k], channels);
-            }
-          }
-          for (int64_t j = 0; j < count; ++j) {
-            const int64_t sample = row * lp + first + j;
-            const Taps<scalar_t, acc_t>& t = taps[j];
-            const acc_t w = msda::row_weight(w_row, first + j, a.logits, mx, sum);
-            if (dm.discrete) {
-              // the location gets no gradient
-              grad_w[sample] = dot<acc_t>(g, taps[j].value[0], channels);
-              grad_loc[2 * sample] = grad_loc[2 * sample + 1] = geo_t(0);
-              axpy(grad_rows[j][0], w, g, channels);
-              continue;
-            }
-            acc_t gv[4];
-            corner_grads<kD>(g, t, grad_rows[j], w, channels, gv);
-            acc_t ga = 0, gx = 0, gy = 0;
-            for (int k = 0; k < 4; ++k) {
-              acc_t bilinear, dwdx, dwdy;
-              msda::corner_weight(k, frac[j][0], frac[j][1], bilinear, dwdx, dwdy);
-              ga += t.weight[k] * gv[k];
-              gx += dwdx * gv[k];
-              gy += dwdy * gv[k];
-            }
-            grad_w[sample] = ga;
-            grad_loc[2 * sample] = static_cast<geo_t>(w * gx * size[j][0]);
-            grad_loc[2 * sample + 1] = static_cast<geo_t>(w * gy * size[j][1]);
           }
         }
       }
