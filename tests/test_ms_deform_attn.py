@@ -218,11 +218,12 @@ def test_low_precision(dtype, tol, d):
 
 
 @cpp
-@pytest.mark.parametrize("d", [8, 32, 30])
+@pytest.mark.parametrize("d", [8, 16, 32, 30])
 def test_bfloat16_backward_is_the_float32_backward_rounded_once(d):
-    """bfloat16 widens to float32 exactly and the kernel accumulates in float32 (D a multiple of 8: the vector
-    rows, which widen 8 values at a time; D = 30 the generic loops): its gradients are the float32 kernel's on the
-    widened inputs, each rounded to bfloat16 once (at most one bfloat16 ulp apart, from the float32 sums' order)."""
+    """bfloat16 widens to float32 exactly and the kernel accumulates in float32 (D = 16, 32: the vector rows read
+    16 values at a time, in a permuted order that grad_output follows; D = 8: 8 at a time in order; D = 30 the
+    generic loops): its gradients are the float32 kernel's on the widened inputs, each rounded to bfloat16 once (at
+    most one bfloat16 ulp apart, from the float32 sums' order)."""
     args = [t.bfloat16() if t.is_floating_point() else t for t in make_inputs(d=d, lq=40, m=2, p=3)]
     wide = [t.float() if t.is_floating_point() else t for t in args]
     g = torch.randn(2, 40, 2 * d).bfloat16()

@@ -218,6 +218,8 @@ typedef float f32x8 __attribute__((vector_size(32), aligned(4)));  // aligned(4)
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint16_t m16x16 __attribute__((vector_size(32)));
 
 DNOPS_ALWAYS_INLINE f32x8 load_f32x8(const float* p) {
   return *reinterpret_cast<const f32x8*>(p);
@@ -228,9 +230,29 @@ DNOPS_ALWAYS_INLINE f32x8 load_f32x8(const c10::BFloat16* p) {
   const u32x8 bits = __builtin_convertvector(*reinterpret_cast<const u16x8*>(p), u32x8) << 16;
   return reinterpret_cast<const f32x8&>(bits);
 }
+
+// Sixteen bfloat16 as two float32 vectors holding channels (0-3, 8-11) and (4-7, 12-15): each 128-bit half
+// interleaved with zeros, one instruction per vector where widening in order takes two. A dot product with a
+// vector of float32 permuted the same way (bf16_order) is then the same sum.
+DNOPS_ALWAYS_INLINE void load_bf16x16(const c10::BFloat16* p, f32x8& lo, f32x8& hi) {
+  const u16x16 x = *reinterpret_cast<const u16x16*>(p);
+  const u16x16 zero = {};
+  const u16x16 a = __builtin_shuffle(zero, x, m16x16{0, 16, 0, 17, 0, 18, 0, 19, 0, 24, 0, 25, 0, 26, 0, 27});
+  const u16x16 b = __builtin_shuffle(zero, x, m16x16{0, 20, 0, 21, 0, 22, 0, 23, 0, 28, 0, 29, 0, 30, 0, 31});
+  lo = reinterpret_cast<const f32x8&>(a);
+  hi = reinterpret_cast<const f32x8&>(b);
+}
+
+// Channel c of each 16 in load_bf16x16's order.
+constexpr int kBF16Order[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
 #else
 #define DNOPS_MSDA_VECTOR_TYPES 0
 #endif
+
+// bfloat16 rows of a multiple of 16 channels are read by load_bf16x16.
+template <int64_t kD, typename scalar_t>
+constexpr bool kPermutedRows =
+    DNOPS_MSDA_VECTOR_TYPES && kD > 0 && kD % 16 == 0 && std::is_same_v<scalar_t, c10::BFloat16>;
 
 template <int64_t kD, typename scalar_t>
 constexpr bool kVectorRows = DNOPS_MSDA_VECTOR_TYPES && kD > 0 && kD % 8 == 0 &&
@@ -239,18 +261,33 @@ constexpr bool kVectorRows = DNOPS_MSDA_VECTOR_TYPES && kD > 0 && kD % 8 == 0 &&
 // One sample's share of the backward: gv[k] = <g, corner k's value row>, and corner k's grad_value row gets
 // scale * weight[k] * g (scale = the sample's attention weight).
 template <int64_t kD, typename scalar_t, typename acc_t>
-DNOPS_ALWAYS_INLINE void corner_grads(const acc_t* __restrict__ g, const Taps<scalar_t, acc_t>& t,
-                                      acc_t* const* grad_rows, acc_t scale, int64_t n, acc_t gv[4]) {
+DNOPS_ALWAYS_INLINE void corner_grads(const acc_t* __restrict__ g, const acc_t* __restrict__ g_permuted,
+                                      const Taps<scalar_t, acc_t>& t, acc_t* const* grad_rows, acc_t scale, int64_t n,
+                                      acc_t gv[4]) {
 #if DNOPS_MSDA_VECTOR_TYPES
   if constexpr (kVectorRows<kD, scalar_t>) {
     constexpr int64_t kVecs = kD / 8;
     f32x8 gr[kVecs];
     for (int64_t i = 0; i < kVecs; ++i) gr[i] = *reinterpret_cast<const f32x8*>(g + 8 * i);
     f32x8 s[4];
-    for (int k = 0; k < 4; ++k) {
-      const scalar_t* v = t.value[k];
-      s[k] = gr[0] * load_f32x8(v);
-      for (int64_t i = 1; i < kVecs; ++i) s[k] += gr[i] * load_f32x8(v + 8 * i);
+    if constexpr (kPermutedRows<kD, scalar_t>) {
+      f32x8 gp[kVecs];
+      for (int64_t i = 0; i < kVecs; ++i) gp[i] = *reinterpret_cast<const f32x8*>(g_permuted + 8 * i);
+      for (int k = 0; k < 4; ++k) {
+        f32x8 lo, hi;
+        load_bf16x16(t.value[k], lo, hi);
+        s[k] = gp[0] * lo + gp[1] * hi;
+        for (int64_t i = 2; i < kVecs; i += 2) {
+          load_bf16x16(t.value[k] + 8 * i, lo, hi);
+          s[k] += gp[i] * lo + gp[i + 1] * hi;
+        }
+      }
+    } else {
+      for (int k = 0; k < 4; ++k) {
+        const scalar_t* v = t.value[k];
+        s[k] = gr[0] * load_f32x8(v);
+        for (int64_t i = 1; i < kVecs; ++i) s[k] += gr[i] * load_f32x8(v + 8 * i);
+      }
     }
     // The four horizontal sums at once: lane-pair sums of (s0, s1) and of (s2, s3), of those, then the halves.
     const f32x8 s01 = __builtin_shuffle(s[0], s[1], i32x8{0, 8, 1, 9, 4, 12, 5, 13}) +
@@ -347,6 +384,7 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
   std::vector<acc_t> g_any(kD > 0 ? 0 : channels);
   acc_t g_fixed[kD > 0 ? kD : 1];
   acc_t* __restrict__ g = kD > 0 ? g_fixed : g_any.data();
+  acc_t g_permuted[kD > 0 ? kD : 1];  // g in load_bf16x16's order, for kPermutedRows
   Taps<scalar_t, acc_t> taps[kMaxPrefetchSamples];
   acc_t* grad_rows[kMaxPrefetchSamples][4];
   // Each sample's (lx, ly), from which the corner weights' derivatives follow.
@@ -378,6 +416,11 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
         const acc_t mx = a.logits ? a.softmax[2 * row] : acc_t(0), sum = a.logits ? a.softmax[2 * row + 1] : acc_t(1);
         const scalar_t* g_row = grad_out + row * dm.channels;
         for (int64_t d = 0; d < channels; ++d) g[d] = static_cast<acc_t>(g_row[d]);
+#if DNOPS_MSDA_VECTOR_TYPES
+        if constexpr (kPermutedRows<kD, scalar_t>) {
+          for (int64_t d = 0; d < kD; ++d) g_permuted[d] = g[d / 16 * 16 + kBF16Order[d % 16]];
+        }
+#endif
         for (int64_t l = l_begin; l < l_end; ++l) {
           const int64_t height = a.shapes[2 * l], width = a.shapes[2 * l + 1];
           const int64_t level_offset = ((n * dm.spatial + a.starts[l]) * dm.heads + m) * dm.channels;
@@ -422,7 +465,7 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
                 continue;
               }
               acc_t gv[4];
-              corner_grads<kD>(g, t, grad_rows[j], w, channels, gv);
+              corner_grads<kD>(g, g_permuted, t, grad_rows[j], w, channels, gv);
               acc_t ga = 0, gx = 0, gy = 0;
               for (int k = 0; k < 4; ++k) {
                 acc_t bilinear, dwdx, dwdy;
