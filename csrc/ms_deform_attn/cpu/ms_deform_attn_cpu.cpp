@@ -233,7 +233,7 @@ DNOPS_ALWAYS_INLINE f32x8 load_f32x8(const c10::BFloat16* p) {
 
 // Sixteen bfloat16 as two float32 vectors holding channels (0-3, 8-11) and (4-7, 12-15): each 128-bit half
 // interleaved with zeros, one instruction per vector where widening in order takes two. A dot product with a
-// vector of float32 permuted the same way (bf16_order) is then the same sum.
+// vector of float32 permuted the same way (kBF16Order) is then the same sum.
 DNOPS_ALWAYS_INLINE void load_bf16x16(const c10::BFloat16* p, f32x8& lo, f32x8& hi) {
   const u16x16 x = *reinterpret_cast<const u16x16*>(p);
   const u16x16 zero = {};
@@ -394,10 +394,8 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
     const int64_t m_begin = item % plan.head_groups * plan.heads_per_item;
     const int64_t m_end = std::min(dm.heads, m_begin + plan.heads_per_item);
     const int64_t n = item / plan.head_groups % dm.batch;
-    const int64_t l_begin = plan.first_level(dm, group);
-    const int64_t s_begin = dm.layout.begin(l_begin), s_end = dm.layout.begin(plan.first_level(dm, group + 1));
-    const int64_t span = s_end - s_begin;
-    const int64_t l_end = plan.first_level(dm, group + 1);
+    const int64_t l_begin = plan.first_level(dm, group), l_end = plan.first_level(dm, group + 1);
+    const int64_t s_begin = dm.layout.begin(l_begin), span = dm.layout.begin(l_end) - s_begin;
     for (int64_t i = 0; i < dm.queries; ++i) {
       if (i + kStreamAhead < dm.queries) {
         for (int64_t m = m_begin; m < m_end; ++m) {
