@@ -464,14 +464,14 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
               }
               acc_t gv[4];
               corner_grads<kD>(g, g_permuted, t, grad_rows[j], w, channels, gv);
-              acc_t ga = 0, gx = 0, gy = 0;
-              for (int k = 0; k < 4; ++k) {
-                acc_t bilinear, dwdx, dwdy;
-                msda::corner_weight(k, frac[j][0], frac[j][1], bilinear, dwdx, dwdy);
-                ga += t.weight[k] * gv[k];
-                gx += dwdx * gv[k];
-                gy += dwdy * gv[k];
-              }
+              // The sums over corners of gv[k] times corner k's bilinear weight and its two derivatives, factored
+              // along x first: (1 - lx) * gv[0] + lx * gv[1] is the top edge's interpolation.
+              const acc_t lx = frac[j][0], ly = frac[j][1];
+              const acc_t top_dx = gv[1] - gv[0], bottom_dx = gv[3] - gv[2];
+              const acc_t top = gv[0] + lx * top_dx, bottom = gv[2] + lx * bottom_dx;
+              const acc_t gy = bottom - top;
+              const acc_t ga = top + ly * gy;
+              const acc_t gx = top_dx + ly * (bottom_dx - top_dx);
               grad_w[sample] = ga;
               grad_loc[2 * sample] = static_cast<geo_t>(w * gx * static_cast<acc_t>(width));
               grad_loc[2 * sample + 1] = static_cast<geo_t>(w * gy * static_cast<acc_t>(height));
