@@ -97,6 +97,19 @@ C10_HOST_DEVICE inline void corner_weight(int k, acc_t lx, acc_t ly, acc_t& w, a
   dwdy = (k >> 1) ? wx : -wx;
 }
 
+// For the four corners' values gv[k] (a sample's dot products with grad_output): the sums of gv[k] times corner k's
+// bilinear weight (ga) and times its derivatives in pixel units (gx, gy), factored along x first: the top edge's
+// interpolation (1 - lx) * gv[0] + lx * gv[1] and the bottom edge's, then along y. Equal to summing corner_weight's
+// terms, in 8 operations instead of 12 multiply-adds over per-corner weights.
+template <typename acc_t>
+C10_HOST_DEVICE inline void bilinear_sums(const acc_t gv[4], acc_t lx, acc_t ly, acc_t& ga, acc_t& gx, acc_t& gy) {
+  const acc_t top_dx = gv[1] - gv[0], bottom_dx = gv[3] - gv[2];
+  const acc_t top = gv[0] + lx * top_dx, bottom = gv[2] + lx * bottom_dx;
+  gy = bottom - top;
+  ga = top + ly * gy;
+  gx = top_dx + ly * (bottom_dx - top_dx);
+}
+
 // The softmax over the n attention logits of one (query, head), as (max, sum of exp(x - max)), so a
 // probability is exp(x - max) / sum without storing the row (GPU threads have no per-row scratch).
 template <typename scalar_t, typename acc_t>

@@ -387,8 +387,7 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
   acc_t g_permuted[kD > 0 ? kD : 1];  // g in load_bf16x16's order, for kPermutedRows
   Taps<scalar_t, acc_t> taps[kMaxPrefetchSamples];
   acc_t* grad_rows[kMaxPrefetchSamples][4];
-  // Each sample's (lx, ly), from which the corner weights' derivatives follow.
-  acc_t frac[kMaxPrefetchSamples][2];
+  acc_t frac[kMaxPrefetchSamples][2];  // each sample's (lx, ly), for its gradient sums (bilinear_sums)
   for (int64_t item = next++; item < plan.items; item = next++) {
     const int64_t group = item / (dm.batch * plan.head_groups);
     const int64_t m_begin = item % plan.head_groups * plan.heads_per_item;
@@ -464,14 +463,8 @@ DNOPS_ALWAYS_INLINE void backward_items(const Args<scalar_t, geo_t>& a, const Wo
               }
               acc_t gv[4];
               corner_grads<kD>(g, g_permuted, t, grad_rows[j], w, channels, gv);
-              // The sums over corners of gv[k] times corner k's bilinear weight and its two derivatives, factored
-              // along x first: (1 - lx) * gv[0] + lx * gv[1] is the top edge's interpolation.
-              const acc_t lx = frac[j][0], ly = frac[j][1];
-              const acc_t top_dx = gv[1] - gv[0], bottom_dx = gv[3] - gv[2];
-              const acc_t top = gv[0] + lx * top_dx, bottom = gv[2] + lx * bottom_dx;
-              const acc_t gy = bottom - top;
-              const acc_t ga = top + ly * gy;
-              const acc_t gx = top_dx + ly * (bottom_dx - top_dx);
+              acc_t ga, gx, gy;
+              msda::bilinear_sums(gv, frac[j][0], frac[j][1], ga, gx, gy);
               grad_w[sample] = ga;
               grad_loc[2 * sample] = static_cast<geo_t>(w * gx * static_cast<acc_t>(width));
               grad_loc[2 * sample + 1] = static_cast<geo_t>(w * gy * static_cast<acc_t>(height));
