@@ -8,7 +8,9 @@ AddressSanitizer and UndefinedBehaviorSanitizer; run it with the LD_PRELOAD that
 
 Every translation unit is cached by the hash of everything it can read (its translated text, every header of
 csrc/ and of the emulator, the flags and the torch version), under ``$DNOPS_EMULATOR_CACHE`` (default
-~/.cache/dnops/cuda-emulator), outside the checkout, so a fresh clone on the same machine rebuilds nothing.
+~/.cache/dnops/cuda-emulator), outside the checkout, so a fresh clone on the same machine rebuilds nothing. Each
+build keeps the ``KEEP`` most recently used versions of every object, library and generated source and deletes the
+older ones (every header edit makes new ones: ~100 MB per edit, which filled the disk before this pruning).
 
 Translation units: the emulator's runtime; each csrc/*/cuda/*.cu for sm_90 as op library ``dnops_emulated``, and
 once more for sm_80 (``dnops_emulated_sm80``) when it has code that depends on ``__CUDA_ARCH__``; the emulator's
@@ -44,6 +46,8 @@ FLAGS = {
 LINK_FLAGS = {"o2": [], "asan": ["-fsanitize=address,undefined"], "count": []}
 # the counting build's kernels call a hook on every memory access (cuemu_count.cpp), linked without TSan's runtime
 INSTRUMENT = {"count": ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-fno-tree-sra"]}
+# versions kept per cached file: switching between a few checkouts or commits rebuilds nothing
+KEEP = 4
 
 
 def cache_root() -> Path:
@@ -150,7 +154,28 @@ def build(variants: list[str], jobs: int = 2) -> dict[str, Path]:
                 raise SystemExit(f"cuda emulator: linking {variant} failed:\n{proc.stderr[-6000:]}")
             lib.with_suffix(".tmp").replace(lib)
         out[variant] = lib
+        _prune(root / variant, [*objs, lib])
+    _prune(src / "gen", [src / "gen" / f"{obj.stem}.cpp" for objs in libs.values() for obj in objs])
     return out
+
+
+def _prune(folder: Path, used: list[Path]) -> None:
+    """Marks ``used`` as just used and deletes all but the KEEP most recently used versions of each file in
+    ``folder`` (versions: names ``<stem>-<key>.<suffix>`` that differ only in the key)."""
+    for path in used:
+        if path.exists():
+            os.utime(path)
+    versions: dict[tuple[str, str], list[tuple[float, Path]]] = {}
+    for path in folder.iterdir() if folder.is_dir() else ():
+        stem, sep, key = path.stem.rpartition("-")
+        if sep and "." not in key and path.suffix in (".o", ".so", ".cpp"):
+            try:  # another build may have pruned it meanwhile
+                versions.setdefault((stem, path.suffix), []).append((path.stat().st_mtime, path))
+            except FileNotFoundError:
+                pass
+    for found in versions.values():
+        for _, path in sorted(found, reverse=True)[KEEP:]:
+            path.unlink(missing_ok=True)
 
 
 def preload() -> str:
