@@ -10,7 +10,7 @@ Every translation unit is cached by the hash of everything it can read (its tran
 csrc/ and of the emulator, the flags and the torch version), under ``$DNOPS_EMULATOR_CACHE`` (default
 ~/.cache/dnops/cuda-emulator), outside the checkout, so a fresh clone on the same machine rebuilds nothing. Each
 build keeps the ``KEEP`` most recently used versions of every object, library and generated source and deletes the
-older ones (every header edit makes new ones: ~100 MB per edit, which filled the disk before this pruning).
+older ones (every header edit makes new ones, ~100 MB each, and nothing else would ever delete them).
 
 Translation units: the emulator's runtime; each csrc/*/cuda/*.cu for sm_90 as op library ``dnops_emulated``, and
 once more for sm_80 (``dnops_emulated_sm80``) when it has code that depends on ``__CUDA_ARCH__``; the emulator's
@@ -163,8 +163,10 @@ def _prune(folder: Path, used: list[Path]) -> None:
     """Marks ``used`` as just used and deletes all but the KEEP most recently used versions of each file in
     ``folder`` (versions: names ``<stem>-<key>.<suffix>`` that differ only in the key)."""
     for path in used:
-        if path.exists():
+        try:
             os.utime(path)
+        except FileNotFoundError:  # pruned by a build of another checkout since
+            pass
     versions: dict[tuple[str, str], list[tuple[float, Path]]] = {}
     for path in folder.iterdir() if folder.is_dir() else ():
         stem, sep, key = path.stem.rpartition("-")
