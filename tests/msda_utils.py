@@ -59,3 +59,12 @@ def loop_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locat
                                     wgt = (1 - abs(x - xi)) * (1 - abs(y - yi)) * float(aw[b, q, head, level, point])
                                     out[b, q, head] += wgt * value[b, start + yi * w + xi, head]
     return out.reshape(n, lq, m * d)
+
+
+def onnx_max_rank(path: str) -> int:
+    """The largest rank of any tensor of an ONNX file, after onnx's shape inference (CoreML converts up to 5)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(path))
+    values = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    return max(len(v.type.tensor_type.shape.dim) for v in values)

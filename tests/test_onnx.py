@@ -201,3 +201,45 @@ def test_tensorrt_plugin_takes_point_counts_per_level_padded(tmp_path, exporter)
     shapes = {v.name: v for v in (*model.graph.value_info, *model.graph.input)}
     dims = [[d.dim_value for d in shapes[name].type.tensor_type.shape.dim] for name in plugins[0].input[3:]]
     assert dims == [[2, 5, 4, 3, 6, 2], [2, 5, 4, 3, 6]]  # locations and weights, the levels padded to six points
+
+
+class FoldedAttention(torch.nn.Module):
+    """The op as ultralytics (8.4+) and rfdetr's export mode call it: levels and points folded into one axis, no
+    tensor above rank 5 on the caller's side."""
+
+    def __init__(self, sampling="bilinear", points=(2, 2)):
+        super().__init__()
+        self.sampling, self.points = sampling, list(points)
+
+    def forward(self, value, shapes, starts, loc, weights):
+        return dnops.ms_deform_attn(
+            value, shapes, starts, loc, weights, points_per_level=self.points, sampling=self.sampling
+        )
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("sampling,points", [("bilinear", (2, 2)), ("discrete", (2, 2)), ("bilinear", (3, 1))], ids=str)
+def test_every_export_formulation_stays_at_rank_5(tmp_path, exporter, sampling, points):
+    """CoreML converts tensors of rank <= 5: the exported deformable attention, one count or one per level, bilinear
+    or discrete, holds none larger (walked over the graph after shape inference), and is still the op."""
+    from tests.msda_utils import onnx_max_rank
+
+    torch.manual_seed(0)
+    shapes, starts = torch.tensor([[5, 6], [3, 3]]), torch.tensor([0, 30])
+    args = (
+        torch.randn(2, 39, 4, 8),
+        shapes,
+        starts,
+        torch.rand(2, 7, 4, sum(points), 2),
+        torch.rand(2, 7, 4, sum(points)),
+    )
+    module = FoldedAttention(sampling, points)
+    names = ["value", "shapes", "starts", "loc", "weights"]
+    session = export(module, args, tmp_path / "folded.onnx", exporter, names)
+    assert onnx_max_rank(str(tmp_path / "folded.onnx")) <= 5
+    with dnops._backend.use_backend("reference"):
+        want = module(*args)
+    torch.testing.assert_close(run(session, names, args), want, rtol=1e-4, atol=1e-5)
+    program = torch.export.export(module, args)
+    ranks = [n.meta["val"].dim() for n in program.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert max(ranks) <= 5

@@ -106,7 +106,7 @@ def _as_levels(
     attention_logits: bool,
 ) -> tuple:
     """The op's six arguments in the (N, Lq, M, L, P, 2) / (N, Lq, M, L, P) layout of one count P = max_l P_l, for
-    the graphs of standard ops (and TensorRT's plugin), which know one count: with ``points`` (unequal counts,
+    TensorRT's plugin, which knows one count: with ``points`` (unequal counts,
     (N, Lq, M, sum_l P_l) inputs) each level's points are padded to P with zero weights, which is exact (a padded
     point adds nothing, and a gradient for it is dropped). Logits are softmaxed over all sum_l P_l points first (in
     float32 for half weights), as the padding must not take part in the softmax."""
@@ -121,6 +121,30 @@ def _as_levels(
         sampling_locations = sampling_locations[:, :, :, index]
         attention_weights = torch.where(valid, weights, torch.zeros_like(weights))
     return value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits
+
+
+def _export(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    attention_logits: bool,
+    points: list[int] | None,
+    sampling: str,
+) -> torch.Tensor:
+    """The graph an export writes: the gather formulation's standard ops, in the caller's layout (folded points stay
+    folded, so the graph keeps the caller's rank), or the adapter's override (TensorRT's plugin: one count)."""
+    check_ms_deform_attn_args(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, points=points
+    )
+    if sampling == "discrete":
+        sampling_locations = sampling_locations.detach()
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
+    if EXPORT_OVERRIDE and sampling != "discrete":
+        return EXPORT_OVERRIDE[-1](*_as_levels(points, *args))
+    # a graph of standard ops that reads the level sizes as data: correct for any spatial_shapes input
+    return reference.ms_deform_attn_gather(*args, sampling=sampling, points_per_level=points)
 
 
 def ms_deform_attn(
@@ -171,27 +195,30 @@ def ms_deform_attn(
     points = None
     if points_per_level is not None:
         points = check_points_per_level(points_per_level, spatial_shapes, sampling_locations, attention_weights)
-        if all(c == points[0] for c in points):
-            # one count: the (N, Lq, M, L, P) layout of the same memory, which every path takes
-            sampling_locations = sampling_locations.unflatten(3, (len(points), points[0]))
-            attention_weights = attention_weights.unflatten(3, (len(points), points[0]))
-            points = None
+    discrete = sampling == "discrete"
+    if _backend.exporting():
+        return _export(
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            attention_logits,
+            points,
+            sampling,
+        )
+    if points is not None and all(c == points[0] for c in points):
+        # one count: the (N, Lq, M, L, P) layout of the same memory, which every kernel takes
+        sampling_locations = sampling_locations.unflatten(3, (len(points), points[0]))
+        attention_weights = attention_weights.unflatten(3, (len(points), points[0]))
+        points = None
     check_ms_deform_attn_args(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, points=points
     )
-    discrete = sampling == "discrete"
     if discrete:
         # nothing reaches the locations through a nearest pixel: out of the graph, as the originals' integer
         # rounding takes them (a parameter reached only through them gets None, not zeros, as there)
         sampling_locations = sampling_locations.detach()
-    if _backend.exporting():
-        args = _as_levels(
-            points, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits
-        )
-        if EXPORT_OVERRIDE and not discrete:
-            return EXPORT_OVERRIDE[-1](*args)
-        # a graph of standard ops that reads the level sizes as data: correct for any spatial_shapes input
-        return reference.ms_deform_attn_gather(*args, sampling=sampling)
     backend = _backend.choose("ms_deform_attn", value.device)
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
     if _backend.is_compiled(backend):
@@ -204,7 +231,7 @@ def ms_deform_attn(
         # the grid_sample definition splits value by the level sizes as Python numbers, which torch.compile can
         # only read as unbacked sizes (fullgraph fails on them); the gather formulation reads them as data
         assert_levels_in_graph(spatial_shapes, level_start_index, value.shape[1])
-        return reference.ms_deform_attn_gather(*_as_levels(points, *args), sampling=sampling)
+        return reference.ms_deform_attn_gather(*args, sampling=sampling, points_per_level=points)
     if points is None and not discrete:
         return reference.ms_deform_attn(*args)
     if points is None:

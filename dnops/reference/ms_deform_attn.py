@@ -135,45 +135,65 @@ def ms_deform_attn_gather(
     attention_weights: torch.Tensor,
     attention_logits: bool = False,
     sampling: str = "bilinear",
+    points_per_level: list[int] | None = None,
 ) -> torch.Tensor:
     """The same op written with one gather of corner rows instead of a grid_sample per level: every size it needs
     (H_l, W_l, level starts) is read from the tensors as data, never as Python numbers, so a traced or exported
-    graph stays correct for any spatial_shapes given as its input (ONNX export uses it). Shapes and result as
-    ``ms_deform_attn``; it holds the (N, M, Lq * L * P * 4, D) gathered corners in memory. ``sampling="discrete"``
-    gathers the one pixel of ``ms_deform_attn_points``' discrete rule per point instead of four corners."""
+    graph stays correct for any spatial_shapes given as its input (ONNX export uses it), and no tensor of it has a
+    rank above 5 (CoreML's limit): levels and points are walked as one axis of K = sum_l P_l points, each reading
+    its level's size and start through a (K,) level table.
+
+    Args:
+        sampling_locations: (N, Lq, M, L, P, 2), or (N, Lq, M, sum_l P_l, 2) level-major with ``points_per_level``.
+        attention_weights: (N, Lq, M, L, P), or (N, Lq, M, sum_l P_l); with ``attention_logits`` softmaxed over
+            the points of a (query, head).
+        sampling: "bilinear", or "discrete": the one pixel of ``ms_deform_attn_points``' rule per point.
+
+    Returns:
+        As ``ms_deform_attn``; it holds the (N, M, Lq * K * 4, D) gathered corners in memory."""
     out_dtype = value.dtype
     value, sampling_locations, attention_weights = _in_float(value, sampling_locations, attention_weights)
     n, _, m, d = value.shape
-    _, lq, _, num_levels, p, _ = sampling_locations.shape
+    if points_per_level is None:
+        num_levels, p = sampling_locations.shape[3:5]
+        points_per_level = [p] * num_levels
+        sampling_locations, attention_weights = sampling_locations.flatten(3, 4), attention_weights.flatten(3, 4)
+    lq, k = sampling_locations.shape[1], sampling_locations.shape[3]
     if attention_logits:
-        attention_weights = softmax_rows(attention_weights)
+        attention_weights = attention_weights.softmax(-1)
     sampling_locations = _finite_locations(sampling_locations)
-    size = spatial_shapes.flip(-1).to(sampling_locations.dtype).view(num_levels, 1, 2)  # (W_l, H_l)
+    level = torch.tensor(
+        [lvl for lvl, count in enumerate(points_per_level) for _ in range(count)], device=value.device
+    )  # (K,)
+    size = spatial_shapes.flip(-1).to(sampling_locations.dtype)[level]  # (K, 2): (W_l, H_l) of each point
+    start = level_start_index.to(sampling_locations.dtype)[level]  # (K,)
+    rows_of = value.transpose(1, 2)  # (N, M, S, D)
     if sampling == "discrete":
-        xy = torch.minimum((sampling_locations * size + 0.5).floor().clamp(min=0), size - 1)  # (N, Lq, M, L, P, 2)
-        row = level_start_index.to(xy.dtype).view(num_levels, 1) + xy[..., 1] * size[..., 0] + xy[..., 0]
-        index = row.to(torch.int64).permute(0, 2, 1, 3, 4).reshape(n, m, lq * num_levels * p)
-        rows = torch.gather(value.transpose(1, 2), 2, index.unsqueeze(-1).expand(-1, -1, -1, d))
-        weight = attention_weights.permute(0, 2, 1, 3, 4).reshape(n, m, lq, num_levels * p, 1)
-        out = (rows.view(n, m, lq, num_levels * p, d) * weight).sum(3).permute(0, 2, 1, 3).reshape(n, lq, m * d)
+        xy = torch.minimum((sampling_locations * size + 0.5).floor().clamp(min=0), size - 1)  # (N, Lq, M, K, 2)
+        row = start + xy[..., 1] * size[:, 0] + xy[..., 0]
+        index = row.to(torch.int64).permute(0, 2, 1, 3).reshape(n, m, lq * k)
+        rows = torch.gather(rows_of, 2, index.unsqueeze(-1).expand(-1, -1, -1, d)).view(n, m, lq, k, d)
+        weight = attention_weights.permute(0, 2, 1, 3).unsqueeze(-1)  # (N, M, Lq, K, 1)
+        out = (rows * weight).sum(3).permute(0, 2, 1, 3).reshape(n, lq, m * d)
         return out if out.dtype == out_dtype else out.to(out_dtype)
-    pixel = sampling_locations * size - 0.5  # (N, Lq, M, L, P, 2)
+    pixel = sampling_locations * size - 0.5  # (N, Lq, M, K, 2)
     origin = pixel.floor()
     frac = pixel - origin
-    corner = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]], dtype=pixel.dtype, device=pixel.device)
-    xy = origin.unsqueeze(-2) + corner  # (N, Lq, M, L, P, 4, 2)
-    limit = size.view(num_levels, 1, 1, 2)
-    inside = ((xy >= 0) & (xy < limit)).all(-1)  # NaN locations compare False: outside
-    bilinear = torch.where(corner.bool(), frac.unsqueeze(-2), 1 - frac.unsqueeze(-2)).prod(-1)
+    dx = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=pixel.dtype, device=pixel.device)  # the four corners
+    dy = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=pixel.dtype, device=pixel.device)
+    fx, fy = frac[..., 0:1], frac[..., 1:2]  # (N, Lq, M, K, 1)
+    x = origin[..., 0:1] + dx  # (N, Lq, M, K, 4)
+    y = origin[..., 1:2] + dy
+    width, height = size[:, 0:1], size[:, 1:2]  # (K, 1)
+    inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)  # NaN locations compare False: outside
+    bilinear = torch.where(dx.bool(), fx, 1 - fx) * torch.where(dy.bool(), fy, 1 - fy)
     weight = torch.where(inside, bilinear * attention_weights.unsqueeze(-1), torch.zeros_like(bilinear))
-    start = level_start_index.to(pixel.dtype).view(num_levels, 1, 1)
-    row = torch.where(inside, start + xy[..., 1] * limit[..., 0] + xy[..., 0], torch.zeros_like(bilinear))
-    # (N, M, Lq * L * P * 4) row indices into each (image, head)'s (S, D) values
-    corners = num_levels * p * 4
-    index = row.to(torch.int64).permute(0, 2, 1, 3, 4, 5).reshape(n, m, lq * corners)
-    rows = torch.gather(value.transpose(1, 2), 2, index.unsqueeze(-1).expand(-1, -1, -1, d))
-    weight = weight.permute(0, 2, 1, 3, 4, 5).reshape(n, m, lq, corners, 1)
-    out = (rows.view(n, m, lq, corners, d) * weight).sum(3)  # (N, M, Lq, D)
+    row = torch.where(inside, start.unsqueeze(-1) + y * width + x, torch.zeros_like(bilinear))
+    # (N, M, Lq * K * 4) row indices into each (image, head)'s (S, D) values
+    index = row.to(torch.int64).permute(0, 2, 1, 3, 4).reshape(n, m, lq * k * 4)
+    rows = torch.gather(rows_of, 2, index.unsqueeze(-1).expand(-1, -1, -1, d))
+    weight = weight.permute(0, 2, 1, 3, 4).reshape(n, m, lq, k * 4, 1)
+    out = (rows.view(n, m, lq, k * 4, d) * weight).sum(3)  # (N, M, Lq, D)
     out = out.permute(0, 2, 1, 3).reshape(n, lq, m * d)
     # no .to() when the dtype is already right: torch 2.11's Dynamo returns zero gradients for a vjp (the compat
     # extension interface's traced backward) whose function ends in a no-op .to()
