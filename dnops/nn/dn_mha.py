@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnops.ops.dn_attn_mask import dn_attn_mask
+from dnops.ops.dn_attn_mask import dn_attn_mask, made_mask_structure
 from dnops.ops.dn_self_attention import dn_self_attention
 
 
@@ -61,10 +61,11 @@ class DNMultiheadAttention(nn.MultiheadAttention):
     Same constructor, parameters, state_dict keys and call signature as nn.MultiheadAttention (plus ``dn=``).
     The fast path (dnops.dn_self_attention, no (W, W) mask or scores) is taken when the call carries DN
     structure — ``dn=`` (a DNQueries, a (pad_size, group_size) pair, or DN-DETR's mask_dict / DINO's dn_meta) or
-    a bool ``attn_mask`` equal to ``dnops.dn_attn_mask(...)`` (recognised once per mask tensor and cached) — and
-    it is self-attention (W queries, W keys) without key_padding_mask, bias_k/bias_v, add_zero_attn or attention
-    weights. Attention dropout in training, key_padding_mask and need_weights=True fall back to the parent with
-    the dense mask, so every call gives what nn.MultiheadAttention gives.
+    a bool ``attn_mask`` equal to ``dnops.dn_attn_mask(...)`` (known without reading it when dn_attn_mask made it and
+    it is unchanged, else recognised once per mask tensor and cached) — and it is self-attention (W queries, W keys)
+    without key_padding_mask, bias_k/bias_v, add_zero_attn or attention weights. Attention dropout in training,
+    key_padding_mask and need_weights=True fall back to the parent with the dense mask, so every call gives what
+    nn.MultiheadAttention gives.
 
     An ``attn_mask`` always decides what is attended: given with ``dn=``, it must be that structure's mask to take
     the fast path, and any other mask runs the parent's dense path with it. Under torch.compile a mask is not
@@ -81,6 +82,9 @@ class DNMultiheadAttention(nn.MultiheadAttention):
         return state
 
     def _mask_structure(self, mask: torch.Tensor) -> tuple[int, int] | None:
+        made = made_mask_structure(mask)
+        if made is not None:
+            return made
         cached = self._mask_cache
         if cached is not None and cached[0]() is mask and cached[1] == mask._version:
             return cached[2]
@@ -111,6 +115,7 @@ class DNMultiheadAttention(nn.MultiheadAttention):
             structure is not None
             and query.dim() == 3
             and key.shape[seq_dim] == query.shape[seq_dim] == value.shape[seq_dim]
+            and (attn_mask is None or attn_mask.shape[-1] == query.shape[seq_dim])
             and key_padding_mask is None
             and not need_weights
             and not is_causal
@@ -122,16 +127,20 @@ class DNMultiheadAttention(nn.MultiheadAttention):
             if structure is not None and attn_mask is None:
                 width = query.shape[seq_dim]
                 attn_mask = dn_attn_mask(structure[0], structure[1], width - structure[0], device=query.device)
-            return super().forward(
+            # exported to ONNX, the parent's weights path (plain matrix products, any opset; SDPA needs opset 14)
+            # with the weights dropped when not asked for: the nn.MultiheadAttention it replaces exports, by default
+            weights = need_weights or torch.onnx.is_in_onnx_export()
+            out, attn = super().forward(
                 query,
                 key,
                 value,
                 key_padding_mask=key_padding_mask,
-                need_weights=need_weights,
+                need_weights=weights,
                 attn_mask=attn_mask,
                 average_attn_weights=average_attn_weights,
                 is_causal=is_causal,
             )
+            return out, attn if need_weights else None
         return self._dn_forward(query, key, value, *structure), None
 
     def _dn_forward(
