@@ -12,10 +12,11 @@ export MAX_JOBS ?= 2
 .PHONY: venv build test test-cuda-emulated cuda-counts compat-venv test-compat lint format bench bench-suite gpu-check \
 	gpu-compile-check clean
 
-$(DEPS_STAMP): requirements-dev.txt
+$(DEPS_STAMP): requirements-dev.txt requirements-detectors.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-detectors.txt
 	touch $@
 
 venv: $(DEPS_STAMP)

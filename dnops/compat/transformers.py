@@ -14,7 +14,6 @@ in their ``ms_deformable_attn_core`` attribute, which is replaced.
 from __future__ import annotations
 
 import functools
-import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from dnops.compat._levels import level_tensors
+from dnops.compat._rebind import calls_global, is_rebound, rebound_class
 from dnops.ops.ms_deform_attn import ms_deform_attn
 
 
@@ -70,10 +70,9 @@ def kernel_mapping(devices: Sequence[str] = ("cuda", "cpu")) -> dict:
 
 
 _V2_FUNCTION = "multi_scale_deformable_attention_v2"
-_V2_CLASSES: dict[type, type] = {}
 
 
-def _v2_dnops(
+def v2_dnops(
     original: Callable[..., torch.Tensor],
     value: torch.Tensor,
     value_spatial_shapes: Sequence[Sequence[int]],
@@ -98,48 +97,15 @@ def _v2_dnops(
 
 def _v2_on_dnops(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """The dnops version of ``original`` (a partial of module-level functions: it pickles with its module)."""
-    return functools.partial(_v2_dnops, original)
+    return functools.partial(v2_dnops, original)
 
 
 def _is_v2_function(fn: object) -> bool:
     return getattr(fn, "__name__", None) == _V2_FUNCTION and getattr(fn, "__module__", "").startswith("transformers.")
 
 
-def _v2_class(cls: type) -> type:
-    """A subclass of an RT-DETR v2 attention class whose forward is the parent's code with
-    ``multi_scale_deformable_attention_v2`` read from dnops: nothing of the parent's forward is rewritten here."""
-    if cls not in _V2_CLASSES:
-        parent = cls.forward
-        scope = dict(parent.__globals__)
-        scope[_V2_FUNCTION] = _v2_on_dnops(parent.__globals__[_V2_FUNCTION])
-        forward = types.FunctionType(parent.__code__, scope, parent.__name__, parent.__defaults__, parent.__closure__)
-        forward.__kwdefaults__ = parent.__kwdefaults__
-        forward.__doc__ = parent.__doc__
-        attrs = {"forward": forward, "__module__": cls.__module__, "__reduce_ex__": _reduce_routed}
-        _V2_CLASSES[cls] = type(cls.__name__, (cls,), attrs)
-    return _V2_CLASSES[cls]
-
-
-def _reduce_routed(module: nn.Module, protocol: int):
-    """Pickle (torch.save, deepcopy) a routed module as its transformers class and state, routed again when
-    loaded: the routed class is made at run time, so pickle could not find it by name."""
-    return _load_routed, (type(module).__mro__[1], module.__getstate__())
-
-
-def _load_routed(cls: type, state: dict) -> nn.Module:
-    module = cls.__new__(cls)
-    module.__setstate__(state)
-    module.__class__ = _v2_class(cls)
-    return module
-
-
 def _is_transformers(module: nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.")
-
-
-def _calls_v2_function(module: nn.Module) -> bool:
-    code = getattr(getattr(type(module), "forward", None), "__code__", None)
-    return code is not None and _V2_FUNCTION in code.co_names
 
 
 def use_dnops(model: nn.Module) -> int:
@@ -160,10 +126,10 @@ def use_dnops(model: nn.Module) -> int:
     v2 = [
         module
         for module in model.modules()
-        if _is_transformers(module) and type(module) not in _V2_CLASSES.values() and _calls_v2_function(module)
+        if _is_transformers(module) and not is_rebound(module) and calls_global(type(module), _V2_FUNCTION)
     ]
     for module in v2:
-        module.__class__ = _v2_class(type(module))
+        module.__class__ = rebound_class(type(module), _V2_FUNCTION, _v2_on_dnops)
     # D-FINE and DEIMv2 keep the function in an attribute, ms_deformable_attn_core
     held = [
         module
