@@ -18,6 +18,7 @@ from originals import (
 )
 from tests.backends import backends
 from tests.dn_utils import make_gt
+from tests.routing import front_door
 
 SHAPES = [(6, 5), (3, 3), (1, 2)]  # rectangles both ways: the discrete clamp's case
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -316,7 +317,8 @@ class DecoderLayer(torch.nn.Module):
 
 
 @pytest.mark.parametrize("kw", [{}, {"value_shape": "default"}, {"method": "discrete"}], ids=str)
-def test_use_dnops_routes_a_repository_decoder_layer(kw, monkeypatch):
+@pytest.mark.parametrize("route", [rtdetr.use_dnops, front_door], ids=["rtdetr.use_dnops", "compat.use_dnops"])
+def test_use_dnops_routes_a_repository_decoder_layer(kw, route, monkeypatch):
     import copy
 
     import dnops.nn.dn_mha as dn_mha
@@ -324,7 +326,7 @@ def test_use_dnops_routes_a_repository_decoder_layer(kw, monkeypatch):
     torch.manual_seed(0)
     theirs = DecoderLayer(**kw).double()
     ours = copy.deepcopy(theirs)
-    assert rtdetr.use_dnops(ours) == 2 and rtdetr.use_dnops(ours) == 0
+    assert route(ours) == 2 and route(ours) == 0
     assert list(ours.state_dict()) == list(theirs.state_dict())
     targets = cdn_targets([3, 2])
     _, _, mask, meta = rtdetr.get_contrastive_denoising_training_group(
@@ -362,10 +364,11 @@ def deformable_attention_core_func(*args):  # RT-DETR v1's name, on its transcri
     return rtdetr_deformable_attention_core_func(*args)
 
 
-def test_use_dnops_routes_rtdetr_v1_attention():
+@pytest.mark.parametrize("route", [rtdetr.use_dnops, front_door], ids=["rtdetr.use_dnops", "compat.use_dnops"])
+def test_use_dnops_routes_rtdetr_v1_attention(route):
     module = torch.nn.Module()
     module.ms_deformable_attn_core = deformable_attention_core_func
-    assert rtdetr.use_dnops(module) == 1 and module.ms_deformable_attn_core is rtdetr.deformable_attention_core_func
+    assert route(module) == 1 and module.ms_deformable_attn_core is rtdetr.deformable_attention_core_func
     value, loc, weights = inputs([2, 2, 2])
     args = (value, SHAPES, loc.unflatten(3, (3, 2)), weights.unflatten(3, (3, 2)))
     torch.testing.assert_close(module.ms_deformable_attn_core(*args), deformable_attention_core_func(*args), **TOL)

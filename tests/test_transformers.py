@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 import dnops  # noqa: E402
 from dnops.compat import transformers as compat  # noqa: E402
 from dnops.compat.transformers import use_dnops  # noqa: E402
+from tests.routing import front_door  # noqa: E402
 
 # the transformer sizes of every small config
 SMALL = dict(
@@ -120,10 +121,11 @@ def grounding_dino():
     [deformable_detr, rt_detr, rt_detr_v2, rt_detr_v2_discrete, grounding_dino, d_fine, d_fine_discrete],
     ids=lambda f: f.__name__,
 )
-def test_use_dnops_gives_the_models_own_outputs_and_gradients(build, monkeypatch):
+@pytest.mark.parametrize("route", [use_dnops, front_door], ids=["transformers.use_dnops", "compat.use_dnops"])
+def test_use_dnops_gives_the_models_own_outputs_and_gradients(build, route, monkeypatch):
     theirs, inputs = _off_grid(*build())
     ours = copy.deepcopy(theirs)
-    assert use_dnops(ours) > 0 and use_dnops(ours) == 0  # idempotent
+    assert route(ours) > 0 and route(ours) == 0  # idempotent
     assert list(ours.state_dict()) == list(theirs.state_dict())
     # each model's decoder runs its deformable attention (the encoder too, but for RT-DETR's)
     assert _assert_same_outputs_and_gradients(theirs, ours, inputs, monkeypatch) >= 1

@@ -243,8 +243,14 @@ def use_dnops(model: torch.nn.Module, self_attention: bool = True) -> int:
                     deformable_attention_core_func_v2, *core.args, **core.keywords
                 )
                 routed += 1
-        attn = getattr(module, "self_attn", None)
-        if self_attention and type(attn) is torch.nn.MultiheadAttention and hasattr(module, "cross_attn"):
-            attn.__class__ = DNMultiheadAttention
-            routed += 1
-    return routed
+    return routed + (route_decoder_self_attention(model) if self_attention else 0)
+
+
+def route_decoder_self_attention(model: torch.nn.Module) -> int:
+    """Every decoder layer's ``self_attn``, an nn.MultiheadAttention beside a ``cross_attn`` (the layers of DN-DETR,
+    DINO, RT-DETR, D-FINE, DEIM, ...), becomes a DNMultiheadAttention, in place; returns how many."""
+    layers = [m for m in model.modules() if type(getattr(m, "self_attn", None)) is torch.nn.MultiheadAttention]
+    layers = [m for m in layers if hasattr(m, "cross_attn")]
+    for layer in layers:
+        layer.self_attn.__class__ = DNMultiheadAttention
+    return len(layers)
