@@ -20,9 +20,9 @@ Impl = Callable[[int], object]
 
 
 class Clock(Protocol):
-    """Times a group of implementations whose first call the runner has made."""
+    """Times a group of implementations whose first call the runner has made (at least ``min_reps`` times each)."""
 
-    def times_ms(self, fns: dict[str, Impl], sets: int) -> dict[str, list[float]]: ...
+    def times_ms(self, fns: dict[str, Impl], sets: int, min_reps: int = 0) -> dict[str, list[float]]: ...
 
 
 class WallClock:
@@ -40,13 +40,13 @@ class WallClock:
     def __init__(self, budget_s: float = 2.0, min_reps: int = 3, max_reps: int = 200) -> None:
         self.budget_s, self.min_reps, self.max_reps = budget_s, min_reps, max_reps
 
-    def times_ms(self, fns: dict[str, Impl], sets: int) -> dict[str, list[float]]:
+    def times_ms(self, fns: dict[str, Impl], sets: int, min_reps: int = 0) -> dict[str, list[float]]:
         times: dict[str, list[float]] = {name: [] for name in fns}
         order = list(fns.items())
         shuffle = random.Random(0).shuffle
         start_all = time.perf_counter()
         rounds = 0
-        while rounds < self.min_reps or (
+        while rounds < max(self.min_reps, min_reps) or (
             time.perf_counter() - start_all < self.budget_s * len(fns) and rounds < self.max_reps
         ):
             shuffle(order)
@@ -65,15 +65,14 @@ class CudaEvents:
     def __init__(self, reps: int = 20, warmup: int = 3) -> None:
         self.reps, self.warmup = reps, warmup
 
-    def times_ms(self, fns: dict[str, Impl], sets: int) -> dict[str, list[float]]:
+    def times_ms(self, fns: dict[str, Impl], sets: int, min_reps: int = 0) -> dict[str, list[float]]:
         times = {}
+        reps = max(self.reps, min_reps)
         for name, fn in fns.items():
             for i in range(1, self.warmup):  # the runner made the first call
                 fn(i % sets)
             torch.cuda.synchronize()
-            events = [
-                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(self.reps)
-            ]
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
             for i, (start, end) in enumerate(events):
                 start.record()
                 fn(i % sets)

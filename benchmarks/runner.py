@@ -43,7 +43,7 @@ def run(
                 ready[impl] = fn
             except Exception as exc:
                 bench_rows[impl]["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        times = clock.times_ms(ready, target.sets) if ready else {}
+        times = clock.times_ms(ready, target.sets, bench.min_reps) if ready else {}
         for impl, fn in ready.items():
             row, ms = bench_rows[impl], statistics.median(times[impl])
             row.update(status="ok", median_ms=round(ms, 4), min_ms=round(min(times[impl]), 4))

@@ -60,6 +60,7 @@ class Bench:
     impls: dict[str, Impl | Deferred | str] = field(default_factory=dict)  # a string: why it was skipped
     count_ops: bool = False  # also count the aten ops each implementation dispatches (kernel launches on a GPU)
     bytes_moved: int | None = None  # what the call must read and write at least (the memory bound)
+    min_reps: int = 0  # calls of a second or more: the time budget alone would stop at the clock's 3 repetitions
 
 
 def kernels_on(op: str, device: torch.device) -> list[str]:
@@ -460,6 +461,20 @@ def detr_step_benches(target: Target) -> Iterator[Bench]:
         yield bench
 
 
+def ultralytics_benches(target: Target) -> Iterator[Bench]:
+    """ultralytics' RT-DETR routed by dnops.compat.use_dnops against the package's own (benchmarks.detectors)."""
+    from benchmarks import detectors
+
+    yield from detectors.installed("ultralytics", detectors.ultralytics_benches, target)
+
+
+def rfdetr_benches(target: Target) -> Iterator[Bench]:
+    """Roboflow's RF-DETR routed by dnops.compat.use_dnops against the package's own (benchmarks.detectors)."""
+    from benchmarks import detectors
+
+    yield from detectors.installed("rfdetr", detectors.rfdetr_benches, target)
+
+
 SUITES: dict[str, Callable[[Target], Iterator[Bench]]] = {
     "ms_deform_attn": ms_deform_attn_benches,
     "rt_detr_attn": real_time_benches,
@@ -468,4 +483,6 @@ SUITES: dict[str, Callable[[Target], Iterator[Bench]]] = {
     "dn_mha": dn_mha_benches,
     "dn_attn_mask": dn_attn_mask_benches,
     "detr_step": detr_step_benches,
+    "ultralytics": ultralytics_benches,
+    "rfdetr": rfdetr_benches,
 }

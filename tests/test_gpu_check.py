@@ -40,7 +40,12 @@ def test_dry_mode_runs_every_step_and_writes_every_file(tmp_path):
         "dn_queries",
         "dn_attn_mask",
         "detr_step",
+        "ultralytics",
+        "rfdetr",
     }
+    # the pip-installed detectors' rows need requirements-detectors.txt, which test-compat's environment lacks
+    absent = [r for r in rows if r["op"] in ("ultralytics", "rfdetr") and "is not installed" in r["status"]]
+    rows = [r for r in rows if r not in absent]
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     assert all(r["median_ms"] > 0 and r["peak_mb"] >= 0 and r["reps"] >= 3 for r in rows)
     msda = ("ms_deform_attn", "rt_detr_attn")

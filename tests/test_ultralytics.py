@@ -290,3 +290,46 @@ def assert_same_detections(got: torch.Tensor, want: torch.Tensor) -> None:
     assert apart.sum() >= 10  # enough rows stand apart for the comparison to mean something
     for row in want[apart]:
         assert (got - row).abs().max(1).values.min() < 1e-4, row
+
+
+def test_trains_through_the_package_trainer(tmp_path, monkeypatch):
+    """``RTDETR(...).train()`` builds a network of its own in its trainer: use_dnops on the wrapper routes that one (a
+    callback), and one epoch of ultralytics' own training loop on two generated images runs the denoising on dnops."""
+    import numpy as np
+    from PIL import Image
+    from ultralytics import RTDETR
+
+    import dnops.compat
+
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+        for i in range(2):
+            pixels = (np.random.default_rng(i).random((64, 64, 3)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / "images" / split / f"{i}.jpg")
+            (tmp_path / "labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.3 0.3\n1 0.3 0.3 0.2 0.2\n")
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames:\n  0: a\n  1: b\n")
+    calls = []
+    real = ul.get_cdn_group
+    monkeypatch.setattr(ul, "get_cdn_group", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = RTDETR("rtdetr-l.yaml")
+    assert dnops.compat.use_dnops(model).routed == 13
+    model.train(
+        data=str(data),
+        epochs=1,
+        imgsz=64,
+        batch=2,
+        device="cpu",
+        workers=0,
+        plots=False,
+        val=False,
+        amp=False,
+        project=str(tmp_path),
+        name="run",
+        exist_ok=True,
+        verbose=False,
+    )
+    assert calls, "the trainer's own network ran dnops' denoising group"
+    assert all(ul.recognise(m) is None for m in model.trainer.model.modules())

@@ -189,7 +189,7 @@ def use_dnops(model: nn.Module, *, self_attention: bool = True, explain: bool = 
     was routed by which family and what was left alone and why; ``explain=True`` also prints it.
     """
     if not isinstance(model, nn.Module):
-        inner = getattr(model, "model", None)  # ultralytics' RTDETR wrapper, rfdetr's RFDETR* classes
+        inner = getattr(model, "model", None)  # rfdetr's RFDETR* classes (ultralytics' RTDETR is a module)
         model = inner if isinstance(inner, nn.Module) else getattr(inner, "model", model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"dnops.compat.use_dnops: expected an nn.Module (or a wrapper holding one), got {type(model)}")

@@ -238,11 +238,22 @@ def route(module: nn.Module, kind: str) -> None:
         module.__class__ = _decoder_class(type(module))
 
 
+def _route_trainer(trainer: Any) -> None:
+    """The trainer's network and its EMA copy (the one validation and checkpoints use), once the trainer built them:
+    ``model.train()`` of an ``ultralytics.RTDETR`` wrapper builds a network of its own (in the process that trains;
+    a multi-GPU run's worker processes build theirs from the command line and are not routed)."""
+    use_dnops(trainer.model)
+    ema = getattr(getattr(trainer, "ema", None), "ema", None)
+    if isinstance(ema, nn.Module):
+        use_dnops(ema)
+
+
 def use_dnops(model: nn.Module, self_attention: bool = True, denoising: bool = True) -> int:
     """Routes a model built by ultralytics (``RTDETRDetectionModel`` or the ``ultralytics.RTDETR`` wrapper) to dnops,
     in place (see the module docstring): deformable attention always, the decoder layers' self-attention with
-    ``self_attention``, the denoising group with ``denoising``. Returns how many modules were routed (0: none, or
-    already routed).
+    ``self_attention``, the denoising group with ``denoising``. Given the ``ultralytics.RTDETR`` wrapper, the network
+    its ``.train()`` builds is routed as well (a callback at the trainer's ``on_pretrain_routine_end``). Returns how
+    many modules were routed (0: none, or already routed).
 
     The routed self-attention returns (output, None): ultralytics' decoder layer leaves ``need_weights`` at its
     default, which for nn.MultiheadAttention is True (its attention weights, which the layer drops) and for
@@ -250,6 +261,11 @@ def use_dnops(model: nn.Module, self_attention: bool = True, denoising: bool = T
     """
     skip = {"self_attention"} if not self_attention else set()
     skip |= {"denoising"} if not denoising else set()
+    callbacks = getattr(model, "callbacks", None)
+    if isinstance(callbacks, dict) and "on_pretrain_routine_end" in callbacks:
+        # the ultralytics.RTDETR wrapper: its .train() builds a new network in the trainer, routed there too
+        if _route_trainer not in callbacks["on_pretrain_routine_end"]:
+            model.add_callback("on_pretrain_routine_end", _route_trainer)
     routed = 0
     for module in list(model.modules()):
         kind = recognise(module)
