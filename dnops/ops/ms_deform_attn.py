@@ -123,30 +123,6 @@ def _as_levels(
     return value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits
 
 
-def _export(
-    value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-    attention_logits: bool,
-    points: list[int] | None,
-    sampling: str,
-) -> torch.Tensor:
-    """The graph an export writes: the gather formulation's standard ops, in the caller's layout (folded points stay
-    folded, so the graph keeps the caller's rank), or the adapter's override (TensorRT's plugin: one count)."""
-    check_ms_deform_attn_args(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, points=points
-    )
-    if sampling == "discrete":
-        sampling_locations = sampling_locations.detach()
-    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
-    if EXPORT_OVERRIDE and sampling != "discrete":
-        return EXPORT_OVERRIDE[-1](*_as_levels(points, *args))
-    # a graph of standard ops that reads the level sizes as data: correct for any spatial_shapes input
-    return reference.ms_deform_attn_gather(*args, sampling=sampling, points_per_level=points)
-
-
 def ms_deform_attn(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -195,32 +171,28 @@ def ms_deform_attn(
     points = None
     if points_per_level is not None:
         points = check_points_per_level(points_per_level, spatial_shapes, sampling_locations, attention_weights)
-    discrete = sampling == "discrete"
-    if _backend.exporting():
-        return _export(
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-            attention_logits,
-            points,
-            sampling,
-        )
-    if points is not None and all(c == points[0] for c in points):
-        # one count: the (N, Lq, M, L, P) layout of the same memory, which every kernel takes
+    exporting = _backend.exporting()
+    if not exporting and points is not None and all(c == points[0] for c in points):
+        # one count: the (N, Lq, M, L, P) layout of the same memory, which every kernel takes (an export keeps the
+        # caller's folded layout: its graph stays at the caller's rank)
         sampling_locations = sampling_locations.unflatten(3, (len(points), points[0]))
         attention_weights = attention_weights.unflatten(3, (len(points), points[0]))
         points = None
     check_ms_deform_attn_args(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, points=points
     )
+    discrete = sampling == "discrete"
     if discrete:
         # nothing reaches the locations through a nearest pixel: out of the graph, as the originals' integer
         # rounding takes them (a parameter reached only through them gets None, not zeros, as there)
         sampling_locations = sampling_locations.detach()
-    backend = _backend.choose("ms_deform_attn", value.device)
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, attention_logits)
+    if exporting:
+        if EXPORT_OVERRIDE and not discrete:
+            return EXPORT_OVERRIDE[-1](*_as_levels(points, *args))
+        # a graph of standard ops that reads the level sizes as data: correct for any spatial_shapes input
+        return reference.ms_deform_attn_gather(*args, sampling=sampling, points_per_level=points)
+    backend = _backend.choose("ms_deform_attn", value.device)
     if _backend.is_compiled(backend):
         return torch.ops.dnops.ms_deform_attn.default(*args, points, discrete)
     if backend == "triton":
