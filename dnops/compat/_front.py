@@ -58,11 +58,8 @@ def _rtdetr(model: nn.Module, self_attention: bool) -> int:
 
 
 def _decoder_self_attention(model: nn.Module, self_attention: bool) -> int:
-    if not self_attention:
-        return 0
     # RF-DETR trains without denoising queries: no DN mask reaches its decoder's self-attention
-    layers = [m for m in model.modules() if hasattr(m, "cross_attn") and not _no_denoising(m)]
-    return sum(rtdetr.route_decoder_self_attention(layer) for layer in layers)
+    return rtdetr.route_decoder_self_attention(model, skip=_no_denoising) if self_attention else 0
 
 
 def _no_denoising(layer: nn.Module) -> bool:
@@ -148,7 +145,7 @@ def _on_dnops(module: nn.Module) -> bool:
     """Whether an earlier call routed ``module``."""
     if isinstance(module, DNMultiheadAttention | MSDeformAttn | transformers.MultiScaleDeformableAttention):
         return True
-    if is_rebound(module) or type(module) in ultralytics.ROUTED_DECODERS.values():
+    if is_rebound(module):
         return True
     core = getattr(module, "ms_deformable_attn_core", None)
     core = getattr(core, "func", core)
@@ -165,7 +162,7 @@ def _left_alone(path: str, module: nn.Module, modules: dict[str, nn.Module]) -> 
     if isinstance(module, nn.MultiheadAttention):
         parent, _, name = path.rpartition(".")
         layer = modules.get(parent)
-        if name == "self_attn" and hasattr(layer, "cross_attn"):
+        if name == "self_attn" and rtdetr.is_decoder_layer(layer):
             if _no_denoising(layer):
                 return Entry(path, "attention", None, "RF-DETR has no denoising queries: no DN mask reaches it")
             return Entry(path, "attention", None, "self_attention=False")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -246,11 +246,16 @@ def use_dnops(model: torch.nn.Module, self_attention: bool = True) -> int:
     return routed + (route_decoder_self_attention(model) if self_attention else 0)
 
 
-def route_decoder_self_attention(model: torch.nn.Module) -> int:
-    """Every decoder layer's ``self_attn``, an nn.MultiheadAttention beside a ``cross_attn`` (the layers of DN-DETR,
-    DINO, RT-DETR, D-FINE, DEIM, ...), becomes a DNMultiheadAttention, in place; returns how many."""
-    layers = [m for m in model.modules() if type(getattr(m, "self_attn", None)) is torch.nn.MultiheadAttention]
-    layers = [m for m in layers if hasattr(m, "cross_attn")]
+def is_decoder_layer(module: torch.nn.Module) -> bool:
+    """A decoder layer whose self-attention may run under a DN mask: an nn.MultiheadAttention ``self_attn`` beside a
+    ``cross_attn`` (the layers of DN-DETR, DINO, RT-DETR, D-FINE, DEIM, ultralytics, ...)."""
+    return type(getattr(module, "self_attn", None)) is torch.nn.MultiheadAttention and hasattr(module, "cross_attn")
+
+
+def route_decoder_self_attention(model: torch.nn.Module, skip: Callable[[torch.nn.Module], bool] | None = None) -> int:
+    """Every decoder layer's ``self_attn`` (``is_decoder_layer``; not those of layers ``skip`` names) becomes a
+    DNMultiheadAttention, in place; returns how many."""
+    layers = [m for m in model.modules() if is_decoder_layer(m) and not (skip and skip(m))]
     for layer in layers:
         layer.self_attn.__class__ = DNMultiheadAttention
     return len(layers)

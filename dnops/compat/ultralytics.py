@@ -16,6 +16,7 @@ dnops after ``use_dnops(model)``, in place, parameters and state_dict unchanged:
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 
 from dnops.compat._levels import level_tensors
-from dnops.compat._rebind import calls_global, is_rebound, rebound_class
+from dnops.compat._rebind import calls_global, is_rebound, rebound_class, routed_class
+from dnops.compat.rtdetr import is_decoder_layer
 from dnops.nn.dn_mha import DNMultiheadAttention
 from dnops.ops.dn_attn_mask import dn_attn_mask
 from dnops.ops.dn_queries import generate
@@ -121,7 +123,7 @@ def get_cdn_group(
     labels, boxes = batch["cls"], batch["bboxes"]
     gt_idx = torch.arange(sum(counts), dtype=torch.int64)
     if max(counts) > max_nums:
-        offsets = [sum(counts[:b]) for b in range(len(counts))]
+        offsets = itertools.accumulate([0, *counts[:-1]])
         gt_idx = torch.cat(
             [torch.randperm(n)[:max_nums].sort().values + o for n, o in zip(counts, offsets, strict=True)]
         )
@@ -144,9 +146,8 @@ def get_cdn_group(
     padding_cls = torch.where(valid, embedded, torch.zeros_like(embedded))
     pad_size = 2 * max_nums * groups
     attn_mask = dn_attn_mask(pad_size, 2 * max_nums, num_queries, device=device)
-    pos_idx = [
-        torch.tensor([2 * max_nums * g + j for g in range(groups) for j in range(n)], dtype=torch.int64) for n in counts
-    ]
+    slots = torch.arange(groups)[:, None] * (2 * max_nums) + torch.arange(max_nums)  # each group's positive slots
+    pos_idx = [slots[:, :n].flatten() for n in counts]
     dn_meta = {
         "dn_pos_idx": pos_idx,
         "dn_gt_idx": list(gt_idx.split(counts)),
@@ -186,26 +187,11 @@ def _routed_decoder_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(self).__mro__[1].forward(self, *args, **kwargs)
 
 
-ROUTED_DECODERS: dict[type, type] = {}
-
-
-def _decoder_class(cls: type) -> type:
-    if cls not in ROUTED_DECODERS:
-        attrs = {"forward": _routed_decoder_forward, "__module__": cls.__module__, "__reduce_ex__": _reduce_decoder}
-        ROUTED_DECODERS[cls] = type(cls.__name__, (cls,), attrs)
-    return ROUTED_DECODERS[cls]
-
-
-def _reduce_decoder(module: nn.Module, protocol: int):
-    return _load_decoder, (type(module).__mro__[1], module.__getstate__())
-
-
-def _load_decoder(cls: type, state: dict) -> nn.Module:
+def _decoder_forward(cls: type) -> Any:
+    """The routed decoder's forward; making its class (on routing, or on loading a pickled routed model in another
+    process) installs the dispatcher its calls go through."""
     _install_dispatcher()
-    module = cls.__new__(cls)
-    module.__setstate__(state)
-    module.__class__ = _decoder_class(cls)
-    return module
+    return _routed_decoder_forward
 
 
 def _is_ultralytics(module: nn.Module) -> bool:
@@ -219,11 +205,10 @@ def recognise(module: nn.Module) -> str | None:
         return None
     if calls_global(type(module), _FUNCTION) and not is_rebound(module):
         return "ms_deform_attn"
-    attn = getattr(module, "self_attn", None)
-    if type(attn) is nn.MultiheadAttention and hasattr(module, "cross_attn"):
+    if is_decoder_layer(module):
         return "self_attention"
     embed = getattr(module, "denoising_class_embed", None)
-    if isinstance(embed, nn.Embedding) and type(module) not in ROUTED_DECODERS.values():
+    if isinstance(embed, nn.Embedding) and not is_rebound(module):
         return "denoising"
     return None
 
@@ -234,8 +219,7 @@ def route(module: nn.Module, kind: str) -> None:
     elif kind == "self_attention":
         module.self_attn.__class__ = DNMultiheadAttention
     elif kind == "denoising":
-        _install_dispatcher()
-        module.__class__ = _decoder_class(type(module))
+        module.__class__ = routed_class(type(module), _decoder_forward)
 
 
 def _route_trainer(trainer: Any) -> None:
