@@ -1,5 +1,6 @@
-"""The level tensors of the adapters whose originals give level sizes as Python lists (RT-DETR, D-FINE, DEIM,
-transformers' v2 function)."""
+"""The level tensors of the adapters: from Python lists of sizes (RT-DETR, D-FINE, DEIM, ultralytics, rfdetr,
+transformers' v2 function), and the level starts of a spatial_shapes tensor (Deformable-DETR's and rfdetr's
+functions, which take no level_start_index)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,9 @@ def level_tensors(sizes: Sequence[Sequence[int]], device: torch.device) -> tuple
         return shapes, torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
 
     return device_constant("levels", key, device, build)
+
+
+def level_start_index(spatial_shapes: torch.Tensor) -> torch.Tensor:
+    """(L,) exclusive cumsum of H_l * W_l of an (L, 2) spatial_shapes, on its device (nothing read to the host)."""
+    sizes = spatial_shapes.prod(1)
+    return torch.cumsum(sizes, 0) - sizes

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dnops.compat._levels import level_start_index
 from dnops.ops.ms_deform_attn import ms_deform_attn
-
-
-def _level_start_index(spatial_shapes: torch.Tensor) -> torch.Tensor:
-    sizes = spatial_shapes.prod(1)
-    return torch.cumsum(sizes, 0) - sizes
 
 
 class MSDeformAttnFunction:
@@ -43,4 +39,4 @@ def ms_deform_attn_core_pytorch(
     attention_weights (N, Lq, M, L, P) -> (N, Lq, M * D).
     """
     shapes = torch.as_tensor(value_spatial_shapes, dtype=torch.int64, device=value.device)
-    return ms_deform_attn(value, shapes, _level_start_index(shapes), sampling_locations, attention_weights)
+    return ms_deform_attn(value, shapes, level_start_index(shapes), sampling_locations, attention_weights)

@@ -15,16 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dnops.compat._levels import level_tensors
+from dnops.compat._levels import level_start_index, level_tensors
 from dnops.compat._rebind import calls_global, is_rebound, rebound_class
 from dnops.ops.ms_deform_attn import ms_deform_attn
 
 _FUNCTION = "ms_deform_attn_core_pytorch"
-
-
-def _level_start_index(spatial_shapes: torch.Tensor) -> torch.Tensor:
-    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
-    return sizes.cumsum(0) - sizes
 
 
 def ms_deform_attn_core_pytorch(
@@ -53,7 +48,7 @@ def ms_deform_attn_core_pytorch(
         levels = len(value_spatial_shapes_hw)
     else:
         shapes = value_spatial_shapes.to(device=value.device, dtype=torch.int64)
-        starts, levels = _level_start_index(shapes), shapes.shape[0]
+        starts, levels = level_start_index(shapes), shapes.shape[0]
     value = value.permute(0, 3, 1, 2).contiguous()
     if sampling_locations.dim() == 6:
         attention_weights = attention_weights.unflatten(3, sampling_locations.shape[3:5])
@@ -73,14 +68,10 @@ def recognise(module: nn.Module) -> str | None:
     return None
 
 
-def route(module: nn.Module, kind: str) -> None:
-    module.__class__ = rebound_class(type(module), _FUNCTION, _on_dnops)
-
-
 def use_dnops(model: nn.Module) -> int:
     """Routes a model built by rfdetr (``build_model_from_config``, or the ``model`` inside an ``RFDETR*`` wrapper's
     ``model.model``) to dnops, in place; returns how many modules were routed (0: none, or already routed)."""
     modules = [m for m in model.modules() if recognise(m) is not None]
     for module in modules:
-        route(module, "ms_deform_attn")
+        module.__class__ = rebound_class(type(module), _FUNCTION, _on_dnops)
     return len(modules)
