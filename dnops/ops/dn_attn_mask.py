@@ -35,19 +35,19 @@ def dn_attn_mask(
     else:
         mask = reference.dn_attn_mask(pad_size, group_size, num_queries, device=device)
     if not torch.compiler.is_compiling():
-        key = (id(mask),)
+        key = id(mask)
         _MADE[key] = (weakref.ref(mask, lambda _, key=key: _MADE.pop(key, None)), mask._version, (pad_size, group_size))
     return mask
 
 
 # The masks dn_attn_mask made and still alive, unchanged since: their structure is known without reading them (on a
 # GPU reading a mask's values is a device-to-host copy that stalls the stream).
-_MADE: dict[tuple[int], tuple[weakref.ref, int, tuple[int, int]]] = {}
+_MADE: dict[int, tuple[weakref.ref, int, tuple[int, int]]] = {}
 
 
 def made_mask_structure(mask: torch.Tensor) -> tuple[int, int] | None:
     """(pad_size, group_size) of a mask that dn_attn_mask returned and nobody modified since, else None."""
-    seen = _MADE.get((id(mask),))
+    seen = _MADE.get(id(mask))
     if seen is not None and seen[0]() is mask and seen[1] == mask._version:
         return seen[2]
     return None
