@@ -508,23 +508,8 @@ def _contrastive_group(
     return input_query_logits, input_query_bbox_unact, attn_mask, dn_meta
 
 
-def ultralytics_83_multi_scale_deformable_attn_pytorch(
-    value, value_spatial_shapes, sampling_locations, attention_weights
-):
-    """ultralytics' multi_scale_deformable_attn_pytorch before 8.4 (ultralytics 8.3.250 from PyPI,
-    ultralytics/nn/modules/utils.py): the rank-6 layout, sampling_locations (bs, Lq, M, L, P, 2) and
-    attention_weights (bs, Lq, M, L, P), one grid_sample per level -> (bs, Lq, M * D)."""
-    bs, _, num_heads, embed_dims = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    value_list = value.split([h * w for h, w in value_spatial_shapes], dim=1)
-    sampling_grids = 2 * sampling_locations - 1
-    sampled = []
-    for level, (h, w) in enumerate(value_spatial_shapes):
-        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(bs * num_heads, embed_dims, h, w)
-        grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
-    attention_weights = attention_weights.transpose(1, 2).reshape(
-        bs * num_heads, 1, num_queries, num_levels * num_points
-    )
-    output = (torch.stack(sampled, dim=-2).flatten(-2) * attention_weights).sum(-1)
-    return output.view(bs, num_heads * embed_dims, num_queries).transpose(1, 2).contiguous()
+# ultralytics' multi_scale_deformable_attn_pytorch before 8.4 (ultralytics 8.3.250 from PyPI,
+# ultralytics/nn/modules/utils.py; the rank-6 layout, one grid_sample per level) is RT-DETR v1's function line for
+# line: the same splits, grids and weighted sum; it ends in .transpose(1, 2).contiguous() where RT-DETR returns the
+# transposed view, the same values.
+ultralytics_83_multi_scale_deformable_attn_pytorch = rtdetr_deformable_attention_core_func

@@ -30,6 +30,17 @@ def _gt(batch: int, per_image: int, dtype: torch.dtype = torch.float32) -> tuple
     return torch.randint(0, CLASSES, (k,), generator=g), torch.cat([centre, size], 1).to(dtype)
 
 
+def _flat_batch(batch: int, per_image: int, device: torch.device) -> dict:
+    """ultralytics' flat GT batch (what RTDETRDetectionModel.loss hands its decoder): batch images of per_image GT."""
+    labels, boxes = _gt(batch, per_image)
+    return {
+        "cls": labels.to(device),
+        "bboxes": boxes.to(device),
+        "batch_idx": torch.arange(batch).repeat_interleave(per_image).to(device),
+        "gt_groups": [per_image] * batch,
+    }
+
+
 def _step(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[int], None]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -59,13 +70,7 @@ def ultralytics_benches(target: Target) -> Iterator[Bench]:
     routed = copy.deepcopy(original)
     dnops.compat.use_dnops(routed)
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(target.device)
-    labels, boxes = _gt(batch, per_image)
-    flat = {
-        "cls": labels.to(target.device),
-        "bboxes": boxes.to(target.device),
-        "batch_idx": torch.arange(batch).repeat_interleave(per_image).to(target.device),
-        "gt_groups": [per_image] * batch,
-    }
+    flat = _flat_batch(batch, per_image, target.device)
     loss_batch = {"img": images, "cls": flat["cls"][:, None].float(), "bboxes": flat["bboxes"]}
     loss_batch["batch_idx"] = flat["batch_idx"].float()
 
@@ -89,13 +94,7 @@ def ultralytics_benches(target: Target) -> Iterator[Bench]:
     package = getattr(ul_ops.get_cdn_group, "__wrapped__", ul_ops.get_cdn_group)
     embed = routed.model[-1].denoising_class_embed.weight
     for b, n in ((batch, per_image),) if target.quick else ((2, 20), (16, 30)):
-        labels, boxes = _gt(b, n)
-        group = {
-            "cls": labels.to(target.device),
-            "bboxes": boxes.to(target.device),
-            "batch_idx": torch.arange(b).repeat_interleave(n).to(target.device),
-            "gt_groups": [n] * b,
-        }
+        group = _flat_batch(b, n, target.device)
         bench = Bench("ultralytics", f"B={b} {n} GT", "get_cdn_group", "ultralytics", count_ops=True)
         args = (group, CLASSES, 300, embed, 100, 0.5, 1.0, True)
         bench.impls["ultralytics"] = lambda i, a=args: package(*a)
