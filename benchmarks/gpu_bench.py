@@ -21,7 +21,7 @@ import torch
 
 from benchmarks import runner
 from benchmarks.harness import CudaEvents, WallClock, copy_bandwidth, matmul_tflops
-from benchmarks.suites import SUITES, Target
+from benchmarks.suites import GPU_CHECK_SUITES, SUITES, Target
 
 
 def table(rows: list[dict]) -> str:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry", action="store_true", help="CPU, tiny shapes (also chosen without a CUDA device)")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--budget", type=float, default=150.0, help="seconds; implementations after it are skipped")
-    parser.add_argument("--ops", nargs="*", default=list(SUITES), choices=list(SUITES))
+    parser.add_argument("--ops", nargs="*", default=GPU_CHECK_SUITES, choices=list(SUITES))
     args = parser.parse_args(argv)
     dry = args.dry or not torch.cuda.is_available()
     target = Target(torch.device("cpu" if dry else "cuda"), quick=dry)

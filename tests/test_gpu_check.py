@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.suites import GPU_CHECK_SUITES
+
 ROOT = Path(__file__).resolve().parent.parent
 FILES = {"env.txt", "build.log", "warm.log", "tests.log", "sanitizer.log", "bench.log", "report.json", "report.md"}
 
@@ -30,8 +32,8 @@ def test_dry_mode_runs_every_step_and_writes_every_file(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["meta"]["dry"] is True
     rows = report["rows"]
-    # the dry mode runs the CPU's quick cases: the rows of `make test`'s benchmark smoke run
-    assert [_key(r) for r in rows] == _suite_rows()
+    # the dry mode runs the CPU's quick cases: the rows of `make test`'s benchmark smoke run, but the detectors'
+    assert [_key(r) for r in rows] == _suite_rows(GPU_CHECK_SUITES)
     assert {r["op"] for r in rows} == {
         "ms_deform_attn",
         "rt_detr_attn",
@@ -40,12 +42,7 @@ def test_dry_mode_runs_every_step_and_writes_every_file(tmp_path):
         "dn_queries",
         "dn_attn_mask",
         "detr_step",
-        "ultralytics",
-        "rfdetr",
     }
-    # the pip-installed detectors' rows need requirements-detectors.txt, which test-compat's environment lacks
-    absent = [r for r in rows if r["op"] in ("ultralytics", "rfdetr") and "is not installed" in r["status"]]
-    rows = [r for r in rows if r not in absent]
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     assert all(r["median_ms"] > 0 and r["peak_mb"] >= 0 and r["reps"] >= 3 for r in rows)
     msda = ("ms_deform_attn", "rt_detr_attn")
