@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dnops import reference
-from dnops.compat import multi_scale_deformable_attention as shim
+from dnops.compat import extensions
 from tests.gpu_utils import as_float64, assert_rel, msda_args
 from tests.msda_utils import make_inputs
 
@@ -54,7 +54,7 @@ MODEL_CODE = textwrap.dedent(
 @pytest.fixture
 def model_function(tmp_path, monkeypatch):
     """The Function above, importing the MultiScaleDeformableAttention that `install --target` wrote."""
-    path = shim.install(tmp_path)
+    path = extensions.install(target=tmp_path)
     assert path.name == "MultiScaleDeformableAttention.py"
     (tmp_path / "ms_deform_attn_func.py").write_text(MODEL_CODE)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -153,16 +153,16 @@ def test_install_target_refuses_to_shadow_and_says_when_not_importable(tmp_path,
     compiled = tmp_path / "MultiScaleDeformableAttention.cpython-311-x86_64-linux-gnu.so"
     compiled.write_bytes(b"\x7fELF")  # a compiled original in the target folder
     with pytest.raises(SystemExit, match="already installed at .*MultiScaleDeformableAttention.cpython"):
-        shim.install(tmp_path)
-    assert not (tmp_path / shim.SHIM).exists()
-    written = shim.install(tmp_path, force=True)
-    assert written.read_text() == shim.SHIM_TEXT
+        extensions.install(target=tmp_path)
+    assert not (tmp_path / "MultiScaleDeformableAttention.py").exists()
+    written = extensions.install(target=tmp_path, force=True)
+    assert written.read_text() == extensions.shim_text("MultiScaleDeformableAttention")
     assert "is not on Python's module path" in capsys.readouterr().err
     # installed again over its own shim, from a folder on the path: no refusal, no note
     compiled.unlink()
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "MultiScaleDeformableAttention", raising=False)
-    shim.install(tmp_path)
+    extensions.install(target=tmp_path)
     assert "module path" not in capsys.readouterr().err
 
 

@@ -3,34 +3,21 @@ and their descendants build and import (``import MultiScaleDeformableAttention a
 every device and dtype dnops runs, no CUDA build of the original.
 
 Use it with no edit to a model file: ``python -m dnops.compat.multi_scale_deformable_attention install`` puts a
-one-line ``MultiScaleDeformableAttention`` module into site-packages that re-exports this one (``uninstall``
-removes it; ``--target DIR`` writes it elsewhere). Or, in code: ``sys.modules["MultiScaleDeformableAttention"]
-= dnops.compat.multi_scale_deformable_attention`` before the model is imported.
+small ``MultiScaleDeformableAttention`` module into site-packages that gives these functions (``uninstall`` removes
+it; ``--target DIR`` writes it elsewhere; ``--name groundingdino._C`` and the other names codebases import:
+dnops.compat.extensions). Or, in code: ``dnops.compat.provide("MultiScaleDeformableAttention")`` before the model
+is imported.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import sys
-import sysconfig
-from pathlib import Path
 
 import torch
 
 from dnops import _backend
 from dnops.ops.ms_deform_attn import as_int64_levels, ms_deform_attn
 from dnops.validation import geometry_fits
-
-SHIM = "MultiScaleDeformableAttention.py"
-SHIM_TEXT = (
-    '"""Written by `python -m dnops.compat.multi_scale_deformable_attention install`: the compiled extension\'s\n'
-    'interface on dnops kernels."""\n'
-    "from dnops.compat.multi_scale_deformable_attention import (  # noqa: F401\n"
-    "    ms_deform_attn_backward,\n"
-    "    ms_deform_attn_forward,\n"
-    ")\n"
-)
 
 
 def ms_deform_attn_forward(
@@ -106,70 +93,7 @@ def ms_deform_attn_backward(
         return list(torch.autograd.grad(out, inputs, grad_output))
 
 
-def _site_packages() -> Path:
-    return Path(sysconfig.get_paths()["purelib"])
-
-
-def install(target: Path | None = None, force: bool = False) -> Path:
-    """Writes the MultiScaleDeformableAttention shim into ``target`` (default: site-packages); returns its path.
-    Refuses to shadow another MultiScaleDeformableAttention (a compiled original: in the target folder, or the one
-    Python imports now) unless ``force``; says so when Python would not import the shim from ``target``."""
-    folder = Path(target) if target is not None else _site_packages()
-    path = folder / SHIM
-    others = [p for p in folder.glob("MultiScaleDeformableAttention*") if not _is_shim(p)]
-    found = importlib.util.find_spec("MultiScaleDeformableAttention")
-    if found is not None and found.origin and not _is_shim(Path(found.origin)):
-        others.append(Path(found.origin))
-    if others and not force:
-        raise SystemExit(
-            f"a MultiScaleDeformableAttention is already installed at {others[0]}; the shim would shadow it (or be "
-            "shadowed by it): use --force to write it anyway"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(SHIM_TEXT)
-    if not _importable_from(folder):
-        print(
-            f"note: {folder} is not on Python's module path, so `import MultiScaleDeformableAttention` will not find "
-            f"the shim there: add it to PYTHONPATH (or sys.path) before the model is imported",
-            file=sys.stderr,
-        )
-    return path
-
-
-def _is_shim(path: Path) -> bool:
-    """Whether ``path`` is a shim this command wrote (anywhere): replacing one shadows nothing."""
-    try:
-        return path.suffix == ".py" and path.read_text() == SHIM_TEXT
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def _importable_from(folder: Path) -> bool:
-    entries = {Path(p or ".").resolve() for p in sys.path}
-    return folder.resolve() in entries
-
-
-def uninstall(target: Path | None = None) -> Path | None:
-    path = (Path(target) if target is not None else _site_packages()) / SHIM
-    if path.exists() and path.read_text() == SHIM_TEXT:
-        path.unlink()
-        return path
-    return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["install", "uninstall"])
-    parser.add_argument("--target", type=Path, help="folder to write the module to (default: site-packages)")
-    parser.add_argument("--force", action="store_true", help="shadow an installed MultiScaleDeformableAttention")
-    args = parser.parse_args(argv)
-    if args.action == "install":
-        print(f"wrote {install(args.target, args.force)}")
-    else:
-        removed = uninstall(args.target)
-        print(f"removed {removed}" if removed else "no dnops MultiScaleDeformableAttention shim found")
-    return 0
-
-
 if __name__ == "__main__":
+    from dnops.compat.extensions import main
+
     sys.exit(main())
