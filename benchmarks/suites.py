@@ -475,6 +475,13 @@ def rfdetr_benches(target: Target) -> Iterator[Bench]:
     yield from detectors.installed("rfdetr", detectors.rfdetr_benches, target)
 
 
+def codebase_dn_benches(target: Target) -> Iterator[Bench]:
+    """mmdetection's, detrex's and MaskDINO's denoising on dnops against their own code (benchmarks.codebases)."""
+    from benchmarks import codebases
+
+    yield from codebases.codebase_dn_benches(target)
+
+
 SUITES: dict[str, Callable[[Target], Iterator[Bench]]] = {
     "ms_deform_attn": ms_deform_attn_benches,
     "rt_detr_attn": real_time_benches,
@@ -483,6 +490,7 @@ SUITES: dict[str, Callable[[Target], Iterator[Bench]]] = {
     "dn_mha": dn_mha_benches,
     "dn_attn_mask": dn_attn_mask_benches,
     "detr_step": detr_step_benches,
+    "codebase_dn": codebase_dn_benches,
     "ultralytics": ultralytics_benches,
     "rfdetr": rfdetr_benches,
 }

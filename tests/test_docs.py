@@ -59,10 +59,13 @@ def test_summary_table_puts_forward_and_backward_of_a_dnops_row_side_by_side():
         row("step", "ref", 100.0, 1.0, 1.0),
         row("step", "dnops", 50.0, 2.0, None),
     ]
+    # a single call timed at two batches: the summary keeps the larger
+    rows += [{**row("gen", "dnops", ms, 2.0, None), "case": f"B={b} 3 GT"} for b, ms in ((2, 1.0), (16, 4.0))]
     lines = report.summary_table(rows).splitlines()
     assert lines[2:] == [
         "| o | c | f32 | ref | dnops | **5.00x** 2 ms (1.8-2.4) | **3.00x** 10 ms (9-12) | 25% / 50% |",
         "| o | c | step | ref | dnops | **2.00x** 50 ms (45-60) | - | - |",
+        "| o | B=16 3 GT | gen | ref | dnops | **2.00x** 4 ms (3.6-4.8) | - | - |",
     ]
 
 

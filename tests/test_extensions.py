@@ -128,14 +128,15 @@ def _provided(checkout, codebase: Codebase, how: str):
     return load(codebase)
 
 
-def _interfaces():
-    for key, codebase in CODEBASES.items():
-        for how in ("install", "provide"):
-            if key != "relation_detr" or how == "provide":
-                yield pytest.param(codebase, how, id=f"{key}-{how}")
+INTERFACES = [
+    pytest.param(codebase, how, id=f"{key}-{how}")
+    for key, codebase in CODEBASES.items()
+    for how in ("install", "provide")
+    if key != "relation_detr" or how == "provide"  # a module global: provide() only
+]
 
 
-@pytest.mark.parametrize(("codebase", "how"), _interfaces())
+@pytest.mark.parametrize(("codebase", "how"), INTERFACES)
 @pytest.mark.parametrize("levels", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("im2col_step", [1, 64])
 def test_function_equals_the_files_own_pytorch_path(checkout, codebase, how, levels, im2col_step):
@@ -261,7 +262,7 @@ def test_install_command_by_name(checkout, tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize(("codebase", "how"), _interfaces())
+@pytest.mark.parametrize(("codebase", "how"), INTERFACES)
 def test_function_on_cuda_tensors(checkout, codebase, how):
     """The GPU path these files take (``value.is_cuda``): float32 as their kernels run it, within float32 rounding
     of the file's own path in float64."""

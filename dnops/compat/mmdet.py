@@ -104,14 +104,14 @@ class CdnQueryGenerator(nn.Module):
         for name in ("label_noise_scale", "box_noise_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"CdnQueryGenerator: {name} must be > 0, got {getattr(self, name)}")
-        labels, boxes = [], []
-        for sample in batch_data_samples:
-            img_h, img_w = sample.img_shape
-            xyxy = sample.gt_instances.bboxes
-            # Python divisors: the original's new_tensor([w, h, w, h]) is a host-to-device copy per image
-            x0, y0, x1, y1 = (xyxy[:, 0] / img_w, xyxy[:, 1] / img_h, xyxy[:, 2] / img_w, xyxy[:, 3] / img_h)
-            boxes.append(torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1))
-            labels.append(sample.gt_instances.labels)
+        labels = [sample.gt_instances.labels for sample in batch_data_samples]
+        pixels = torch.cat([sample.gt_instances.bboxes for sample in batch_data_samples])
+        # one host-to-device copy of every row's (w, h, w, h), where the original copies one per image
+        sizes = [
+            (w, h, w, h) for s, t in zip(batch_data_samples, labels, strict=True) for h, w in [s.img_shape] * len(t)
+        ]
+        xyxy = pixels / torch.tensor(sizes, dtype=pixels.dtype).reshape(-1, 4).to(pixels.device)
+        boxes = [torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)]
         groups = self.get_num_groups(max(len(t) for t in labels))
         dn = noised_groups(
             labels, boxes, groups, True, self.num_classes, self.label_noise_scale * 0.5, self.box_noise_scale
