@@ -91,6 +91,18 @@ def test_mmcv_function_float32_with_its_dtype_casts(mmcv_ops):
     assert loc.grad.dtype == torch.float64 and value.grad.dtype == torch.float32
 
 
+def test_provide_after_import_repoints_mmcvs_module(mmcv_ops):
+    """An mmcv whose compiled _ext lacks the op for the device: provide() after mmcv.ops was imported points its
+    multi_scale_deform_attn at dnops (the ops of a compiled _ext, where one loads, stay its own)."""
+    previous = mmcv_ops.ext_module
+    try:
+        provided = provide("mmcv._ext")
+        assert mmcv_ops.ext_module is provided and sys.modules["mmcv._ext"] is provided
+        assert provided.ms_deform_attn_backward is dnops_mmcv.ms_deform_attn_backward
+    finally:
+        mmcv_ops.ext_module = previous
+
+
 def test_ext_backward_adds_into_the_callers_buffers():
     value, shapes, starts, loc, weights = make_inputs(n=2, d=4)
     grad_out = torch.randn(2, loc.shape[1], value.shape[2] * value.shape[3], dtype=torch.float64)
