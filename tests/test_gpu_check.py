@@ -42,6 +42,7 @@ def test_dry_mode_runs_every_step_and_writes_every_file(tmp_path):
         "dn_queries",
         "dn_attn_mask",
         "detr_step",
+        "codebase_dn",
     }
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     assert all(r["median_ms"] > 0 and r["peak_mb"] >= 0 and r["reps"] >= 3 for r in rows)
