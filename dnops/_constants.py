@@ -9,9 +9,11 @@ from typing import TypeVar
 import torch
 from torch._guards import detect_fake_mode
 
+from dnops._cache import LRU
+
 T = TypeVar("T")
 
-_MADE: dict[tuple, object] = {}
+_MADE: LRU[tuple, object] = LRU(256)
 
 
 def device_constant(name: str, key: Hashable, device: torch.device, build: Callable[[], T]) -> T:
@@ -20,6 +22,7 @@ def device_constant(name: str, key: Hashable, device: torch.device, build: Calla
     if torch.compiler.is_compiling() or detect_fake_mode() is not None:
         return build()
     full = (name, key, device)
-    if full not in _MADE:
-        _MADE[full] = build()
-    return _MADE[full]  # type: ignore[return-value]
+    made = _MADE.get(full)
+    if made is None:
+        made = _MADE[full] = build()
+    return made  # type: ignore[return-value]

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dnops._cache import LRU
+
 FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -178,7 +180,7 @@ def assert_levels_in_graph(spatial_shapes: torch.Tensor, level_start_index: torc
 # is a device sync, paid once per distinct tensor (Deformable-DETR builds one per forward and shares it between
 # its layers). The kernels also guard every level against value's extent on the device.
 # Keyed by id (tensors compare elementwise, so they cannot be dict keys); an entry leaves when its tensor dies.
-_CHECKED_LEVELS: dict[int, tuple[weakref.ref, weakref.ref, tuple[int, int, int]]] = {}
+_CHECKED_LEVELS: LRU[int, tuple[weakref.ref, weakref.ref, tuple[int, int, int]]] = LRU(256)
 
 
 def _read_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> tuple[list, list]:

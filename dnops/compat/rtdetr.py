@@ -4,7 +4,7 @@ three forms its descendants call (RT-DETR v2's ``src/zoo/rtdetr/utils.py``, D-FI
 DEIM's ``engine/deim/utils.py``): a point count per level and ``method="discrete"``; and RT-DETR v2's contrastive
 denoising group, ``get_contrastive_denoising_training_group``, on dnops.dn_queries.
 
-Same names, argument order, shapes and values (float64 to 1e-12 against transcriptions in ``originals.py``); the
+Same names, argument order, shapes and values (float64 to 1e-12 against transcriptions in ``originals/``); the
 output is contiguous where the originals return a transposed view.
 """
 
@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dnops._cache import LRU
 from dnops.compat._levels import level_tensors
 from dnops.compat.deformable_detr import ms_deform_attn_core_pytorch
 from dnops.dn import inverse_sigmoid
@@ -100,7 +101,7 @@ def _square_clamp(locations: torch.Tensor, shapes: list[tuple[int, int]], points
 
 # D-FINE's decoder makes its per-level value views once per forward and hands the same ones to every layer: the
 # (N, S, M, D) copy made for the first layer is reused by the others while those views live and are unchanged.
-_CONVERTED: dict[int, tuple[weakref.ref, tuple[int, bool], torch.Tensor]] = {}
+_CONVERTED: LRU[int, tuple[weakref.ref, tuple[int, bool], torch.Tensor]] = LRU(8)
 
 
 def channel_major_levels_as_value(levels: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -5,6 +5,7 @@ import weakref
 import torch
 
 from dnops import _backend, reference
+from dnops._cache import LRU
 from dnops.validation import check_dn_structure, structure_int
 
 if _backend.HAS_C:
@@ -42,7 +43,7 @@ def dn_attn_mask(
 
 # The masks dn_attn_mask made and still alive, unchanged since: their structure is known without reading them (on a
 # GPU reading a mask's values is a device-to-host copy that stalls the stream).
-_MADE: dict[int, tuple[weakref.ref, int, tuple[int, int]]] = {}
+_MADE: LRU[int, tuple[weakref.ref, int, tuple[int, int]]] = LRU(256)
 
 
 def made_mask_structure(mask: torch.Tensor) -> tuple[int, int] | None:
