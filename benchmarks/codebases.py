@@ -1,6 +1,6 @@
 """The denoising of the codebases that compile their own op, on dnops against their own code: mmdetection's DINO
 ``CdnQueryGenerator`` (the installed package), detrex's ``GenerateDNQueries`` and DINO-project ``prepare_for_cdn``,
-MaskDINO's ``prepare_for_dn`` (their transcriptions in originals.py). One call each at B=16 images of 30 GT (the
+MaskDINO's ``prepare_for_dn`` (their transcriptions in originals/). One call each at B=16 images of 30 GT (the
 quick run: 2 of 4), the codebases' default settings (mmdet: 100 DN queries, 900 matching; detrex DN-DETR: 5
 groups, 300 queries; detrex DINO: dn_number 100, 900 queries; MaskDINO: dn_num 100, 300 queries), 80 classes,
 hidden 256; the dispatched ops and device syncs of each are counted."""

@@ -5,7 +5,7 @@
 size of the run; each suite yields a ``Bench`` per case and variant, whose implementations are
 - the baseline every ratio is taken against (the PyTorch reference, or what DN-DETR / DINO / torch users run),
 - the peers: FlexAttention, SDPA with the dense mask, the SDPA decomposition, torch.compile of the reference, the
-  published algorithms (originals.py),
+  published algorithms (originals/),
 - dnops' kernels, one row per backend with a kernel of its own on the device kind (dnops._registry): "dnops cpu",
   "dnops cuda", "dnops triton"; an installation without one shows the row as skipped, with the reason.
 """
@@ -213,7 +213,7 @@ def _rt_bytes(inputs: list, variant: str) -> int:
 
 def real_time_benches(target: Target) -> Iterator[Bench]:
     """The real-time DETRs' decoder cross-attention (point counts per level; bilinear, and RT-DETR v2's discrete
-    sampling) against their own ``deformable_attention_core_func_v2`` (originals.py), through dnops.compat.rtdetr:
+    sampling) against their own ``deformable_attention_core_func_v2`` (originals/), through dnops.compat.rtdetr:
     D-FINE-L at 640 px and a DEIM-nano-like decoder."""
     import originals
     from dnops.compat import rtdetr

@@ -1,5 +1,5 @@
 """detrex's and MaskDINO's denoising on dnops (dnops.compat.detrex, dnops.compat.maskdino) against transcriptions of
-the originals (originals.py; detrex e244e6c, MaskDINO 3831d85): noise off, every output equal; noise on, the same
+the originals (originals/; detrex e244e6c, MaskDINO 3831d85): noise off, every output equal; noise on, the same
 laws; batches without GT and images without GT as each original behaves."""
 
 from __future__ import annotations

@@ -42,6 +42,9 @@ def test_wheel_pins_the_torch_it_was_built_against(tmp_path):
     (requires,) = tmp_path.glob("*.egg-info/requires.txt")
     major, minor = torch.__version__.split(".")[:2]
     assert requires.read_text().splitlines()[0] == f"torch=={major}.{minor}.*"
+    (info,) = tmp_path.glob("*.egg-info/PKG-INFO")
+    assert "License: Apache-2.0" in info.read_text().splitlines()
+    assert "LICENSE" in (tmp_path / "dnops.egg-info" / "SOURCES.txt").read_text().split()
 
 
 def test_building_without_torch_says_install_torch_first(tmp_path):

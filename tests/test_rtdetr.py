@@ -1,5 +1,5 @@
 """dnops.compat.rtdetr: RT-DETR v1 / v2, D-FINE and DEIM's deformable-attention functions against transcriptions of
-the originals (originals.py), float64 to 1e-12, forward and gradients; RT-DETR v2's contrastive denoising group
+the originals (originals/), float64 to 1e-12, forward and gradients; RT-DETR v2's contrastive denoising group
 against its transcription, exactly where the original draws no noise and by the noise law where it does."""
 
 from __future__ import annotations
