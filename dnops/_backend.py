@@ -4,7 +4,9 @@ Default per device: CPU -> the C++ kernel; CUDA -> the CUDA kernel if one is com
 emulator), else torch's own SDPA kernels where the op has that formulation, else Triton; anything missing -> the
 pure-PyTorch reference. ``DNOPS_BACKEND=reference|cpu|cuda|triton|sdpa`` overrides the default (``cpp``, the
 earlier name of the compiled kernels, still means the one of the tensors' device); an override that an op cannot
-honour falls back to the reference with one warning per (op, backend).
+honour raises, naming what is missing: only the default choice falls back (a benchmark that asked for a kernel
+never times the reference unnoticed). An op without any implementation of the requested kind (sdpa for
+deformable attention, Triton for the dense mask) is not concerned by the request and runs its default.
 """
 
 from __future__ import annotations
@@ -120,15 +122,6 @@ def use_backend(name: str | None) -> Iterator[None]:
         _OVERRIDE.reset(token)
 
 
-@functools.cache
-def _warn_fallback(op: str, backend: str, device_type: str) -> None:
-    warnings.warn(
-        f"dnops.{op}: backend {backend!r} is not available on {device_type}; using the reference",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
 def available(op: str, device_type: str) -> dict[str, bool]:
     """Which backends can run ``op`` (a name in dnops._registry.OPS) on ``device_type``, in this installation."""
     info = OPS[op]
@@ -155,13 +148,37 @@ def choose(op: str, device: torch.device) -> str:
     """
     can = available(op, device.type)
     wanted = requested_backend()
-    if wanted is not None:
+    if wanted is not None and formulates(op, _resolve(wanted, device.type)):
         wanted = _resolve(wanted, device.type)
         if can[wanted]:
             return wanted
-        _warn_fallback(op, wanted, device.type)
-        return "reference"
+        raise RuntimeError(f"dnops.{op}: backend {wanted!r} was asked for, but {missing(op, wanted, device.type)}")
     return next((b for b in DEFAULT_ORDER.get(device.type, ()) if can[b]), "reference")
+
+
+def formulates(op: str, backend: str) -> bool:
+    """Whether ``op`` has a ``backend`` implementation at all (in some build, on some device). A request for one it
+    has none of by design (sdpa for deformable attention, Triton for the mask) does not concern it: it runs its
+    default choice, which ``python -m dnops.info`` shows."""
+    info = OPS[op]
+    if backend in COMPILED:
+        return backend in info.compiled
+    return {"reference": True, "triton": info.triton, "sdpa": info.sdpa}[backend]
+
+
+def missing(op: str, backend: str, device_type: str) -> str:
+    """Why ``backend``, an implementation ``op`` has (formulates), cannot run it on ``device_type`` tensors here."""
+    if backend == "triton":
+        if not triton_available():
+            return "triton is not installed"
+        return f"Triton runs on CUDA tensors (on the CPU only with TRITON_INTERPRET=1), and these are {device_type}"
+    if backend != device_type:
+        return f"the {backend} kernels take {backend} tensors, and these are {device_type} tensors"
+    if not HAS_C:
+        return f"dnops._C is not loaded ({C_ERROR})"
+    if backend == "cuda" and not _C.built_with_cuda():
+        return "dnops was built without CUDA kernels (rebuild with nvcc found, or DNOPS_CUDA=1 to require it)"
+    return f"dnops._C has no {backend} kernel of {op}"
 
 
 # torch.compiler.is_exporting() is also True under plain torch.compile before torch 2.14 (seen on 2.11); there only

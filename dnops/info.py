@@ -42,7 +42,12 @@ def report() -> str:
     for op in OPS:
         for device in ("cpu", "cuda"):
             can = _backend.available(op, device)
-            runs = _backend.choose(op, torch.device(device))
+            try:
+                runs = _backend.choose(op, torch.device(device))
+            except RuntimeError:  # DNOPS_BACKEND asks for a backend this op cannot run here
+                runs = (
+                    f"raises: {_backend.missing(op, _backend._resolve(_backend.requested_backend(), device), device)}"
+                )
             flags = " ".join(f"{'yes' if can[b] else '-':<9}" for b in _backend.BACKENDS)
             lines.append(f"{op:<20} {device:<6} {flags} -> {runs}")
     return "\n".join(lines)

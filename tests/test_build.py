@@ -180,10 +180,20 @@ def test_backend_names_and_the_earlier_cpp_alias(monkeypatch):
     # "cpp" is the compiled kernel of the tensors' device; "cuda" names the CUDA kernels, which CPU tensors lack
     assert _backend._resolve("cpp", "cuda") == "cuda" and _backend._resolve("cpp", "cpu") == "cpu"
     assert _backend.available("ms_deform_attn", "cuda")["cpu"] is False
+    # an explicit request that cannot run raises, naming what is missing; only the default choice falls back
     monkeypatch.setenv("DNOPS_BACKEND", "cuda")
-    with pytest.warns(RuntimeWarning, match="backend 'cuda' is not available on cpu"):
-        _backend._warn_fallback.cache_clear()
-        assert _backend.choose("ms_deform_attn", cpu) == "reference"
+    with pytest.raises(RuntimeError, match="backend 'cuda' was asked for, but the cuda kernels take cuda tensors"):
+        _backend.choose("ms_deform_attn", cpu)
+    with pytest.raises(RuntimeError, match="backend 'cuda' was asked for"):
+        dnops.ms_deform_attn(*make_inputs())
+    info = subprocess.run([sys.executable, "-m", "dnops.info"], capture_output=True, text=True)
+    assert info.returncode == 0 and "-> raises: the cuda kernels take cuda tensors" in info.stdout, info.stderr
+    # an op without any implementation of the requested kind is not concerned by the request: its default runs
+    monkeypatch.setenv("DNOPS_BACKEND", "sdpa")
+    assert _backend.choose("ms_deform_attn", cpu) == "cpu"
+    monkeypatch.delenv("DNOPS_BACKEND")
+    with dnops.use_backend("triton"):
+        assert _backend.choose("dn_attn_mask", cpu) == "cpu"
     monkeypatch.setenv("DNOPS_BACKEND", "cpp")
     args = make_inputs()
     torch.testing.assert_close(dnops.ms_deform_attn(*args), torch.ops.dnops.ms_deform_attn(*args), rtol=0, atol=0)
