@@ -191,9 +191,13 @@ def test_compile_fullgraph():
     q, k, v = qkv(w=13, dtype=torch.float32)
     fn = torch.compile(lambda a, b, c: dnops.dn_self_attention(a, b, c, 8, 4), fullgraph=True, backend="aot_eager")
     out = fn(q, k, v)
-    torch.testing.assert_close(out, reference.dn_self_attention_dense(q, k, v, 8, 4), rtol=2e-5, atol=2e-5)
-    out.sum().backward()
-    assert q.grad is not None
+    want = reference.dn_self_attention_dense(q, k, v, 8, 4)
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    grad = torch.randn_like(out)
+    for got, ref in zip(
+        torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), strict=True
+    ):
+        torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-5)
 
 
 @cpp
@@ -465,6 +469,21 @@ def test_double_backward_raises(backend, backend_env):
     backend_env(backend)
     inputs = [torch.randn(1, 2, 12, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     check_double_backward("dn_self_attention", backend, dnops.dn_self_attention(*inputs, 6, 3), inputs)
+
+
+def test_double_backward_check_fails_on_a_planted_error():
+    """The check asserts what it names: a backend claimed to raise that differentiates twice (the reference's output
+    handed over as the cpu kernel's) fails it, and so does a reference claimed to differentiate twice that cannot
+    (sdpa's output handed over as the reference's)."""
+    inputs = [torch.randn(1, 2, 12, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    with dnops.use_backend("reference"):
+        twice = dnops.dn_self_attention(*inputs, 6, 3)
+    with pytest.raises(pytest.fail.Exception, match="DID NOT RAISE"):
+        check_double_backward("dn_self_attention", "cpu", twice, inputs)
+    with dnops.use_backend("sdpa"):
+        once = dnops.dn_self_attention(*inputs, 6, 3)
+    with pytest.raises(RuntimeError, match="is not implemented"):
+        check_double_backward("dn_self_attention", "reference", once, inputs)
 
 
 @pytest.mark.parametrize("backend", backends("dn_self_attention"))
