@@ -61,6 +61,15 @@ def _seeded():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _block_sparse_at_every_size(monkeypatch):
+    """DNMultiheadAttention runs the parent's math path for small problems on the CPU: the tests' small shapes
+    would never reach the block-sparse path, so it is taken at every size here (the rule's own test sets it back)."""
+    from dnops.nn import dn_mha
+
+    monkeypatch.setattr(dn_mha, "CPU_MATH_PATH_MAX", -1)
+
+
 @pytest.fixture
 def backend_env(monkeypatch):
     """Force DNOPS_BACKEND for one test: ``backend_env("cpu")``."""

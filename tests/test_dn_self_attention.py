@@ -521,6 +521,22 @@ def _mha_and_input():
     return mha, parent, torch.randn(27, 2, 16, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("batch", [2, 40])
+def test_dn_mha_takes_the_math_path_for_small_problems_on_the_cpu(batch, monkeypatch):
+    """B * H * W * W at or below CPU_MATH_PATH_MAX: the parent's path (no dn_self_attention call), the same result;
+    above it the block-sparse path."""
+    from dnops.nn import dn_mha
+
+    monkeypatch.setattr(dn_mha, "CPU_MATH_PATH_MAX", 2 * 2 * 27 * 27)
+    calls = []
+    monkeypatch.setattr(dn_mha, "dn_self_attention", lambda *a: calls.append(a) or dnops.dn_self_attention(*a))
+    mha, parent, _ = _mha_and_input()
+    x = torch.randn(27, batch, 16, dtype=torch.float64)
+    mask = dnops.dn_attn_mask(12, 4, 15)
+    torch.testing.assert_close(mha(x, x, x, attn_mask=mask)[0], parent(x, x, x, attn_mask=mask)[0])
+    assert len(calls) == (0 if batch == 2 else 1)
+
+
 def test_dn_mha_pickles_after_a_masked_call(tmp_path):
     mha, _, x = _mha_and_input()
     mask = dnops.dn_attn_mask(12, 4, 15)

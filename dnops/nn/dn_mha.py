@@ -55,6 +55,19 @@ def recognise_dn_mask(mask: torch.Tensor) -> tuple[int, int] | None:
     return (pad, group) if torch.equal(blocked, mask) else None
 
 
+# B * H * W * W at or below which the CPU runs the parent's math path instead of the block-sparse one. Measured on
+# 2 threads of an AMD EPYC (docs/kernels.md): at DN-DETR's decoder shape at batch 2 (5 groups of 20 + 300 queries,
+# 8 heads: 2.6e6) or smaller, the math path (one masked softmax over (B, H, W, W) scores) is as fast or up to 10%
+# faster; from batch 4 or W = 500 on the block-sparse path is 1.2x-1.7x faster. On a GPU the block-sparse path
+# runs at every size: the math path writes B * H * W * W scores to memory, which SDPA's kernels never do.
+CPU_MATH_PATH_MAX = 3_000_000
+
+
+def _math_path_pays(query: torch.Tensor, key: torch.Tensor, heads: int, seq_dim: int) -> bool:
+    batch = query.shape[1 - seq_dim]
+    return batch * heads * query.shape[seq_dim] * key.shape[seq_dim] <= CPU_MATH_PATH_MAX
+
+
 class DNMultiheadAttention(nn.MultiheadAttention):
     """nn.MultiheadAttention that runs DN self-attention block-sparsely.
 
@@ -65,7 +78,8 @@ class DNMultiheadAttention(nn.MultiheadAttention):
     it is unchanged, else recognised once per mask tensor and cached) — and it is self-attention (W queries, W keys)
     without key_padding_mask, bias_k/bias_v, add_zero_attn or attention weights. Attention dropout in training,
     key_padding_mask and need_weights=True fall back to the parent with the dense mask, so every call gives what
-    nn.MultiheadAttention gives.
+    nn.MultiheadAttention gives; so do small problems on the CPU (B * H * W * W <= CPU_MATH_PATH_MAX), where the
+    parent's math path is the faster one.
 
     An ``attn_mask`` always decides what is attended: given with ``dn=``, it must be that structure's mask to take
     the fast path, and any other mask runs the parent's dense path with it. Under torch.compile a mask is not
@@ -123,13 +137,15 @@ class DNMultiheadAttention(nn.MultiheadAttention):
             and not self.add_zero_attn
             and not (self.training and self.dropout > 0.0)
         )
-        if not fast:
+        # small problems on the CPU: torch's math path (the parent's, with weights) beats the two-segment kernel
+        math = fast and query.device.type == "cpu" and _math_path_pays(query, key, self.num_heads, seq_dim)
+        if not fast or math:
             if structure is not None and attn_mask is None:
                 width = query.shape[seq_dim]
                 attn_mask = dn_attn_mask(structure[0], structure[1], width - structure[0], device=query.device)
             # exported to ONNX, the parent's weights path (plain matrix products, any opset; SDPA needs opset 14)
             # with the weights dropped when not asked for: the nn.MultiheadAttention it replaces exports, by default
-            weights = need_weights or torch.onnx.is_in_onnx_export()
+            weights = need_weights or math or torch.onnx.is_in_onnx_export()
             out, attn = super().forward(
                 query,
                 key,
