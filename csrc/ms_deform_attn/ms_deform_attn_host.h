@@ -114,7 +114,7 @@ struct Grads {
 // then skip the zero fill (as large as grad_value's at enc800).
 inline Grads backward_buffers(const at::Tensor& grad_output, const Dims& dm, const at::Tensor& value,
                               const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
-                              bool zero_geometry = true) {
+                              bool zero_geometry = true, bool zero_value = true) {
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({dm.batch, dm.queries, dm.heads * dm.channels}),
               "ms_deform_attn backward: grad_output must be (N, Lq, M*D), got ", grad_output.sizes());
   const auto acc = at::toOpMathType(value.scalar_type());
@@ -122,7 +122,8 @@ inline Grads backward_buffers(const at::Tensor& grad_output, const Dims& dm, con
     return zero_geometry ? at::zeros(like.sizes(), like.options().dtype(dtype))
                          : at::empty(like.sizes(), like.options().dtype(dtype));
   };
-  return {at::zeros(value.sizes(), value.options().dtype(acc)),
+  return {zero_value ? at::zeros(value.sizes(), value.options().dtype(acc))
+                     : at::empty(value.sizes(), value.options().dtype(acc)),
           geometry(sampling_locations, sampling_locations.scalar_type()), geometry(attention_weights, acc)};
 }
 

@@ -453,15 +453,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const Dims dm = msda::check_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                                    points_per_level, discrete);
   check_cuda_extent(dm);
-  const msda::Grads grads = msda::backward_buffers(grad_output, dm, value, sampling_locations, attention_weights);
+  const int64_t rows = dm.batch * dm.queries * dm.heads;
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  // the deterministic gather writes every grad_value element: no zero fill to pay for (the atomics add into zeros)
+  const bool gathered = deterministic && rows > 0 && value.numel() > 0;
+  const msda::Grads grads =
+      msda::backward_buffers(grad_output, dm, value, sampling_locations, attention_weights, true, !gathered);
   c10::cuda::CUDAGuard guard(value.device());
   const at::Tensor shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
   const at::Tensor v = value.contiguous(), loc = sampling_locations.contiguous(), w = attention_weights.contiguous();
   const at::Tensor g = grad_output.contiguous().to(value.scalar_type());
   const at::Tensor &grad_value = grads.value, &grad_loc = grads.loc, &grad_w = grads.weights;
-  const int64_t rows = dm.batch * dm.queries * dm.heads;
   if (rows == 0 || value.numel() == 0) return grads.finish(value.scalar_type(), attention_weights.scalar_type());
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
   const int64_t lp = dm.samples;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   msda::dispatch_types(value, loc, [&](auto value_tag, auto geo_tag) {
