@@ -62,12 +62,13 @@ def shim_text(name: str) -> str:
     )
 
 
-def fill(namespace: dict) -> None:
+def fill(namespace: dict, compiled: types.ModuleType | None = None) -> None:
     """Fills a shim module's globals: the interface's functions for its ``__name__``, and a module ``__getattr__``
-    giving every other public name a function that raises NotImplementedError naming it."""
+    giving every other public name ``compiled``'s op (an original build), or else a function that raises
+    NotImplementedError naming it."""
     name = namespace["__name__"]
     namespace.update(INTERFACES.get(name, DEFORMABLE_DETR))
-    namespace["__getattr__"] = _missing_ops(name, None)
+    namespace["__getattr__"] = _missing_ops(name, compiled)
 
 
 def _missing_ops(name: str, compiled: types.ModuleType | None) -> Callable[[str], Callable]:
@@ -94,8 +95,7 @@ def extension(name: str, compiled: types.ModuleType | None = None) -> types.Modu
     """A module named ``name`` holding the interface that name's callers use on dnops; ``compiled`` (an original
     build) answers every other name."""
     module = types.ModuleType(name, f"{name} on dnops kernels (dnops.compat.extensions)")
-    module.__dict__.update(INTERFACES.get(name, DEFORMABLE_DETR))
-    module.__getattr__ = _missing_ops(name, compiled)
+    fill(vars(module), compiled)
     return module
 
 

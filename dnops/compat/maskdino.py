@@ -63,13 +63,16 @@ def prepare_for_dn(
     attn_mask = dn_attn_mask(dn.pad_size, single_pad, self.num_queries, device=device)
     total = sum(counts)
     flat_labels = torch.cat(labels)
-    starts = torch.cat([torch.arange(n) for n in counts])
+    # each GT's slot in its image's group, on the CPU as the original makes it: position - its image's offset
+    sizes = torch.tensor(counts)
+    slots = torch.arange(total) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes, output_size=total)
+    within = torch.arange(single_pad, device=device).unsqueeze(1)  # each image's (n_b, 1) is a view of it
     mask_dict = {
         "known_indice": torch.arange(total, device=device).repeat(scalar),
         "batch_idx": torch.cat([torch.full_like(t.long(), i) for i, t in enumerate(labels)]),
-        "map_known_indice": torch.cat([starts + single_pad * i for i in range(scalar)]),
+        "map_known_indice": (slots + single_pad * torch.arange(scalar).unsqueeze(1)).flatten(),
         "known_lbs_bboxes": (flat_labels.repeat(scalar), torch.cat([t["boxes"] for t in targets]).repeat(scalar, 1)),
-        "know_idx": [torch.arange(n, device=t.device).unsqueeze(1) for n, t in zip(counts, labels, strict=True)],
+        "know_idx": [within[:n] for n in counts],
         "pad_size": dn.pad_size,
         "scalar": scalar,
     }

@@ -107,10 +107,10 @@ class CdnQueryGenerator(nn.Module):
         labels = [sample.gt_instances.labels for sample in batch_data_samples]
         pixels = torch.cat([sample.gt_instances.bboxes for sample in batch_data_samples])
         # one host-to-device copy of every row's (w, h, w, h), where the original copies one per image
-        sizes = [
-            (w, h, w, h) for s, t in zip(batch_data_samples, labels, strict=True) for h, w in [s.img_shape] * len(t)
-        ]
-        xyxy = pixels / torch.tensor(sizes, dtype=pixels.dtype).reshape(-1, 4).to(pixels.device)
+        sizes = torch.tensor([(w, h, w, h) for h, w in (s.img_shape for s in batch_data_samples)], dtype=pixels.dtype)
+        counts = torch.tensor([len(t) for t in labels])
+        rows = torch.repeat_interleave(sizes.reshape(-1, 4), counts, dim=0, output_size=pixels.shape[0])
+        xyxy = pixels / rows.to(pixels.device)
         boxes = [torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)]
         groups = self.get_num_groups(max(len(t) for t in labels))
         dn = noised_groups(
