@@ -1,5 +1,6 @@
 """``make gpu-check``'s dry mode: the script a lent GPU runs is exercised on every CI run, so it cannot rot."""
 
+import importlib.util
 import json
 import os
 import re
@@ -44,6 +45,11 @@ def test_dry_mode_runs_every_step_and_writes_every_file(tmp_path):
         "detr_step",
         "codebase_dn",
     }
+    # mmdetection's generator is timed where mmdet is installed (requirements-detectors.txt; not on the lent GPU)
+    absent = {"mmdet"} if importlib.util.find_spec("mmdet") is None else set()
+    skipped = [r for r in rows if r["impl"] in absent]
+    assert all(r["status"].startswith("skipped: mmdet is not installed") for r in skipped), skipped
+    rows = [r for r in rows if r["impl"] not in absent]
     assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     assert all(r["median_ms"] > 0 and r["peak_mb"] >= 0 and r["reps"] >= 3 for r in rows)
     msda = ("ms_deform_attn", "rt_detr_attn")
