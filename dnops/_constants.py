@@ -26,3 +26,19 @@ def device_constant(name: str, key: Hashable, device: torch.device, build: Calla
     if made is None:
         made = _MADE[full] = build()
     return made  # type: ignore[return-value]
+
+
+def host_to_device(host: torch.Tensor, device: torch.device | str, op: str) -> torch.Tensor:
+    """``host`` (a CPU tensor made from host values) on ``device`` without waiting for the GPU: copied from pinned
+    memory, asynchronously (a copy from pageable memory waits for the stream; torch's pinned-memory allocator keeps
+    the buffer until the copy is done). A CUDA graph would replay the copy from a host buffer freed after the call,
+    so under capture this raises, naming ``op``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"dnops.{op}: this path copies host values (GT counts, index tables) to the GPU on every call, which a "
+            "CUDA graph cannot capture"
+        )
+    return host.pin_memory().to(device, non_blocking=True)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dnops._constants import host_to_device
 from dnops._types import DNQueries
 
 
@@ -77,7 +78,8 @@ def dn_positive_index(dn: DNQueries, counts: Sequence[int], device: torch.device
     slot_idx = groups * dn.group_size + j
     gt_idx = starts[batch_idx] + j
     device = dn.labels.device if device is None else device
-    return tuple(t.to(device, non_blocking=True) for t in (batch_idx, slot_idx, gt_idx))
+    maps = host_to_device(torch.cat([batch_idx, slot_idx, gt_idx]), device, "dn_positive_index")
+    return maps.split(batch_idx.shape[0])
 
 
 def dn_loss_pairs(

@@ -7,12 +7,9 @@ would cost a device sync elsewhere).
 from __future__ import annotations
 
 import numbers
-import weakref
 from collections.abc import Sequence
 
 import torch
-
-from dnops._cache import LRU
 
 FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -110,8 +107,11 @@ def check_ms_deform_attn_args(
         _fail(op, f"sampling_locations must be (N={n}, Lq, M={m}, L={nl}, P>=1, 2), got {tuple(loc)}")
     elif tuple(attention_weights.shape) != tuple(loc[:5]):
         _fail(op, f"attention_weights must be {tuple(loc[:5])}, got {tuple(attention_weights.shape)}")
-    if values_when_compiling or not torch.compiler.is_compiling():
-        _check_levels(spatial_shapes, level_start_index, s, cached=spatial_shapes.device.type != "cpu")
+    # Level values are read where that is free: on the CPU. Off it a read is a device sync on every call (callers
+    # build a new level tensor per forward); there every kernel skips a level that does not fit inside value
+    # (csrc's level_fits), so a wrong level reads zeros, never memory outside value.
+    if spatial_shapes.device.type == "cpu" and (values_when_compiling or not torch.compiler.is_compiling()):
+        _check_levels(spatial_shapes, level_start_index, s)
 
 
 SAMPLINGS = ("bilinear", "discrete")
@@ -176,26 +176,11 @@ def assert_levels_in_graph(spatial_shapes: torch.Tensor, level_start_index: torc
     torch._assert_async(sizes.sum() == s, "ms_deform_attn: spatial_shapes do not cover the S positions of value")
 
 
-# spatial_shapes tensors off the CPU whose values were checked, with the state they were checked in: reading them
-# is a device sync, paid once per distinct tensor (Deformable-DETR builds one per forward and shares it between
-# its layers). The kernels also guard every level against value's extent on the device.
-# Keyed by id (tensors compare elementwise, so they cannot be dict keys); an entry leaves when its tensor dies.
-_CHECKED_LEVELS: LRU[int, tuple[weakref.ref, weakref.ref, tuple[int, int, int]]] = LRU(256)
-
-
-def _read_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> tuple[list, list]:
-    # Python ints: exact, where an int64 product H * W could overflow and pass a sum check
-    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()], [int(x) for x in level_start_index.tolist()]
-
-
-def _check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int, cached: bool) -> None:
+def _check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, s: int) -> None:
     op = "ms_deform_attn"
-    state = (spatial_shapes._version, level_start_index._version, s)
-    if cached:
-        seen = _CHECKED_LEVELS.get(id(spatial_shapes))
-        if seen is not None and seen[0]() is spatial_shapes and seen[1]() is level_start_index and seen[2] == state:
-            return
-    shapes, starts = _read_levels(spatial_shapes, level_start_index)
+    # Python ints: exact, where an int64 product H * W could overflow and pass a sum check
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [int(x) for x in level_start_index.tolist()]
     total = 0
     for level, ((h, w), start) in enumerate(zip(shapes, starts, strict=True)):
         if h < 1 or w < 1:
@@ -207,10 +192,6 @@ def _check_levels(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
             _fail(op, f"spatial_shapes cover more than the S={s} positions of value (levels 0..{level}: {total})")
     if total != s:
         _fail(op, f"spatial_shapes cover {total} positions but value has S={s}")
-    if cached:
-        key = id(spatial_shapes)
-        alive = weakref.ref(spatial_shapes, lambda _, key=key: _CHECKED_LEVELS.pop(key, None))
-        _CHECKED_LEVELS[key] = (alive, weakref.ref(level_start_index), state)
 
 
 def check_dn_self_attention_args(

@@ -8,7 +8,7 @@ import importlib
 import torch
 
 import dnops
-from dnops import _constants, validation
+from dnops import _constants
 from dnops._cache import LRU
 from dnops.compat import rtdetr
 from dnops.compat._levels import level_tensors
@@ -34,17 +34,6 @@ def test_level_constants_stay_bounded():
     assert len(_constants._MADE) <= _constants._MADE.size < len(SIZES)
     shapes, starts = level_tensors([(40, 25)], torch.device("cpu"))  # the latest size is still there
     assert level_tensors([(40, 25)], torch.device("cpu"))[0] is shapes
-
-
-def test_checked_levels_stay_bounded_while_their_tensors_live():
-    kept = []
-    for h, w in SIZES:
-        shapes = torch.tensor([[h, w]])
-        starts = torch.zeros(1, dtype=torch.int64)
-        value = torch.randn(1, h * w, 1, 2)
-        validation._check_levels(shapes, starts, h * w, cached=True)
-        kept.append((shapes, starts, value))
-    assert len(validation._CHECKED_LEVELS) <= validation._CHECKED_LEVELS.size < len(SIZES)
 
 
 def test_made_masks_and_converted_values_stay_bounded():

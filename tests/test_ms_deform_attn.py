@@ -876,31 +876,6 @@ def test_cpu_kernel_rejects_levels_outside_value(rows, s, match):
         torch.ops.dnops._ms_deform_attn_backward(torch.ones(1, 2, 2, dtype=torch.float64), *args)
 
 
-def test_level_check_off_the_cpu_reads_each_shapes_tensor_once(monkeypatch):
-    """Off the CPU, reading spatial_shapes is a device sync: its values are read once per tensor, and again after
-    an in-place change or with another level_start_index (cached=True is what a GPU tensor gets)."""
-    from dnops import validation
-
-    reads = []
-    real = validation._read_levels
-    monkeypatch.setattr(validation, "_read_levels", lambda *a: reads.append(1) or real(*a))
-    value, shapes, starts, _, _ = make_inputs()
-    s = value.shape[1]
-    for _ in range(3):
-        validation._check_levels(shapes, starts, s, cached=True)
-    assert len(reads) == 1
-    validation._check_levels(shapes, starts.clone(), s, cached=True)
-    assert len(reads) == 2
-    shapes[1, 0] = 2**62  # in place: the next call reads again and rejects it
-    with pytest.raises(ValueError, match="spatial_shapes cover more than"):
-        validation._check_levels(shapes, starts, s, cached=True)
-    reads.clear()
-    cpu_shapes = torch.tensor([[4, 5], [2, 3]])
-    for _ in range(2):
-        validation._check_levels(cpu_shapes, starts, s, cached=False)
-    assert len(reads) == 2  # CPU tensors: read every time (free), never cached
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward_raises(backend, backend_env):
     backend_env(backend)

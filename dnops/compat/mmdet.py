@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dnops._constants import host_to_device
 from dnops.compat._generators import noised_groups, query_tensors
 from dnops.ops.dn_attn_mask import dn_attn_mask
 
@@ -106,11 +107,11 @@ class CdnQueryGenerator(nn.Module):
                 raise ValueError(f"CdnQueryGenerator: {name} must be > 0, got {getattr(self, name)}")
         labels = [sample.gt_instances.labels for sample in batch_data_samples]
         pixels = torch.cat([sample.gt_instances.bboxes for sample in batch_data_samples])
-        # one host-to-device copy of every row's (w, h, w, h), where the original copies one per image
+        # one asynchronous host-to-device copy of every row's (w, h, w, h), where the original copies one per image
         sizes = torch.tensor([(w, h, w, h) for h, w in (s.img_shape for s in batch_data_samples)], dtype=pixels.dtype)
         counts = torch.tensor([len(t) for t in labels])
         rows = torch.repeat_interleave(sizes.reshape(-1, 4), counts, dim=0, output_size=pixels.shape[0])
-        xyxy = pixels / rows.to(pixels.device)
+        xyxy = pixels / host_to_device(rows, pixels.device, "compat.mmdet.CdnQueryGenerator")
         boxes = [torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)]
         groups = self.get_num_groups(max(len(t) for t in labels))
         dn = noised_groups(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dnops._cache import LRU
+from dnops._constants import host_to_device
 from dnops.compat._levels import level_tensors
 from dnops.compat.deformable_detr import ms_deform_attn_core_pytorch
 from dnops.dn import inverse_sigmoid
@@ -210,7 +211,8 @@ def contrastive_group(
     # each image's positive slots, group by group: made from the host counts, one copy to the device
     real = [0] * len(counts) if empty else counts
     slots = [[g * 2 * max_gt + j for g in range(groups) for j in range(n)] for n in real]
-    flat = torch.tensor([s for per_image in slots for s in per_image], dtype=torch.int64).to(device)
+    flat = torch.tensor([s for per_image in slots for s in per_image], dtype=torch.int64)
+    flat = host_to_device(flat, device, "compat.rtdetr.get_contrastive_denoising_training_group")
     dn_meta = {
         "dn_positive_idx": flat.split([len(s) for s in slots]),
         "dn_num_group": groups,

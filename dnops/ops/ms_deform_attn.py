@@ -139,7 +139,9 @@ def ms_deform_attn(
     Args:
         value: (N, S, M, D) with S = sum_l H_l * W_l; float16 / bfloat16 / float32 / float64.
         spatial_shapes: (L, 2) int64 rows (H_l, W_l); int32 is accepted and converted once.
-        level_start_index: (L,) int64 (or int32), exclusive cumsum of H_l * W_l.
+        level_start_index: (L,) int64 (or int32), exclusive cumsum of H_l * W_l. Level values that disagree with
+            each other or with S raise a ValueError naming the argument on the CPU; on a GPU they are not read (a
+            read is a device sync per call) and a level that does not fit inside value reads zeros.
         sampling_locations: (N, Lq, M, L, P, 2) normalized (x, y); corners outside the map read 0. In value's dtype,
             or float32 with a float16 / bfloat16 value (the AMP pair: exact geometry, half the gathered bytes).
         attention_weights: (N, Lq, M, L, P), in sampling_locations' dtype.

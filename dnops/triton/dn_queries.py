@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from dnops._constants import host_to_device
+
 BLOCK = 128
 BLOCKS_PER_GROUP: tl.constexpr = tl.constexpr(8)
 
@@ -114,19 +116,9 @@ def _kernel(
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """The per-image starts and counts on the kernel's device. A Triton kernel takes no arrays as arguments, so
-    they are copied: from pinned memory, so the copy does not wait for the stream. A CUDA graph would replay the
-    copy from a host buffer that is freed after the call, so under capture this raises (the CUDA kernel, which
-    takes the counts as launch parameters, captures)."""
-    host = torch.tensor(values, dtype=torch.int64)
-    if device.type != "cuda":
-        return host.to(device)
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "dnops.dn_queries: the Triton kernel copies the GT counts to the GPU, which a CUDA graph cannot capture; "
-            "the CUDA kernel (the default when dnops is built with CUDA) can be captured"
-        )
-    return host.pin_memory().to(device, non_blocking=True)
+    """The per-image starts and counts on the kernel's device (a Triton kernel takes no arrays as arguments); under
+    CUDA graph capture this raises: the CUDA kernel, which takes the counts as launch parameters, captures."""
+    return host_to_device(torch.tensor(values, dtype=torch.int64), device, "dn_queries (its Triton kernel)")
 
 
 @triton_op("dnops::_dn_queries_triton", mutates_args={})
