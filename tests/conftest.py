@@ -19,6 +19,28 @@ from tests import gpu_utils  # noqa: E402
 torch._inductor.config.compile_threads = 1
 
 
+def _round_bfloat16_to_nearest_in_the_interpreter() -> None:
+    """Triton's interpreter casts float32 to bfloat16 by truncation; a GPU (like torch) rounds to nearest even. The
+    interpreter tests get the GPU's rounding, so that a half-precision bound measures the kernel, not the emulation."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
+        return cast(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and _backend.triton_available():
+    _round_bfloat16_to_nearest_in_the_interpreter()
+
+
 def _interpreter_skip_reason() -> str | None:
     """Why the Triton interpreter tests (CPU tensors) cannot run here, or None when they can."""
     if not _backend.triton_available():

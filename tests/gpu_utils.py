@@ -96,6 +96,15 @@ def assert_within_reference_error(got: torch.Tensor, want: torch.Tensor, low: to
     assert err <= bound, f"{what}: worst element off by {err:.3g} > {HALF_K} x the reference's own {ref_err:.3g} + eps"
 
 
+def assert_matches_reference(got: torch.Tensor, want: torch.Tensor, low: torch.Tensor, dtype, what: str) -> None:
+    """float16 / bfloat16 (``dtype``): every element within the reference's own error in that dtype (``low``, the
+    reference run on the same inputs); other dtypes: the norm-wise REL_TOL against ``want`` (float64)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        assert_within_reference_error(got, want, low, what)
+    else:
+        assert_rel(got, want, dtype, what)
+
+
 def check_against_reference(fn, ref_fn, args, dtype, what, deterministic_kernel: bool = False):
     """fn(*args) and every gradient against ref_fn on the same inputs in float64; with ``deterministic_kernel``,
     fn's forward and backward run under torch.use_deterministic_algorithms(True) and the reference outside it (on
@@ -126,9 +135,11 @@ def check_against_reference(fn, ref_fn, args, dtype, what, deterministic_kernel:
             low, [a for a in low_args if isinstance(a, torch.Tensor) and a.requires_grad], g.to(dtype)
         )
         for i, (x, y, z) in enumerate(zip(got, want, lows, strict=True)):
+            assert x.dtype == grad_in[i].dtype, f"{what}: grad of input {i} in {x.dtype}, not its input's dtype"
             assert_within_reference_error(x, y, z, f"{what} grad of input {i}")
         return
     for i, (x, y) in enumerate(zip(got, want, strict=True)):
+        assert x.dtype == grad_in[i].dtype, f"{what}: grad of input {i} in {x.dtype}, not its input's dtype"
         assert_rel(x, y, dtype, f"{what} grad of input {i}")
 
 

@@ -712,3 +712,22 @@ def test_sanitizer_dn_queries():
     for backend in ("cuda", "triton"):
         for pattern in COUNT_PATTERNS[0], COUNT_PATTERNS[-1]:
             test_gpu_backends_equal_reference("cuda", backend, "cdn", torch.float32, pattern)
+
+
+@cpp
+@pytest.mark.parametrize("mode", ["dn", "cdn"])
+def test_cpu_draws_are_the_same_bits_at_any_thread_count(mode):
+    """The noise is counter-based (Philox, keyed by the seed and each element's index): the thread count only splits
+    the elements, so 1, 2 and 4 threads draw the same bits."""
+    labels, boxes, counts = make_gt([30, 0, 17, 45])
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            with dnops.use_backend("cpu"):
+                results.append(dnops.dn_queries(labels, boxes, counts, num_classes=91, mode=mode, seed=7))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert torch.equal(results[0].labels, other.labels) and torch.equal(results[0].boxes, other.boxes)

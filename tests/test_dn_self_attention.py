@@ -704,3 +704,50 @@ def test_gpu_non_contiguous(backend):
         return lambda q, k, v: f(q, k, v, 20, 5)
 
     check_against_reference(call(fn), call(reference.dn_self_attention), qkv, torch.float32, "non-contiguous")
+
+
+# ---- reproducibility (docs/kernels.md's contract) --------------------------------------------------------------------
+
+
+def _grads_at(threads: int, fn, q, k, v, g, pad_size, group_size):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = fn(q, k, v, pad_size, group_size)
+        return (out, *torch.autograd.grad(out, [q, k, v], g))
+    finally:
+        torch.set_num_threads(before)
+
+
+@cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [(2, 4, 250, 32, 150, 30), (1, 3, 37, 7, 12, 4)], ids=["dn-detr", "odd"])
+def test_cpu_results_are_the_same_bits_at_any_thread_count(dtype, layout):
+    """Forward and dq / dk / dv: every (image, head, group) item owns its rows, and ATen's CPU flash attention
+    (the matching part) splits by (image, head): 1, 2 and 4 threads give the same bits."""
+    b, h, w, dh, pad_size, group_size = layout
+    q, k, v = (torch.randn(b, h, w, dh, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(b, h, w, dh, dtype=dtype)
+    cpu = backend_fn("cpu", dnops.dn_self_attention)
+    first = _grads_at(1, cpu, q, k, v, g, pad_size, group_size)
+    for threads in (2, 4):
+        again = _grads_at(threads, cpu, q, k, v, g, pad_size, group_size)
+        for name, x, y in zip(("out", "dq", "dk", "dv"), first, again, strict=True):
+            assert torch.equal(x, y), f"{name} at {threads} threads"
+
+
+@cuda
+def test_gpu_triton_results_are_the_same_bits_run_after_run():
+    """No atomics in the Triton backward (dq and dk / dv by separate programs that own their rows). The sdpa backend
+    is torch's scaled_dot_product_attention, under torch's own determinism rules."""
+    fn = dsa("triton")
+    q, k, v = (torch.randn(2, 4, 250, 32, device="cuda", requires_grad=True) for _ in range(3))
+    g = torch.randn_like(q)
+
+    def run():
+        out = fn(q, k, v, 150, 30)
+        return (out, *torch.autograd.grad(out, [q, k, v], g))
+
+    first = run()
+    for _ in range(3):
+        assert all(torch.equal(x, y) for x, y in zip(first, run(), strict=True))

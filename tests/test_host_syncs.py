@@ -105,6 +105,13 @@ def nn_dn_multihead_attention(gpu):
 
 
 @case
+def nn_dn_multihead_attention_made_mask(gpu):
+    module = gpu.to(dnops.nn.DNMultiheadAttention(32, 4))
+    x = gpu.to(torch.randn(22, 2, 32, requires_grad=True))
+    return lambda: module(x, x, x, attn_mask=dnops.dn_attn_mask(12, 4, 10, "cuda"))[0]
+
+
+@case
 def deformable_detr_core_pytorch(gpu):
     from dnops.compat import deformable_detr
 

@@ -75,11 +75,12 @@ class DNMultiheadAttention(nn.MultiheadAttention):
     The fast path (dnops.dn_self_attention, no (W, W) mask or scores) is taken when the call carries DN
     structure — ``dn=`` (a DNQueries, a (pad_size, group_size) pair, or DN-DETR's mask_dict / DINO's dn_meta) or
     a bool ``attn_mask`` equal to ``dnops.dn_attn_mask(...)`` (known without reading it when dn_attn_mask made it and
-    it is unchanged, else recognised once per mask tensor and cached) — and it is self-attention (W queries, W keys)
-    without key_padding_mask, bias_k/bias_v, add_zero_attn or attention weights. Attention dropout in training,
-    key_padding_mask and need_weights=True fall back to the parent with the dense mask, so every call gives what
-    nn.MultiheadAttention gives; so do small problems on the CPU (B * H * W * W <= CPU_MATH_PATH_MAX), where the
-    parent's math path is the faster one.
+    it is unchanged, else recognised once per mask tensor and cached: reading a mask made elsewhere is a device sync
+    on a GPU, once per new mask tensor, which ``dn=`` or a mask from dn_attn_mask avoids) — and it is
+    self-attention (W queries, W keys) without key_padding_mask, bias_k/bias_v, add_zero_attn or attention weights.
+    Attention dropout in training, key_padding_mask and need_weights=True fall back to the parent with the dense
+    mask, so every call gives what nn.MultiheadAttention gives; so do small problems on the CPU
+    (B * H * W * W <= CPU_MATH_PATH_MAX), where the parent's math path is the faster one.
 
     An ``attn_mask`` always decides what is attended: given with ``dn=``, it must be that structure's mask to take
     the fast path, and any other mask runs the parent's dense path with it. Under torch.compile a mask is not

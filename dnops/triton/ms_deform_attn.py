@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 
 import torch
 import triton
@@ -234,7 +235,6 @@ def _bwd_kernel(
     P,
     LP,
     R,
-    LOGITS: tl.constexpr,
     PER_LEVEL: tl.constexpr,
     DISCRETE: tl.constexpr,
     CORNERS: tl.constexpr,
@@ -242,6 +242,7 @@ def _bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # attention_weights are the weights themselves (with logits: their softmax, made once per row by the caller)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     i = tl.program_id(1)
     rmask = rows < R
@@ -253,8 +254,6 @@ def _bwd_kernel(
         level = i // P
     mx = tl.zeros([BLOCK_R], ACC)
     total = tl.full([BLOCK_R], 1.0, ACC)
-    if LOGITS:
-        mx, total = _softmax_stats(w_ptr, rows, rmask, LP, ACC, BLOCK_R)
     base, x, y, height, width, inside, a = _sample(
         loc_ptr,
         w_ptr,
@@ -271,7 +270,7 @@ def _bwd_kernel(
         Lq,
         mx,
         total,
-        LOGITS,
+        False,
         DISCRETE,
         ACC,
     )
@@ -370,6 +369,22 @@ def ms_deform_attn_triton(
     return out
 
 
+def _alert_not_deterministic() -> None:
+    """As torch's nondeterministic ops under ``torch.use_deterministic_algorithms(True)``: an error, or a warning
+    with ``warn_only=True``."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (
+        "dnops.ms_deform_attn's Triton backward sums grad_value with atomics, in an order that varies between runs, "
+        "but torch.use_deterministic_algorithms(True) is set; the CUDA backend's backward is deterministic "
+        "(DNOPS_BACKEND=cuda or dnops.use_backend('cuda'))"
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise RuntimeError(msg)
+
+
 @triton_op("dnops::_ms_deform_attn_triton_backward", mutates_args={})
 def ms_deform_attn_triton_backward(
     grad_output: torch.Tensor,
@@ -382,49 +397,58 @@ def ms_deform_attn_triton_backward(
     points_per_level: list[int] | None = None,
     discrete: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton backward: (grad_value, grad_sampling_locations, grad_attention_weights)."""
+    """Triton backward: (grad_value, grad_sampling_locations, grad_attention_weights).
+
+    grad_value is summed by float atomics (in an order that varies from run to run): under
+    ``torch.use_deterministic_algorithms(True)`` this raises as torch's nondeterministic ops do (the CUDA kernel has
+    a deterministic backward)."""
+    _alert_not_deterministic()
     n, s, m, d, lq, nl, p, lp = _dims(value, sampling_locations, points_per_level)
     acc = torch.float64 if value.dtype == torch.float64 else torch.float32
-    grad_value = torch.zeros(value.shape, dtype=acc, device=value.device)
-    grad_loc = torch.zeros(sampling_locations.shape, dtype=acc, device=value.device)
-    grad_w = torch.zeros(attention_weights.shape, dtype=acc, device=value.device)
     rows = n * lq * m
-    if rows and value.numel():
-        block_d = _tiles(d, value.dtype)[2]
-        grid = (triton.cdiv(rows, BLOCK_R), lp)
-        weights = attention_weights.contiguous()
-        wrap_triton(_bwd_kernel)[grid](
-            grad_output.contiguous(),
-            value.contiguous(),
-            spatial_shapes.contiguous(),
-            level_start_index.contiguous(),
-            _point_starts(points_per_level, spatial_shapes),
-            sampling_locations.contiguous(),
-            weights,
-            grad_value,
-            grad_loc,
-            grad_w,
-            s,
-            m,
-            d,
-            lq,
-            nl,
-            p,
-            lp,
-            rows,
-            LOGITS=attention_logits,
-            PER_LEVEL=points_per_level is not None,
-            DISCRETE=discrete,
-            CORNERS=1 if discrete else 4,
-            ACC=_acc_type(value.dtype),
-            BLOCK_R=BLOCK_R,
-            BLOCK_D=block_d,
-        )
-        if attention_logits:
-            # the softmax runs over every point of a (query, head) row: dims 3 on
-            probs = weights.to(acc).flatten(3).softmax(-1)
-            flat = grad_w.flatten(3)
-            grad_w = (probs * (flat - (probs * flat).sum(-1, keepdim=True))).view_as(grad_w)
+    grad_value = torch.zeros(value.shape, dtype=acc, device=value.device)  # the atomics add into it
+    if not (rows and value.numel()):
+        zeros = [torch.zeros(t.shape, dtype=acc, device=value.device) for t in (sampling_locations, attention_weights)]
+        return grad_value.to(value.dtype), zeros[0].to(sampling_locations.dtype), zeros[1].to(attention_weights.dtype)
+    # the kernel writes every element of both (discrete sampling: none of the locations', which stay zero)
+    grad_loc = (torch.zeros if discrete else torch.empty)(sampling_locations.shape, dtype=acc, device=value.device)
+    grad_w = torch.empty(attention_weights.shape, dtype=acc, device=value.device)
+    weights = attention_weights.contiguous()
+    if attention_logits:
+        # the softmax over every point of a (query, head) row (dims 3 on), once per row; the kernel takes it
+        probs = weights.to(acc).flatten(3).softmax(-1)
+        weights = probs.view(weights.shape)
+    block_d = _tiles(d, value.dtype)[2]
+    grid = (triton.cdiv(rows, BLOCK_R), lp)
+    wrap_triton(_bwd_kernel)[grid](
+        grad_output.contiguous(),
+        value.contiguous(),
+        spatial_shapes.contiguous(),
+        level_start_index.contiguous(),
+        _point_starts(points_per_level, spatial_shapes),
+        sampling_locations.contiguous(),
+        weights,
+        grad_value,
+        grad_loc,
+        grad_w,
+        s,
+        m,
+        d,
+        lq,
+        nl,
+        p,
+        lp,
+        rows,
+        PER_LEVEL=points_per_level is not None,
+        DISCRETE=discrete,
+        CORNERS=1 if discrete else 4,
+        ACC=_acc_type(value.dtype),
+        BLOCK_R=BLOCK_R,
+        BLOCK_D=block_d,
+    )
+    if attention_logits:
+        flat = grad_w.flatten(3)
+        grad_w = (probs * (flat - (probs * flat).sum(-1, keepdim=True))).view_as(grad_w)
     return grad_value.to(value.dtype), grad_loc.to(sampling_locations.dtype), grad_w.to(attention_weights.dtype)
 
 
