@@ -47,7 +47,8 @@ def deformable_attention_core_func_v2(
         value: (N, S, M, D) (RT-DETR v2; DEIM with ``value_shape="reshape"``), or one (N, M, D, H_l * W_l) tensor
             per level (D-FINE; DEIM's default ``value_shape="default"``: its decoder's ``value_op`` splits one
             (N, M, D, S) tensor). Either is accepted whatever value_shape says.
-        value_spatial_shapes: (L, 2) rows (H_l, W_l), a list or a tensor.
+        value_spatial_shapes: (L, 2) rows (H_l, W_l), a list or a tensor (read on the host, as the originals read it
+            for their split sizes: a device sync when it lives on a GPU).
         sampling_locations: (N, Lq, M, sum_l P_l, 2), level-major.
         attention_weights: (N, Lq, M, sum_l P_l), already softmaxed over the sum_l P_l points.
         num_points_list: (P_0, ..., P_{L-1}).

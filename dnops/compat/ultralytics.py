@@ -47,7 +47,8 @@ def multi_scale_deformable_attn_pytorch(
 
     Args:
         value: (bs, S, M, D).
-        value_spatial_shapes: [(H_0, W_0), ..., (H_{L-1}, W_{L-1})], a list (or an (L, 2) tensor).
+        value_spatial_shapes: [(H_0, W_0), ..., (H_{L-1}, W_{L-1})], a list (or an (L, 2) tensor, read on the host
+            as the original reads it for its split sizes: a device sync when it lives on a GPU).
         sampling_locations: (bs, Lq, M, L * P, 2), levels and points folded level-major (ultralytics 8.4 and later),
             or (bs, Lq, M, L, P, 2) (earlier versions).
         attention_weights: (bs, Lq, M, L * P) or (bs, Lq, M, L, P), as the locations.

@@ -154,7 +154,8 @@ class DNMultiheadAttention(nn.MultiheadAttention):
                 key_padding_mask=key_padding_mask,
                 need_weights=weights,
                 attn_mask=attn_mask,
-                average_attn_weights=average_attn_weights,
+                # weights nobody asked for are dropped: not averaged over the heads first
+                average_attn_weights=average_attn_weights and need_weights,
                 is_causal=is_causal,
             )
             return out, attn if need_weights else None
