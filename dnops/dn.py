@@ -79,7 +79,8 @@ def dn_positive_index(dn: DNQueries, counts: Sequence[int], device: torch.device
     gt_idx = starts[batch_idx] + j
     device = dn.labels.device if device is None else device
     maps = host_to_device(torch.cat([batch_idx, slot_idx, gt_idx]), device, "dn_positive_index")
-    return maps.split(batch_idx.shape[0])
+    # three sizes, not one: with no positive slot an empty tensor split by size 0 gives one chunk, not three
+    return maps.split([batch_idx.shape[0]] * 3)
 
 
 def dn_loss_pairs(
