@@ -149,6 +149,38 @@ class FakeGPU:
         with self.mode, _Stop(copies):
             return fn()
 
+    def backward(self, outputs: list[torch.Tensor]) -> None:
+        """Gradients of ones through ``outputs``' graph."""
+        _backward(outputs)
+
+
+class RealGPU(FakeGPU):
+    """The same interface on the GPU: ``check`` runs under ``torch.cuda.set_sync_debug_mode("error")``, where torch
+    raises at a synchronizing CUDA call (with ``copies``, a warm-up call, it runs unchecked)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def to(self, x):
+        if isinstance(x, torch.nn.Module):
+            return x.cuda()
+        if isinstance(x, torch.Tensor):
+            return x.detach().cuda().requires_grad_(x.requires_grad)
+        return super().to(x)
+
+    def check(self, fn: Callable[[], object], copies: bool = False) -> object:
+        if copies:
+            return fn()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def backward(self, outputs: list[torch.Tensor]) -> None:
+        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+
 
 TRITON_OPS = ("ms_deform_attn", "dn_self_attention", "dn_queries")
 
@@ -245,16 +277,14 @@ def _run_node(node, grads: dict, leaves: dict, add: Callable) -> None:
         return
     grads_in = [held.get(i) for i in range(len(node._input_metadata))]
     edges = node.next_functions
-    if callable(node):  # a C++ node: one gradient per edge
-        results = node(*grads_in)
-    else:  # a Python node (autograd.Function, a custom op's autograd): one per forward argument, tensor or not
-        results = node.apply(*grads_in)
-        results = (results,) if results is None or isinstance(results, torch.Tensor) else results
-        # the arguments that need a gradient are exactly those with an edge to a node (a custom op's backward may
-        # return more than its forward's arguments: trailing Nones)
+    python = not callable(node)  # an autograd.Function or a custom op's autograd, not a C++ node
+    results = node.apply(*grads_in) if python else node(*grads_in)
+    results = (results,) if results is None or isinstance(results, torch.Tensor) else results
+    if python:
+        # one gradient per forward argument, tensor or not (a custom op's backward may add trailing Nones): those
+        # that need one are exactly the arguments with an edge to a node
         results = [g for g, needed in zip(results, node.needs_input_grad, strict=False) if needed]
         edges = [edge for edge in edges if edge[0] is not None]
-    results = (results,) if results is None or isinstance(results, torch.Tensor) else results
     for (later, slot), grad in zip(edges, results, strict=True):
         add(later, slot, grad)
 
@@ -266,7 +296,7 @@ def _grad(outputs, inputs, grad_outputs=None, **_):
     return tuple(_backward(as_list(outputs), grad_outputs, as_list(inputs)))
 
 
-def steady_state(gpu: FakeGPU, call: Callable[[], object], backward: bool = True) -> None:
+def steady_state(gpu: FakeGPU, call: Callable[[], object]) -> None:
     """One call to warm the caches (tables made once per shape), then a checked call, forward and backward (every
     output that requires grad, gradients of ones)."""
 
@@ -274,8 +304,8 @@ def steady_state(gpu: FakeGPU, call: Callable[[], object], backward: bool = True
         out = call()
         outs = out if isinstance(out, tuple | list) else [out]
         differentiable = [o for o in outs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
-        if backward and differentiable:
-            _backward(differentiable)
+        if differentiable:
+            gpu.backward(differentiable)
 
     gpu.check(run, copies=True)
     gpu.check(run)

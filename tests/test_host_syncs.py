@@ -17,7 +17,7 @@ import torch
 
 import dnops
 from dnops import _backend
-from tests.host_syncs import FakeGPU, HostSync, fake_gpu, steady_state
+from tests.host_syncs import FakeGPU, HostSync, RealGPU, fake_gpu, steady_state
 from tests.msda_utils import make_inputs
 
 Case = Callable[[FakeGPU], Callable[[], object]]
@@ -351,32 +351,8 @@ def test_the_reference_reads_level_sizes_on_the_host(backend_env):
 @pytest.mark.cuda
 @pytest.mark.parametrize(("name", "backend"), PARAMS)
 def test_no_host_sync_on_the_gpu(name, backend, backend_env):
-    """The same calls on the GPU: torch raises at a synchronizing CUDA call (a warm-up call first: tables made once)."""
+    """The same calls on the GPU, under torch's sync debug mode (a warm-up call first: tables made once)."""
     if backend is not None:
         backend_env(backend)
-
-    class Real(FakeGPU):
-        def to(self, x):
-            if isinstance(x, torch.nn.Module):
-                return x.cuda()
-            if isinstance(x, torch.Tensor):
-                return x.detach().cuda().requires_grad_(x.requires_grad)
-            return super().to(x)
-
-    gpu = Real(None)
-    call = CASES[name](gpu)
-
-    def run() -> None:
-        out = call()
-        outs = [o for o in (out if isinstance(out, tuple | list) else [out]) if isinstance(o, torch.Tensor)]
-        differentiable = [o for o in outs if o.grad_fn is not None]
-        if differentiable:
-            torch.autograd.backward(differentiable, [torch.ones_like(o) for o in differentiable])
-
-    run()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    gpu = RealGPU()
+    steady_state(gpu, CASES[name](gpu))
